@@ -1,0 +1,64 @@
+"""What every diffexp command shares: Hydra resolvers and one-line error reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffexp import DiffexpError
+
+CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("diffexp")
+
+
+def process_rank() -> int:
+    """This process's rank under a distributed launcher (accelerate launch / torchrun), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run_dir(resume, default):
+    if process_rank() > 0:  # one run directory per run: other ranks get theirs by broadcast
+        return tempfile.mkdtemp(prefix=f"diffexp-rank{process_rank()}-")
+    if resume in (None, "", "None"):
+        return default
+    if not (Path(str(resume)).expanduser() / "config.yaml").is_file():
+        # Not a run: don't create it; the train command reports the bad value.
+        return tempfile.mkdtemp(prefix="diffexp-badresume-")
+    return str(Path(str(resume)).expanduser())
+
+
+def _hydra_subdir(resume):
+    if process_rank() > 0:
+        return None
+    if resume in (None, "", "None"):
+        return ".hydra"
+    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def register_resolvers() -> None:
+    """Resolvers used by conf/: where a run directory goes and where Hydra records itself."""
+    if not OmegaConf.has_resolver("diffexp_run_dir"):
+        OmegaConf.register_new_resolver("diffexp_run_dir", _run_dir)
+        OmegaConf.register_new_resolver("diffexp_hydra_subdir", _hydra_subdir)
+
+
+@contextlib.contextmanager
+def report_errors():
+    """Turn DiffexpError and config errors into one line on stderr and exit status 2."""
+    try:
+        yield
+    except DiffexpError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OmegaConfBaseException as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        sys.exit(2)
+register_resolvers()

@@ -1,0 +1,201 @@
+"""Run records: the one place that writes and reads a run directory.
+
+Layout (see README): ``config.yaml`` (resolved config), ``run.json`` (provenance and status),
+``metrics.jsonl`` (one row per logged step), ``samples/step_XXXXXXX.png``,
+``checkpoints/step_XXXXXXX/`` (accelerate state), ``model/`` (diffusers pipeline, EMA weights),
+``wandb/`` and Hydra's ``.hydra/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp import DiffexpError
+
+PACKAGES = ("diffexp", "torch", "diffusers", "accelerate", "hydra-core", "omegaconf", "wandb", "torchmetrics",
+            "torch-fidelity", "datasets", "numpy", "scikit-learn")
+STEP_DIR = "step_{:07d}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_state(path: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag (tracked files only) of the git checkout holding ``path``."""
+    cwd = str(path or Path(__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                                text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run directory: paths, writers used by training, readers used by every other CLI."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # --- paths
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def info_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / STEP_DIR.format(step)
+
+    def sample_grid_file(self, step: int) -> Path:
+        return self.samples_dir / (STEP_DIR.format(step) + ".png")
+
+    # --- readers
+    def exists(self) -> bool:
+        return self.config_file.is_file()
+
+    def require(self) -> "RunDir":
+        """Self, or a DiffexpError when this is not a run directory."""
+        if not self.exists():
+            raise DiffexpError(f"run={self.path}: not a diffexp run directory (no config.yaml)")
+        return self
+
+    def config(self) -> DictConfig:
+        return OmegaConf.load(self.require().config_file)
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.info_file.read_text()) if self.info_file.exists() else {}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (partial ``.tmp`` ones are never listed)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def sample_grids(self) -> list[Path]:
+        return sorted(self.samples_dir.glob("step_*.png")) if self.samples_dir.is_dir() else []
+
+    # --- writers (main process only)
+    def write_config(self, cfg: DictConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, self.config_file, resolve=True)
+
+    def start(self, cfg: DictConfig, *, num_processes: int, resumed: bool, extra: dict[str, Any] | None = None) -> None:
+        """Write run.json at the start of a run (or note the resume in it)."""
+        info = self.info() if resumed else {}
+        if resumed:
+            info.setdefault("resumes", []).append({"at": now(), "command": sys.orig_argv, "git": git_state()})
+        else:
+            info.update(
+                git=git_state(),
+                packages=package_versions(),
+                command=sys.orig_argv,
+                cwd=os.getcwd(),
+                seed=cfg.seed,
+                host=socket.gethostname(),
+                platform=platform.platform(),
+                python=sys.version.split()[0],
+                start=now(),
+            )
+        info.update(num_processes=num_processes, status="running", end=None, **(extra or {}))
+        write_json_atomic(self.info_file, info)
+
+    def update_info(self, **fields: Any) -> None:
+        info = self.info()
+        info.update(fields)
+        write_json_atomic(self.info_file, info)
+
+    def finish(self, status: str) -> None:
+        self.update_info(status=status, end=now())
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop rows logged after ``after_step`` (a resumed run replays those steps)."""
+        rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+        tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_file)
+
+    def prune_checkpoints(self, keep: int) -> None:
+        for old in self.checkpoints()[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def iter_runs(paths: list[str | os.PathLike]) -> Iterator[RunDir]:
+    """Run directories at or below each path (a run, a multirun or sweep folder, outputs/)."""
+    for p in paths:
+        root = Path(p).expanduser()
+        if (root / "config.yaml").is_file() and (root / "run.json").is_file():
+            yield RunDir(root)
+            continue
+        found = sorted(c.parent for c in root.rglob("run.json") if (c.parent / "config.yaml").is_file())
+        if not found:
+            raise DiffexpError(f"{p}: no diffexp run directories found there")
+        yield from (RunDir(f) for f in found)

@@ -1,0 +1,61 @@
+"""``python -m diffexp.train [overrides]``: train a diffusion model from the composed config.
+
+Examples::
+
+    python -m diffexp.train                                   # unet_small on digits, CPU, minutes
+    python -m diffexp.train model=unet_tiny trainer.max_steps=200
+    python -m diffexp.train resume=outputs/2026-11-26/10-00-00_unet_small-linear-s0
+    python -m diffexp.train -m scheduler=linear,cosine seed=0,1
+    python -m diffexp.train --cfg job                         # print the composed config
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffexp import DiffexpError
+from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.records import RunDir
+
+
+def resume_config(resume: str) -> DictConfig:
+    """The saved config of run ``resume`` with this command's value overrides applied.
+
+    Group overrides (``model=...``) would change what is being resumed and are refused.
+    """
+    run = RunDir(resume).require()
+    cfg = run.config()
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if key == "resume" or key.startswith("hydra"):
+            continue
+        if key in groups:
+            raise DiffexpError(f"{key}={override.value()}: a resumed run keeps its config groups; start a new run instead")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, override.value(), merge=True)
+    cfg.resume = str(run.path)
+    return cfg
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> None:
+    from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
+
+    with report_errors():
+        if cfg.resume:
+            cfg = resume_config(cfg.resume)
+        status = train(cfg, HydraConfig.get().runtime.output_dir, resume=bool(cfg.resume))
+    if status == "interrupted":
+        sys.exit(128 + signal.SIGINT)
+
+
+if __name__ == "__main__":
+    main()
