@@ -40,8 +40,13 @@ def build_noise_scheduler(scheduler_cfg: DictConfig) -> DDPMScheduler:
 
 
 def build_sampler(sampler_cfg: DictConfig, noise_scheduler: SchedulerMixin) -> SchedulerMixin:
-    """An inference scheduler built from the training scheduler's config (same betas and target)."""
-    return instantiate(sampler_cfg.scheduler, _convert_="all")(noise_scheduler.config)
+    """An inference scheduler built from the training scheduler's config (same betas and target).
+
+    The betas are handed over as numbers, so any training schedule works with any sampler
+    (DDIM and DPM-Solver cannot compute every named schedule themselves, e.g. ``sigmoid``).
+    """
+    from_config = instantiate(sampler_cfg.scheduler, _convert_="all")
+    return from_config(noise_scheduler.config, trained_betas=noise_scheduler.betas.tolist())
 
 
 def build_optimizer(trainer_cfg: DictConfig, params) -> torch.optim.Optimizer:

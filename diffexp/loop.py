@@ -29,6 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from diffexp import DiffexpError
 from diffexp.build import build_lr_scheduler, build_model, build_noise_scheduler, build_optimizer, build_sampler
 from diffexp.data import Batches, load_images
+from diffexp.evaluation import make_evaluator
 from diffexp.records import STEP_DIR, RunDir
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import make_tracker
@@ -172,6 +173,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, ema, state)
     n_params = sum(p.numel() for p in unwrapped.parameters())
+    evaluator = make_evaluator(cfg, accelerator, images)
 
     # ---------------------------------------------------------------- resume
     if checkpoint is not None:
@@ -265,6 +267,12 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                 t_pause = time.perf_counter()  # sampling and checkpointing do not count towards img/s
                 if main and due(step, tcfg.sample_every, tcfg.max_steps):
                     snapshot_samples(step)
+                if evaluator is not None and tcfg.eval_every > 0 and due(step, tcfg.eval_every, tcfg.max_steps):
+                    ema.copy_to(ema_unet.parameters())
+                    results = evaluator(ema_unet, sampler, cfg.sampler.steps)  # every process takes part
+                    if main:
+                        run.append_metrics({"step": step, "train/step": step, **results})
+                        tracker.log(results, step)
                 if checkpoint_due or stop_now:
                     save_checkpoint(accelerator, run, step, tcfg.keep_checkpoints)
                 t_last += time.perf_counter() - t_pause

@@ -1,0 +1,59 @@
+"""Shared fixtures: run diffexp's CLIs as a user would, in subprocesses, with no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["debug=tiny"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: this checkout first on the path, offline, quiet."""
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE=env.get("WANDB_MODE", "offline"),
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="0",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m diffexp.<module> args...``; fails the test with its output if ``check`` and it fails."""
+    proc = subprocess.run([sys.executable, "-m", f"diffexp.{module}", *args], cwd=cwd or REPO, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"diffexp.{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                    f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory) -> Path:
+    """A dataset/statistics cache shared by the tests of one session."""
+    return tmp_path_factory.getbasetemp() / "cache"
+
+
+@pytest.fixture
+def train(tmp_path, cache_dir):
+    """Run a tiny training job into tmp_path/NAME; returns its run directory."""
+
+    def _train(*overrides: str, name: str = "run", check: bool = True, env: dict | None = None):
+        run_dir = tmp_path / name
+        proc = run_cli("train", *TINY, f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", "logger=none",
+                       *overrides, check=check, env=env)
+        return run_dir, proc
+
+    return _train

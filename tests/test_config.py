@@ -1,0 +1,96 @@
+"""Every config in conf/ composes, and every library object it names instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from diffexp.build import build_model, build_noise_scheduler, build_optimizer, build_lr_scheduler, build_sampler
+from diffexp.cli import CONFIG_PATH
+
+CONF = Path(CONFIG_PATH)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group", ["model", "scheduler", "sampler", "dataset", "metric", "logger", "trainer",
+                                   "experiment", "debug"])
+def test_every_option_of_every_group_composes(group):
+    assert options(group), f"conf/{group}/ is empty"
+    for option in options(group):
+        cfg = composed(f"{group}={option}")
+        OmegaConf.to_container(cfg.trainer, resolve=True)  # trainer values all resolve
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_models_instantiate_at_their_size(model):
+    resolution = 32 if model in ("unet_base", "unet_large") else 16
+    cfg = composed(f"model={model}", f"dataset.resolution={resolution}")
+    unet = build_model(cfg.model)
+    n = sum(p.numel() for p in unet.parameters())
+    expected = {"unet_tiny": (0, 1e6), "unet_small": (1e6, 5e6), "unet_base": (35.6e6, 35.8e6), "unet_large": (1e8, 1.2e8)}
+    low, high = expected[model]
+    assert low < n < high, f"{model}: {n} parameters"
+    assert unet.config.sample_size == resolution and unet.config.in_channels == cfg.dataset.channels
+
+
+def test_unet_base_is_the_ddpm_cifar10_network():
+    cfg = composed("experiment=ddpm_cifar10")
+    unet = build_model(cfg.model)
+    assert sum(p.numel() for p in unet.parameters()) == pytest.approx(35.7e6, rel=0.002)
+    assert unet.config.block_out_channels == [128, 256, 256, 256] and unet.config.layers_per_block == 2
+    assert unet.config.dropout == 0.1 and unet.config.sample_size == 32 and unet.config.in_channels == 3
+    t = cfg.trainer
+    assert (t.lr, t.batch_size, t.ema.decay, t.warmup_steps, t.max_steps) == (2e-4, 128, 0.9999, 5000, 800_000)
+    assert cfg.dataset.random_flip and cfg.scheduler.beta_schedule == "linear"
+
+
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_schedulers_and_samplers_instantiate(scheduler, prediction_type):
+    cfg = composed(f"scheduler={scheduler}", f"scheduler.prediction_type={prediction_type}",
+                   "scheduler.rescale_betas_zero_snr=true")
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
+    assert noise_scheduler.config.prediction_type == prediction_type
+    assert noise_scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR
+    for sampler in options("sampler"):
+        sampler_cfg = composed(f"sampler={sampler}").sampler
+        inference = build_sampler(sampler_cfg, noise_scheduler)
+        inference.set_timesteps(sampler_cfg.steps)
+        assert inference.config.prediction_type == prediction_type
+        assert inference.config.beta_schedule == noise_scheduler.config.beta_schedule
+
+
+def test_linear_schedule_is_the_ddpm_papers():
+    s = build_noise_scheduler(composed("scheduler=linear").scheduler)
+    assert s.config.num_train_timesteps == 1000
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_optimizer_and_lr_schedule_follow_the_trainer_config():
+    cfg = composed("trainer.lr=3e-4", "trainer.warmup_steps=10", "trainer.max_steps=100", "trainer.lr_schedule=linear")
+    opt = build_optimizer(cfg.trainer, [torch.nn.Parameter(torch.zeros(2))])
+    sched = build_lr_scheduler(cfg.trainer, opt)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 3e-4
+    for _ in range(10):
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(3e-4)
+
+
+def test_contract_trainer_keys_exist():
+    t = composed().trainer
+    for key in ("max_steps", "batch_size", "lr", "mixed_precision", "log_every", "sample_every", "eval_every",
+                "checkpoint_every", "grad_accum", "max_grad_norm", "ema", "loss_weighting", "keep_checkpoints"):
+        assert key in t, key
+    assert t.max_grad_norm == 1.0
