@@ -45,6 +45,14 @@ def resume_config(resume: str) -> DictConfig:
     return cfg
 
 
+def record_choices(cfg: DictConfig) -> None:
+    """Store which option of each config group was chosen (``choices.model: unet_small``) in the config,
+    so saved configs, W&B and ``compare`` can group runs by it."""
+    choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    with open_dict(cfg):
+        cfg.choices = choices
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
@@ -52,6 +60,8 @@ def main(cfg: DictConfig) -> None:
     with report_errors():
         if cfg.resume:
             cfg = resume_config(cfg.resume)
+        else:
+            record_choices(cfg)
         status = train(cfg, HydraConfig.get().runtime.output_dir, resume=bool(cfg.resume))
     if status == "interrupted":
         sys.exit(128 + signal.SIGINT)
