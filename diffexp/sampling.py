@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
-from diffusers.utils import make_image_grid
 from PIL import Image
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 
@@ -37,21 +37,21 @@ def generate(unet: UNet2DModel, scheduler: SchedulerMixin, *, n: int, steps: int
     return np.concatenate(chunks)
 
 
-def grid(images: np.ndarray) -> Image.Image:
-    """A near-square grid of uint8 N x H x W x C images."""
-    pil = [Image.fromarray(im[:, :, 0] if im.shape[-1] == 1 else im) for im in images]
-    cols = math.ceil(math.sqrt(len(pil)))
-    rows = math.ceil(len(pil) / cols)
-    pil += [Image.new(pil[0].mode, pil[0].size)] * (rows * cols - len(pil))
-    return make_image_grid(pil, rows=rows, cols=cols)
-
-
-def save_grid(images: np.ndarray, path: Path, upscale_to: int = 64) -> Image.Image:
-    """Write the grid as PNG, tiles upscaled (nearest) to at least ``upscale_to`` px for viewing."""
-    image = grid(images)
+def grid(images: np.ndarray, upscale_to: int = 64, padding: int = 2) -> Image.Image:
+    """A near-square grid of uint8 N x H x W x C images, tiles upscaled (nearest) to at least
+    ``upscale_to`` px and separated by gray lines, for looking at."""
+    tiles = torch.from_numpy(images).permute(0, 3, 1, 2)
     factor = max(1, upscale_to // images.shape[1])
-    if factor > 1:
-        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    tiles = tiles.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+    nrow = math.ceil(math.sqrt(len(tiles)))
+    canvas = make_grid(tiles, nrow=nrow, padding=padding, pad_value=128)
+    array = canvas.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if images.shape[-1] == 1 else array)
+
+
+def save_grid(images: np.ndarray, path: Path) -> Image.Image:
+    """Write ``grid(images)`` as a PNG at ``path``; returns the image."""
+    image = grid(images)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return image
