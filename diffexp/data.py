@@ -28,11 +28,11 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError
+from diffexp.build import build_image_source
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def load_hub(repo: str, split: str = "train", image_column: str = "image", subse
             ds = ds[split]
     else:
         try:
-            with _offline_if_hub_unreachable():
+            with _offline_if_hub_unreachable(repo):
                 ds = datasets.load_dataset(repo, subset, split=split)
         except ValueError as e:  # unknown split or subset: the dataset itself was found
             raise DiffexpError(f"dataset.loader.split={split} / subset={subset}: {repo}: {_first_line(e)}") from e
@@ -119,13 +119,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 @contextlib.contextmanager
-def _offline_if_hub_unreachable():
+def _offline_if_hub_unreachable(repo: str):
     # Without HF_DATASETS_OFFLINE, an unreachable hub costs ~30 s of retries before datasets falls
     # back to its cache; one quick probe lets both cached and uncached datasets answer at once.
     import datasets
     from huggingface_hub import constants
 
-    if datasets.config.HF_HUB_OFFLINE or hub_reachable():
+    if datasets.config.HF_HUB_OFFLINE or Path(repo).expanduser().exists() or hub_reachable():
         yield
         return
     log.warning("the hub (%s) is unreachable: reading datasets from the local cache only", constants.ENDPOINT)
@@ -249,7 +249,7 @@ def load_images(dataset_cfg: DictConfig, cache_dir: str | os.PathLike | None = N
         log.info("dataset %s: cached at %s", dataset_cfg.name, cache_file)
         images = torch.load(cache_file, mmap=True, weights_only=True)
     else:
-        raw = instantiate(dataset_cfg.loader)
+        raw = build_image_source(dataset_cfg.loader)
         try:
             images = preprocess_dataset(raw, size, int(dataset_cfg.channels), dataset_cfg.get("precrop"), num_proc)
         except DiffexpError as e:
