@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import urllib.request
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
@@ -107,10 +108,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds (True behind a proxy)."""
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
+    if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname):
+        return True  # only the proxy can tell; leave the answer to datasets
     try:
         with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
             return True
