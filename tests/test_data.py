@@ -202,3 +202,13 @@ def test_missing_image_folder_is_one_line(tmp_path, train):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: dataset.path={tmp_path / 'nowhere'}: no such directory " \
                                                    "(dataset=imagefolder needs a folder of images)"
+
+
+def test_prepare_caches_a_dataset_and_prints_the_file(image_folder, tmp_path, cache_dir):
+    proc = run_cli("prepare", "dataset=imagefolder", f"dataset.path={image_folder}", "dataset.resolution=8",
+                   f"cache_dir={cache_dir}")
+    cached = Path(proc.stdout.strip().splitlines()[-1])
+    assert cached.is_file() and cached.parent == cache_dir / "datasets"
+    assert torch.load(cached).shape == (24, 3, 8, 8)
+    bad = run_cli("prepare", "dataset=imagefolder", f"dataset.path={tmp_path / 'nowhere'}", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: dataset.path=")
