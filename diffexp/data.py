@@ -212,8 +212,8 @@ def preprocess_dataset(raw, size: int, channels: int, precrop: int | None = None
                        num_proc: int | None = None) -> torch.Tensor:
     """uint8 N x C x size x size tensor of a loader's images, through ``Dataset.map``.
 
-    ``num_proc`` defaults to the CPU count (up to 8) for datasets of 20k images or more, where the
-    worker start-up pays for itself.
+    ``num_proc`` defaults to the CPU count (up to 8) for datasets of 20k images or more on machines
+    with 4 or more cores; on 2 busy cores one process was faster (3,025 vs 2,153 images/s).
     """
     import datasets
 
@@ -221,8 +221,8 @@ def preprocess_dataset(raw, size: int, channels: int, precrop: int | None = None
         raw = datasets.Dataset.from_dict({"image": list(raw)}, features=datasets.Features({"image": datasets.Image()}))
     if len(raw) == 0:
         raise DiffexpError("the dataset has no images")
-    if num_proc is None and len(raw) >= 20_000:
-        num_proc = min(os.cpu_count() or 1, 8)
+    if num_proc is None and len(raw) >= 20_000 and (os.cpu_count() or 1) >= 4:
+        num_proc = min(os.cpu_count(), 8)
     features = datasets.Features({"pixels": datasets.Array3D((size, size, channels), "uint8")})
     pixels = raw.map(_preprocess_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc and num_proc > 1 else None,
                      fn_kwargs={"size": size, "channels": channels, "precrop": precrop},

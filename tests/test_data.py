@@ -138,6 +138,8 @@ def test_random_crop_caches_a_margin_and_crops_per_image_per_epoch(tmp_path):
     stored = load_images(cfg, tmp_path / "cache", crop_margin=True)
     assert stored.shape == (32, 3, 24, 24)
     assert load_images(cfg, tmp_path / "cache").shape == (32, 3, 16, 16)  # the FID real set: center windows
+    with pytest.raises(DiffexpError, match="dataset.crop=diagonal: expected center or random"):
+        load_images(dataset_cfg("dataset=digits", "dataset.crop=diagonal"), tmp_path / "cache")
 
     # A ramp whose value names its own position shows where each window was cut.
     ramp = (torch.arange(24)[:, None] * 10 + torch.arange(24)[None, :]).to(torch.uint8)
