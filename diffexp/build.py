@@ -60,3 +60,14 @@ def build_lr_scheduler(trainer_cfg: DictConfig, optimizer: torch.optim.Optimizer
                              num_training_steps=trainer_cfg.max_steps)
     except ValueError as e:
         raise DiffexpError(f"trainer.lr_schedule={trainer_cfg.lr_schedule}: {e}") from e
+
+
+def build_image_source(loader_cfg: DictConfig):
+    """What a dataset's ``loader`` node returns (a ``datasets.Dataset`` with an ``image`` column, or
+    PIL images); a loader's own DiffexpError comes through as it was raised."""
+    try:
+        return instantiate(loader_cfg, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DiffexpError):
+            raise e.__cause__ from None
+        raise DiffexpError(f"dataset.loader: cannot build {loader_cfg.get('_target_')}: {e.__cause__ or e}") from e

@@ -158,10 +158,11 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
     sampler = build_sampler(cfg.sampler, noise_scheduler)
     with accelerator.main_process_first():
-        images = load_images(cfg.dataset, cfg.cache_dir)
+        images = load_images(cfg.dataset, cfg.cache_dir, crop_margin=True)
     batches = Batches(images, batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
                       num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                      seed=cfg.seed, random_flip=cfg.dataset.random_flip, device=device)
+                      seed=cfg.seed, random_flip=cfg.dataset.random_flip, device=device,
+                      crop_to=cfg.dataset.resolution)
     optimizer = build_optimizer(tcfg, model.parameters())
     lr_scheduler = build_lr_scheduler(tcfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
