@@ -163,7 +163,7 @@ def fmt(v: Any) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
     return str(v)
 
 
@@ -226,7 +226,7 @@ def plot_grids(runs, names: list[str], path: Path) -> bool:
         return False
     cols = min(4, len(grids))
     nrows = math.ceil(len(grids) / cols)
-    fig, axs = plt.subplots(nrows, cols, figsize=(3 * cols, 3.3 * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, cols, figsize=(3 * cols, 3.6 * nrows), squeeze=False)
     for ax in axs.flat:
         ax.axis("off")
     for ax, (name, grid) in zip(axs.flat, grids):

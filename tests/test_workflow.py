@@ -105,6 +105,7 @@ def grid_sweep(tmp_path_factory):
     return sweep_dir, proc
 
 
+@pytest.mark.slow
 def test_sweep_runs_a_grid_offline_as_one_multirun(grid_sweep):
     sweep_dir, proc = grid_sweep
     assert "diffexp.train -m group=unet_sizes" in proc.stdout
@@ -122,6 +123,7 @@ def test_sweep_runs_a_grid_offline_as_one_multirun(grid_sweep):
     assert (sweep_dir / "multirun.yaml").is_file()  # Hydra's record of the multirun
 
 
+@pytest.mark.slow
 def test_bayes_sweep_offline_samples_at_random_through_submitit_local(tmp_path, cache_dir):
     sweep_dir = tmp_path / "lr"
     proc = run_cli("sweep", "sweeps/lr_search.yaml", "runs=2", "sample_seed=3", "hydra/launcher=submitit_local",
@@ -142,6 +144,7 @@ def test_bayes_sweep_offline_samples_at_random_through_submitit_local(tmp_path, 
 
 
 # ---------------------------------------------------------------------------- compare
+@pytest.mark.slow
 def test_compare_reports_runs_and_seed_intervals_from_their_records(grid_sweep, tmp_path):
     sweep_dir, _ = grid_sweep
     out = tmp_path / "report"
@@ -173,6 +176,7 @@ def test_compare_reports_runs_and_seed_intervals_from_their_records(grid_sweep, 
     assert "<table>" in html and "loss.png" in html and "unet_small" in html
 
 
+@pytest.mark.slow
 def test_compare_warns_when_runs_differ_beyond_the_compared_axes(grid_sweep, train, tmp_path):
     sweep_dir, _ = grid_sweep
     other, _ = train("model=unet_tiny", "seed=2", "trainer.max_steps=2", name="shorter")
@@ -190,6 +194,7 @@ def test_compare_bad_input_is_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------- reproduce
+@pytest.mark.slow
 def test_reproduce_check_reports_identical_losses(train, tmp_path):
     original, _ = train("trainer.max_steps=3", name="original")
     info = json.loads((original / "run.json").read_text())
@@ -205,6 +210,7 @@ def test_reproduce_check_reports_identical_losses(train, tmp_path):
     assert json.loads((again / "run.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_reproduce_applies_overrides_and_checks_the_steps_it_shares(train, tmp_path):
     original, _ = train("trainer.max_steps=3", name="original")
     proc = run_cli("reproduce", f"run={original}", "check=true", "trainer.max_steps=2", "logger=none",
