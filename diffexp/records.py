@@ -199,3 +199,79 @@ def iter_runs(paths: list[str | os.PathLike]) -> Iterator[RunDir]:
         if not found:
             raise DiffexpError(f"{p}: no diffexp run directories found there")
         yield from (RunDir(f) for f in found)
+
+
+# --- W&B as a source of runs (compare source=wandb, reproduce run=ENTITY/PROJECT/RUN_ID)
+def require_wandb_reachable(what: str) -> None:
+    """DiffexpError (one line) unless the W&B server answers: offline mode, or no route to it."""
+    import urllib.parse
+
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        raise DiffexpError(f"{what}: W&B is not reachable (WANDB_MODE={mode}); use run directories, or set "
+                           "WANDB_MODE=online with network access")
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise DiffexpError(f"{what}: W&B is not reachable ({url.hostname}: {e.strerror or e}); use run directories "
+                           "(`wandb sync` uploads offline runs later)") from None
+
+
+class WandbRun:
+    """A run read from W&B with RunDir's reader interface (config, info, metrics, sample_grids).
+
+    The config is the one diffexp's W&B tracker uploads (the resolved run config).
+    """
+
+    def __init__(self, api_run: Any):
+        self._run = api_run
+        self.path = Path("wandb") / "/".join(api_run.path)
+
+    def config(self) -> DictConfig:
+        return OmegaConf.create(dict(self._run.config))
+
+    def info(self) -> dict[str, Any]:
+        meta = getattr(self._run, "metadata", None) or {}
+        summary = dict(self._run.summary)
+        return {"status": self._run.state, "start": self._run.created_at, "end": None,
+                "wall_time_s": summary.get("_runtime"), "num_parameters": summary.get("num_parameters"),
+                "git": {"commit": (meta.get("git") or {}).get("commit"), "dirty": None}, "packages": {},
+                "wandb_run_id": self._run.id}
+
+    def metrics(self) -> list[dict[str, Any]]:
+        rows = []
+        for row in self._run.scan_history():
+            clean = {k: v for k, v in row.items() if not k.startswith("_") and isinstance(v, (int, float))}
+            if clean:
+                rows.append({"step": row.get("train/step", row.get("_step")), **clean})
+        return rows
+
+    def sample_grids(self) -> list[Path]:
+        return []
+
+
+def wandb_runs(project: str, sweep: str | None = None) -> list[WandbRun]:
+    """The runs of a W&B project (``entity/project``), optionally of one sweep."""
+    require_wandb_reachable(f"project={project}")
+    import wandb
+
+    try:
+        found = wandb.Api(timeout=30).runs(project, filters={"sweep": sweep} if sweep else None)
+        runs = [WandbRun(r) for r in found]
+    except Exception as e:  # wandb raises its own CommError/ValueError family here
+        raise DiffexpError(f"project={project}: {str(e).splitlines()[0]}") from None
+    if not runs:
+        raise DiffexpError(f"project={project}{f' sweep={sweep}' if sweep else ''}: no runs found on W&B")
+    return runs
+
+
+def wandb_run(path: str) -> WandbRun:
+    """One W&B run by its path ``entity/project/run_id``."""
+    require_wandb_reachable(f"run={path}")
+    import wandb
+
+    try:
+        return WandbRun(wandb.Api(timeout=30).run(path))
+    except Exception as e:
+        raise DiffexpError(f"run={path}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,120 @@
+"""``python -m diffexp.reproduce run=RUN_DIR [check=true] [overrides]``: rerun a run from its record.
+
+The new run starts from the saved resolved config (``RUN_DIR/config.yaml``) in a NEW run directory
+(``hydra.run.dir=`` to choose it). Overrides apply on top: values (``trainer.max_steps=100``) as
+they are, config groups (``logger=none``) by replacing that group's node. Before training it warns
+when the code's git commit differs from the recorded one or the checkout is dirty, and when
+package versions differ. ``check=true`` then compares the new losses with the recorded ones step
+by step, prints the largest difference and exits 1 when it exceeds ``check_tol`` (default 0: on a
+CPU with the same code and versions the losses are identical).
+
+``run=ENTITY/PROJECT/RUN_ID`` reads the config (and, for the check, the losses) from W&B instead,
+when W&B is reachable.
+
+Examples::
+
+    python -m diffexp.reproduce run=outputs/2026-11-26/10-00-00_unet_small-linear-s0 check=true
+    python -m diffexp.reproduce run=outputs/... trainer.max_steps=200 logger=none
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffexp import DiffexpError
+from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.records import RunDir, git_state, package_versions, wandb_run
+
+OWN_KEYS = ("run", "check", "check_tol")
+
+
+def open_source(run: str):
+    """The run to reproduce: a run directory, or a W&B run path ``entity/project/run_id``."""
+    if Path(run).expanduser().exists() or run.count("/") != 2:
+        return RunDir(run).require()
+    return wandb_run(run)
+
+
+def reproduced_config(saved: DictConfig, composed: DictConfig) -> DictConfig:
+    """The saved config with this command's overrides applied (groups replaced whole)."""
+    cfg = saved.copy()
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if key in OWN_KEYS or key.startswith("hydra"):
+            continue
+        with open_dict(cfg):
+            if key in groups:
+                # The newly composed option, its interpolations resolved against the saved config.
+                cfg[key] = OmegaConf.to_container(composed[key], resolve=False)
+                OmegaConf.update(cfg, f"choices.{key}", hydra_cfg.runtime.choices[key], force_add=True)
+            else:
+                OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+    with open_dict(cfg):
+        cfg.resume = None
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def provenance_warnings(info: dict) -> list[str]:
+    """Why the rerun may not match: a different or dirty checkout, different package versions."""
+    warnings = []
+    recorded, current = (info.get("git") or {}), git_state()
+    if recorded.get("commit") and current["commit"] != recorded["commit"]:
+        warnings.append(f"code differs: the run used commit {recorded['commit'][:12]}, this checkout is at "
+                        f"{(current['commit'] or 'no git')[:12]}")
+    if current["dirty"]:
+        warnings.append("this checkout has uncommitted changes (git status): the code is not what any commit holds")
+    if recorded.get("dirty"):
+        warnings.append("the original run was made from a checkout with uncommitted changes")
+    now = package_versions()
+    changed = [f"{name} {old} -> {now.get(name)}" for name, old in (info.get("packages") or {}).items()
+               if name in now and now[name] != old]
+    if changed:
+        warnings.append(f"package versions differ: {', '.join(changed)}")
+    return warnings
+
+
+def loss_check(original: list[dict], new: list[dict]) -> tuple[int, float, int | None]:
+    """(steps compared, largest |difference| of train/loss, first step that differs or None)."""
+    before = {r["step"]: r["train/loss"] for r in original if "train/loss" in r}
+    after = {r["step"]: r["train/loss"] for r in new if "train/loss" in r}
+    common = sorted(set(before) & set(after))
+    if not common:
+        raise DiffexpError("check=true: the runs share no logged step (compare trainer.log_every and max_steps)")
+    diffs = [abs(before[s] - after[s]) for s in common]
+    first = next((s for s, d in zip(common, diffs) if d > 0), None)
+    return len(common), max(diffs), first
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="reproduce")
+def main(cfg: DictConfig) -> None:
+    from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
+
+    with report_errors():
+        source = open_source(str(cfg.run))
+        new_cfg = reproduced_config(source.config(), cfg)
+        for w in provenance_warnings(source.info()):
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        out = HydraConfig.get().runtime.output_dir
+        if RunDir(out).path == getattr(source, "path", None):
+            raise DiffexpError(f"hydra.run.dir={out}: that is the run being reproduced; choose a new directory")
+        status = train(new_cfg, out, resume=False)
+        print(f"reproduced {source.path} into {out} ({status})", flush=True)
+        if cfg.check and status == "finished":
+            n, largest, first = loss_check(source.metrics(), RunDir(out).metrics())
+            verdict = "identical" if largest == 0 else f"differ, first at step {first}"
+            print(f"check: {n} logged losses compared; largest difference {largest:.3g} ({verdict})", flush=True)
+            if largest > cfg.check_tol:
+                sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
