@@ -177,7 +177,7 @@ def test_tensorboard_writes_event_files(train):
     run_dir, _ = train("logger=tensorboard")
     events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert events
-    acc = EventAccumulator(str(run_dir / "tensorboard" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0}).Reload()
     losses = [e.value for e in acc.Scalars("train/loss")]
     rows = [r for r in RunDir(run_dir).metrics() if "train/loss" in r]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
