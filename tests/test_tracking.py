@@ -130,6 +130,7 @@ def test_interrupted_run_is_recorded_as_interrupted(tmp_path, cache_dir):
     wb = only_run(run_dir)
     assert wb.preempting and wb.exit_code != 0 and wb.summary["status"] == "interrupted"
     assert RunDir(run_dir).info()["status"] == "interrupted"
+    assert leet_summary(wb)["state"] != "finished"
 
 
 def test_wandb_that_cannot_start_costs_one_warning(train):
