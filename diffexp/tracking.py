@@ -181,8 +181,9 @@ class WandbTracker(_Guarded):
         self.acc.store_init_configuration(dashboard_config(cfg, run.info()))
         # Resumed runs replay steps after the last checkpoint: plot against train/step, not wandb's _step.
         self.run.define_metric("train/step")
-        for pattern in ("train/*", "samples/*", "eval/*"):
+        for pattern in ("train/*", "samples/*"):
             self.run.define_metric(pattern, step_metric="train/step")
+        # No catch-all eval/*: when two globs match a key, which one wandb applies is not defined.
         for pattern, best in (("eval/fid_*", "min"), ("eval/kid_*", "min"), ("eval/is_*", "max")):
             self.run.define_metric(pattern, step_metric="train/step", summary=f"{best},last")
         self.run.save(str(run.config_file), base_path=str(run.path), policy="now")

@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from accelerate import Accelerator
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from diffexp.cli import CONFIG_PATH
 from diffexp.records import RunDir
-from diffexp.tracking import wandb_mode
+from diffexp.tracking import make_tracker, wandb_mode
 from diffexp.wandb_files import find_runs
 from conftest import REPO, TINY, cli_env, run_cli
 
@@ -170,6 +171,28 @@ def test_auto_mode_follows_credentials(monkeypatch, tmp_path):
     (tmp_path / ".netrc").chmod(0o600)
     assert wandb_mode("auto") == "online"
     assert wandb_mode("disabled") == "disabled" and wandb_mode("dryrun") == "offline"
+
+
+def test_eval_metrics_keep_their_best_values_in_the_summary(train):
+    # The metrics issue computes FID/IS/KID; here the tracker gets the rows the loop would log.
+    run_dir, _ = train("logger=wandb", "logger.mode=disabled")
+    assert not (run_dir / "wandb").exists(), "logger.mode=disabled writes no W&B files"
+    run = RunDir(run_dir)
+    cfg = run.config()
+    cfg.logger.mode = "offline"
+    tracker = make_tracker(cfg.logger, cfg, Accelerator(cpu=True), run, None)
+    for step, fid, inception in [(2, 9.0, 1.5), (4, 7.0, 1.2), (6, 8.0, 1.1)]:
+        tracker.log({"eval/fid_2k": fid, "eval/kid_2k": fid / 100, "eval/is_2k": inception}, step)
+    tracker.finish("finished")
+
+    # In-process, wandb's service may still be writing the file's tail when finish() returns.
+    deadline = time.monotonic() + 60
+    while (wb := only_run(run_dir)).exit_code is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [h["train/step"] for h in wb.history if "eval/fid_2k" in h] == [2, 4, 6]
+    assert wb.summary["eval/fid_2k"] == {"min": 7.0, "last": 8.0}
+    assert wb.summary["eval/kid_2k"] == pytest.approx({"min": 0.07, "last": 0.08})
+    assert wb.summary["eval/is_2k"] == {"max": 1.5, "last": 1.1}
 
 
 def test_tensorboard_writes_event_files(train):
