@@ -12,6 +12,7 @@ need a failed start to cost one warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -155,7 +156,6 @@ class WandbTracker(_Guarded):
 
     def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run: RunDir, run_id: str | None, mode: str) -> None:
         super().__init__()
-        import wandb
         from accelerate.tracking import WandBTracker as AccelerateWandB
 
         self.run_dir = run
@@ -168,7 +168,7 @@ class WandbTracker(_Guarded):
             entity=logger_cfg.entity or None,
             name=logger_cfg.name or None,
             group=logger_cfg.group or None,
-            tags=list(logger_cfg.tags) or None,
+            tags=_as_list(logger_cfg.tags) or None,
             job_type=logger_cfg.job_type or None,
             dir=wandb_dir,
             mode=mode,
@@ -178,6 +178,15 @@ class WandbTracker(_Guarded):
         self.acc.start()
         self.run = self.acc.tracker
         self.run_id = self.run.id
+        try:
+            self._set_up(cfg, run)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a half-started run is closed, not left open
+                self.run.finish(exit_code=1)
+            raise
+        log.info("W&B run %s (%s) in %s", self.run_id, mode, os.path.join(wandb_dir, "wandb"))
+
+    def _set_up(self, cfg: DictConfig, run: RunDir) -> None:
         self.acc.store_init_configuration(dashboard_config(cfg, run.info()))
         # Resumed runs replay steps after the last checkpoint: plot against train/step, not wandb's _step.
         self.run.define_metric("train/step")
@@ -187,7 +196,6 @@ class WandbTracker(_Guarded):
         for pattern, best in (("eval/fid_*", "min"), ("eval/kid_*", "min"), ("eval/is_*", "max")):
             self.run.define_metric(pattern, step_metric="train/step", summary=f"{best},last")
         self.run.save(str(run.config_file), base_path=str(run.path), policy="now")
-        log.info("W&B run %s (%s) in %s", self.run_id, mode, os.path.join(wandb_dir, "wandb"))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log a row with ``train/step`` as its x-axis (wandb's own step is left to count rows)."""
@@ -253,6 +261,13 @@ class TensorBoardTracker(_Guarded):
     def finish(self, status: str) -> None:
         """Flush and close the event file."""
         self._guard("finish", self.acc.finish)
+
+
+def _as_list(value) -> list[str]:
+    """``logger.tags=a`` and ``logger.tags=[a,b]`` alike."""
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
 def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
