@@ -1,19 +1,36 @@
 """Experiment tracking: the seam between the training loop and W&B / TensorBoard.
 
 Only the main process talks to a tracker. Tracking must never cost a training run: every call
-into a tracker is guarded, and a failure becomes one warning, after which tracking is off.
+into a tracker is guarded, and a failure becomes one warning, after which tracking is off (the run
+directory's metrics.jsonl and samples/ stay the complete record).
+
+The trackers are accelerate's own (``accelerate.tracking.WandBTracker`` / ``TensorBoardTracker``),
+used directly rather than through ``Accelerator(log_with=...)``: the Accelerator is built before the
+run directory and run.json exist, and ``init_trackers`` would raise into the training loop where we
+need a failed start to cost one warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Any
 
+import numpy as np
 from accelerate import Accelerator
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from diffexp import DiffexpError
+from diffexp.records import RunDir
+
 log = logging.getLogger(__name__)
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+# Older spellings WANDB_MODE still accepts.
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+EXIT_CODES = {"finished": 0, "failed": 1, "interrupted": 130}  # 130 = 128 + SIGINT, what the CLI exits with
 
 
 class Tracker:
@@ -22,15 +39,246 @@ class Tracker:
     run_id: str | None = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        pass
+        """Record one row of scalars at training step ``step``."""
 
     def log_image(self, key: str, image: Image.Image, step: int) -> None:
-        pass
+        """Record an image under ``key`` at training step ``step``."""
 
     def finish(self, status: str) -> None:
-        pass
+        """Close the tracker; ``status`` is finished, failed or interrupted."""
 
 
-def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerator, run_dir, run_id: str | None) -> Tracker:
-    """The tracker named by ``logger.name`` (only the main process gets a real one)."""
-    return Tracker()
+def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerator, run: RunDir,
+                 run_id: str | None) -> Tracker:
+    """The tracker named by ``logger.kind`` on the main process, a no-op one elsewhere.
+
+    ``run_id`` (from run.json on resume) continues that W&B run. A tracker that cannot start costs
+    one warning and gives a no-op tracker; a bad ``logger.kind``/``logger.mode`` is a DiffexpError.
+    """
+    kind = logger_cfg.kind
+    if kind not in ("wandb", "tensorboard", "none"):
+        raise DiffexpError(f"logger.kind={kind}: expected wandb, tensorboard or none")
+    if not accelerator.is_main_process or kind == "none":
+        return Tracker()
+    if kind == "wandb":
+        mode = wandb_mode(logger_cfg.mode)
+        if mode == "disabled":
+            return Tracker()
+        start = lambda: WandbTracker(logger_cfg, cfg, run, run_id, mode)  # noqa: E731
+    else:
+        start = lambda: TensorBoardTracker(logger_cfg, cfg, run)  # noqa: E731
+    try:
+        return start()
+    except Exception as e:  # noqa: BLE001 - whatever the tracker raises, training goes on
+        _warn_off(kind, "could not start", e)
+        fallback = Tracker()
+        fallback.run_id = run_id  # keep run.json's W&B id so a later resume can still continue it
+        return fallback
+
+
+def wandb_mode(mode: str | None) -> str:
+    """``logger.mode`` as wandb.init takes it; ``auto`` is online with W&B credentials, else offline."""
+    value = WANDB_MODE_ALIASES.get(str(mode).lower(), str(mode).lower()) if mode is not None else "auto"
+    if value not in WANDB_MODES:
+        raise DiffexpError(f"logger.mode={mode}: expected one of {', '.join(WANDB_MODES)}")
+    if value == "auto":
+        return "online" if wandb_credentials_present() else "offline"
+    return value
+
+
+def wandb_credentials_present() -> bool:
+    """True when wandb would find an API key: WANDB_API_KEY, an identity token, or a netrc entry
+    for the W&B host (what ``wandb login`` writes)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import wbnetrc
+
+        return bool(wbnetrc.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
+    except Exception:  # noqa: BLE001 - an unreadable netrc means no credentials, not a crash
+        return False
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _warn_off(kind: str, what: str, error: BaseException) -> None:
+    name = {"wandb": "W&B", "tensorboard": "TensorBoard"}[kind]
+    log.warning("%s tracking off: %s (%s); training continues, metrics.jsonl and samples/ keep the record",
+                name, what, _one_line(error))
+
+
+class _Guarded(Tracker):
+    """Runs every tracker call under a guard: the first failure warns once and turns tracking off."""
+
+    kind = ""
+
+    def __init__(self) -> None:
+        self.off = False
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        if self.off:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - logging must never stop training
+            self.off = True
+            _warn_off(self.kind, what, e)
+
+
+def dashboard_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """The W&B run config: the chosen option of each config group as a top-level key (``model``,
+    ``scheduler``, ``dataset``, ``sampler``, ...) next to ``seed``, so the dashboard groups and filters
+    by them directly; provenance from run.json; the whole resolved config under ``cfg``."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    choices = resolved.get("choices") or {}
+    git = info.get("git") or {}
+    return {
+        **{k: v for k, v in choices.items() if v is not None},
+        "seed": cfg.seed,
+        "name": cfg.name,
+        "group": cfg.get("group"),
+        "num_parameters": info.get("num_parameters"),
+        "git_commit": git.get("commit"),
+        "git_dirty": git.get("dirty"),
+        "packages": info.get("packages"),
+        "num_processes": info.get("num_processes"),
+        "cfg": resolved,
+    }
+
+
+class WandbTracker(_Guarded):
+    """One W&B run per training run (continued on resume), through accelerate's WandBTracker."""
+
+    kind = "wandb"
+
+    def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run: RunDir, run_id: str | None, mode: str) -> None:
+        super().__init__()
+        from accelerate.tracking import WandBTracker as AccelerateWandB
+
+        self.run_dir = run
+        self.last_step = 0
+        wandb_dir = logger_cfg.dir or str(run.path)  # wandb puts its files in DIR/wandb
+        os.makedirs(wandb_dir, exist_ok=True)
+        # None lets wandb fall back to its own environment variables (WANDB_RUN_GROUP, WANDB_TAGS, ...).
+        self.acc = AccelerateWandB(
+            logger_cfg.project,
+            entity=logger_cfg.entity or None,
+            name=logger_cfg.name or None,
+            group=logger_cfg.group or None,
+            tags=_as_list(logger_cfg.tags) or None,
+            job_type=logger_cfg.job_type or None,
+            dir=wandb_dir,
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+        self.acc.start()
+        self.run = self.acc.tracker
+        self.run_id = self.run.id
+        try:
+            self._set_up(cfg, run)
+        except BaseException:
+            with contextlib.suppress(Exception):  # a half-started run is closed, not left open
+                self.run.finish(exit_code=1)
+            raise
+        log.info("W&B run %s (%s) in %s", self.run_id, mode, os.path.join(wandb_dir, "wandb"))
+
+    def _set_up(self, cfg: DictConfig, run: RunDir) -> None:
+        self.acc.store_init_configuration(dashboard_config(cfg, run.info()))
+        # Resumed runs replay steps after the last checkpoint: plot against train/step, not wandb's _step.
+        self.run.define_metric("train/step")
+        for pattern in ("train/*", "samples/*"):
+            self.run.define_metric(pattern, step_metric="train/step")
+        # No catch-all eval/*: when two globs match a key, which one wandb applies is not defined.
+        for pattern, best in (("eval/fid_*", "min"), ("eval/kid_*", "min"), ("eval/is_*", "max")):
+            self.run.define_metric(pattern, step_metric="train/step", summary=f"{best},last")
+        self.run.save(str(run.config_file), base_path=str(run.path), policy="now")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Log a row with ``train/step`` as its x-axis (wandb's own step is left to count rows)."""
+        self.last_step = max(self.last_step, step)
+        row = {k: v for k, v in metrics.items() if k != "step"}
+        row["train/step"] = step
+        self._guard("log", self.acc.log, row)
+
+    def log_image(self, key: str, image: Image.Image, step: int) -> None:
+        """Log ``image`` as a W&B image under ``key`` at ``train/step`` = ``step``."""
+        import wandb
+
+        self.last_step = max(self.last_step, step)
+        self._guard("log image", lambda: self.acc.log({key: wandb.Image(image, caption=f"step {step}"),
+                                                       "train/step": step}))
+
+    def finish(self, status: str) -> None:
+        """Upload model/ as a ``model`` artifact if finished, save run.json, close with the status's exit code."""
+        import wandb
+
+        if status == "finished" and self.run_dir.model_dir.is_dir():
+            def log_model():
+                artifact = wandb.Artifact(f"model-{self.run_id}", type="model",
+                                          metadata={"step": self.last_step, "name": self.run.name})
+                artifact.add_dir(str(self.run_dir.model_dir))
+                self.run.log_artifact(artifact, aliases=["latest", f"step_{self.last_step}"])
+            self._guard("model artifact", log_model)
+        self._guard("save run.json", self.run.save, str(self.run_dir.info_file), base_path=str(self.run_dir.path),
+                    policy="now")
+        self._guard("summary", self.run.summary.update, {"status": status})
+        if status == "interrupted":  # W&B shows the run as preempted: it can be resumed
+            self._guard("mark preempting", self.run.mark_preempting)
+        try:
+            self.run.finish(exit_code=EXIT_CODES.get(status, 1))
+        except Exception as e:  # noqa: BLE001
+            if not self.off:
+                _warn_off(self.kind, "finish", e)
+
+
+class TensorBoardTracker(_Guarded):
+    """TensorBoard event files under RUN_DIR/tensorboard, through accelerate's TensorBoardTracker."""
+
+    kind = "tensorboard"
+
+    def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run: RunDir) -> None:
+        super().__init__()
+        from accelerate.tracking import TensorBoardTracker as AccelerateTensorBoard
+
+        self.acc = AccelerateTensorBoard("tensorboard", logging_dir=logger_cfg.get("dir") or str(run.path))
+        self.acc.start()
+        self.acc.store_init_configuration(_flat_scalars(dashboard_config(cfg, run.info())))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Scalars at global step ``step``."""
+        row = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        self._guard("log", self.acc.log, row, step=step)
+
+    def log_image(self, key: str, image: Image.Image, step: int) -> None:
+        """The image at global step ``step``."""
+        self._guard("log image", self.acc.log_images, {key: np.asarray(image.convert("RGB"))[None]}, step=step,
+                    dataformats="NHWC")
+
+    def finish(self, status: str) -> None:
+        """Flush and close the event file."""
+        self._guard("finish", self.acc.finish)
+
+
+def _as_list(value) -> list[str]:
+    """``logger.tags=a`` and ``logger.tags=[a,b]`` alike."""
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TensorBoard hparams take scalars only: nested keys joined with dots, lists as strings."""
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flat_scalars(v, key + "."))
+        elif isinstance(v, (bool, int, float, str)):
+            flat[key] = v
+        else:
+            flat[key] = str(v)
+    return flat
