@@ -28,11 +28,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffexp import DiffexpError
 from diffexp.build import build_lr_scheduler, build_model, build_noise_scheduler, build_optimizer, build_sampler
-from diffexp.data import Batches, load_images
+from diffexp.data import Batches, center_window, load_images
 from diffexp.evaluation import make_evaluator
 from diffexp.records import STEP_DIR, RunDir
 from diffexp.sampling import generate, save_grid
-from diffexp.tracking import make_tracker
+from diffexp.tracking import check_logger_cfg, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
         if checkpoint is None:
             raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
 
+    check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
     model = build_model(cfg.model)
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
     sampler = build_sampler(cfg.sampler, noise_scheduler)
@@ -174,7 +175,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, ema, state)
     n_params = sum(p.numel() for p in unwrapped.parameters())
-    evaluator = make_evaluator(cfg, accelerator, images)
+    # The real set for FID is the center window, whatever random-crop margin training uses.
+    evaluator = make_evaluator(cfg, accelerator, center_window(images, cfg.dataset.resolution))
 
     # ---------------------------------------------------------------- resume
     if checkpoint is not None:

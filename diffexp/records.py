@@ -229,7 +229,9 @@ class WandbRun:
         self.path = Path("wandb") / "/".join(api_run.path)
 
     def config(self) -> DictConfig:
-        return OmegaConf.create(dict(self._run.config))
+        # diffexp's tracker uploads the resolved run config under "cfg" (group choices top-level)
+        config = dict(self._run.config)
+        return OmegaConf.create(config.get("cfg", config))
 
     def info(self) -> dict[str, Any]:
         meta = getattr(self._run, "metadata", None) or {}

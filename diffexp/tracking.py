@@ -55,9 +55,8 @@ def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerat
     ``run_id`` (from run.json on resume) continues that W&B run. A tracker that cannot start costs
     one warning and gives a no-op tracker; a bad ``logger.kind``/``logger.mode`` is a DiffexpError.
     """
+    check_logger_cfg(logger_cfg)
     kind = logger_cfg.kind
-    if kind not in ("wandb", "tensorboard", "none"):
-        raise DiffexpError(f"logger.kind={kind}: expected wandb, tensorboard or none")
     if not accelerator.is_main_process or kind == "none":
         return Tracker()
     if kind == "wandb":
@@ -74,6 +73,14 @@ def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerat
         fallback = Tracker()
         fallback.run_id = run_id  # keep run.json's W&B id so a later resume can still continue it
         return fallback
+
+
+def check_logger_cfg(logger_cfg: DictConfig) -> None:
+    """DiffexpError (one line) for a ``logger.kind`` or ``logger.mode`` that cannot work."""
+    if logger_cfg.kind not in ("wandb", "tensorboard", "none"):
+        raise DiffexpError(f"logger.kind={logger_cfg.kind}: expected wandb, tensorboard or none")
+    if logger_cfg.kind == "wandb":
+        wandb_mode(logger_cfg.mode)
 
 
 def wandb_mode(mode: str | None) -> str:
