@@ -191,17 +191,20 @@ def test_resume_refuses_to_change_config_groups(train):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train):
-    run, proc = train("trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.log_every=2",
-                      "trainer.lr=1e30", "trainer.max_grad_norm=0", "trainer.warmup_steps=0",
-                      "trainer.lr_schedule=constant", "trainer.sample_every=0", check=False)
+    # Warm-up from lr 0 to 1e30: step 1 changes nothing, step 2 blows the weights up, step 3's loss is not finite.
+    run, proc = train("trainer.max_steps=40", "trainer.checkpoint_every=1", "trainer.log_every=1",
+                      "trainer.lr=1e30", "trainer.max_grad_norm=0", "trainer.warmup_steps=1000000000000",
+                      "trainer.lr_schedule=constant_with_warmup", "trainer.sample_every=0",
+                      "trainer.keep_checkpoints=5", check=False)
     line = error_line(proc)
     assert line.startswith("error: non-finite loss at or before step") and "last good checkpoint" in line
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
-    if kept:  # the kept checkpoint is finite
-        state = load_file(run / "checkpoints" / kept[-1] / "model.safetensors")
-        assert all(torch.isfinite(v).all() for v in state.values())
-        assert kept[-1] in line
+    assert kept and kept[-1] in line and len(kept) < 40
+    state = load_file(run / "checkpoints" / kept[-1] / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert all(np.isfinite(loss) for _, loss in losses(run))  # nothing non-finite was recorded
+    assert not (run / "model").exists()
 
 
 def test_batch_that_does_not_split_is_named(train):
