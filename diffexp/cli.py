@@ -10,7 +10,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from diffexp import DiffexpError
@@ -48,6 +48,36 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("diffexp_run_dir"):
         OmegaConf.register_new_resolver("diffexp_run_dir", _run_dir)
         OmegaConf.register_new_resolver("diffexp_hydra_subdir", _hydra_subdir)
+
+
+def apply_overrides(saved: DictConfig, *, skip: tuple[str, ...], composed: DictConfig | None = None) -> DictConfig:
+    """A copy of a run's saved config with this command's overrides applied.
+
+    Value overrides (``trainer.max_steps=100``) apply as they are. A config-group override
+    (``model=unet_tiny``) replaces that group's node with the newly ``composed`` one (and its
+    ``choices`` entry); without ``composed`` it is refused. ``skip`` keys and ``hydra.*`` belong
+    to the command itself.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = saved.copy()
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if key in skip or key.startswith("hydra"):
+            continue
+        with open_dict(cfg):
+            if key in groups:
+                if composed is None:
+                    raise DiffexpError(f"{key}={override.value()}: a resumed run keeps its config groups; "
+                                       "start a new run instead")
+                cfg[key] = OmegaConf.to_container(composed[key], resolve=False)
+                OmegaConf.update(cfg, f"choices.{key}", hydra_cfg.runtime.choices[key], force_add=True)
+            else:
+                OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+    return cfg
 
 
 @contextlib.contextmanager

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.cli import CONFIG_PATH, apply_overrides, report_errors
 from diffexp.records import RunDir, git_state, package_versions, wandb_run
 
 OWN_KEYS = ("run", "check", "check_tol")
@@ -43,20 +42,7 @@ def open_source(run: str):
 
 def reproduced_config(saved: DictConfig, composed: DictConfig) -> DictConfig:
     """The saved config with this command's overrides applied (groups replaced whole)."""
-    cfg = saved.copy()
-    hydra_cfg = HydraConfig.get()
-    groups = set(hydra_cfg.runtime.choices)
-    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
-        key = override.key_or_group
-        if key in OWN_KEYS or key.startswith("hydra"):
-            continue
-        with open_dict(cfg):
-            if key in groups:
-                # The newly composed option, its interpolations resolved against the saved config.
-                cfg[key] = OmegaConf.to_container(composed[key], resolve=False)
-                OmegaConf.update(cfg, f"choices.{key}", hydra_cfg.runtime.choices[key], force_add=True)
-            else:
-                OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
+    cfg = apply_overrides(saved, skip=OWN_KEYS, composed=composed)
     with open_dict(cfg):
         cfg.resume = None
     OmegaConf.resolve(cfg)

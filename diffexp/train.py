@@ -16,11 +16,9 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.cli import CONFIG_PATH, apply_overrides, report_errors
 from diffexp.records import RunDir
 
 
@@ -30,17 +28,7 @@ def resume_config(resume: str) -> DictConfig:
     Group overrides (``model=...``) would change what is being resumed and are refused.
     """
     run = RunDir(resume).require()
-    cfg = run.config()
-    hydra_cfg = HydraConfig.get()
-    groups = set(hydra_cfg.runtime.choices)
-    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
-        key = override.key_or_group
-        if key == "resume" or key.startswith("hydra"):
-            continue
-        if key in groups:
-            raise DiffexpError(f"{key}={override.value()}: a resumed run keeps its config groups; start a new run instead")
-        with open_dict(cfg):
-            OmegaConf.update(cfg, key, override.value(), merge=True)
+    cfg = apply_overrides(run.config(), skip=("resume",))
     cfg.resume = str(run.path)
     return cfg
 
