@@ -72,7 +72,7 @@ def device_info(device) -> dict:
 def bench_train_config(cfg: DictConfig, steps: int) -> DictConfig:
     """The training config of a timed run: two log intervals of ``steps`` (the first warms up), no
     tracker, no in-training metric, and a one-image one-step grid at the end (off the timed path)."""
-    train_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    train_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # the loop resolves as in train
     with open_dict(train_cfg):
         train_cfg.pop("bench", None)
         train_cfg.logger = OmegaConf.load(Path(CONFIG_PATH) / "logger" / "none.yaml")

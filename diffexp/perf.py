@@ -16,7 +16,12 @@ def dynamo_backend(trainer_cfg: DictConfig) -> str:
 
 
 def configure_backends(trainer_cfg: DictConfig, device: torch.device) -> None:
-    """TF32 matmuls and convolutions on CUDA when ``trainer.tf32`` (nothing to do on a CPU)."""
+    """TF32 matmuls and convolutions on CUDA when ``trainer.tf32`` (nothing to do on a CPU), and
+    ``trainer.fused_adamw: auto`` resolved for ``device`` in the config (so the run records it):
+    fused on a CPU, where it measured faster (BENCHMARKS.md), PyTorch's choice elsewhere until
+    measured there."""
+    if trainer_cfg.get("fused_adamw") == "auto":
+        trainer_cfg.fused_adamw = True if device.type == "cpu" else None
     if device.type == "cuda" and trainer_cfg.get("tf32", False):
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
