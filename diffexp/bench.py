@@ -166,15 +166,23 @@ class PlainLoop:
         self.optimizer.zero_grad()
 
     def images_per_s(self, steps: int) -> float:
-        """Images/s over ``steps`` steps after as many warm-up steps."""
-        for _ in range(steps):
-            self.step()
-        sync(self.device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        sync(self.device)
-        return steps * self.batch_size / (time.perf_counter() - start)
+        """Images/s over ``steps`` steps after as many warm-up steps, with PyTorch's default matmul
+        precision (our loop may have switched TF32 on for the whole process)."""
+        import torch
+
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            for _ in range(steps):
+                self.step()
+            sync(self.device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+            sync(self.device)
+            return steps * self.batch_size / (time.perf_counter() - start)
+        finally:
+            torch.set_float32_matmul_precision(precision)
 
 
 def time_input_pipeline(cfg: DictConfig, images_u8, device, n: int) -> float:
@@ -274,6 +282,7 @@ def run_bench(cfg: DictConfig) -> dict:
 
     from diffexp.build import build_model, build_noise_scheduler
     from diffexp.data import load_images
+    from diffexp.perf import configure_backends
 
     b = cfg.bench
     for key in ("steps", "repeats", "profile_steps", "data_batches", "sample_n"):
@@ -316,12 +325,14 @@ def run_bench(cfg: DictConfig) -> dict:
 
     attention = sorted({type(m.processor).__name__ for m in unet.modules() if isinstance(m, Attention)})
     step_ms = 1e3 * cfg.trainer.batch_size / ours_median
+    trainer = OmegaConf.create(OmegaConf.to_container(cfg.trainer))
+    configure_backends(trainer, device)  # the options as the loop resolved them (fused_adamw: auto)
     return {
         "device": info,
         "config": {"model": HydraConfig.get().runtime.choices.get("model"), "dataset": cfg.dataset.name,
                    "resolution": cfg.dataset.resolution, "batch_size": cfg.trainer.batch_size,
                    "grad_accum": cfg.trainer.grad_accum, "mixed_precision": cfg.trainer.mixed_precision,
-                   **{k: cfg.trainer.get(k) for k in ("fused_adamw", "tf32", "channels_last", "compile")},
+                   **{k: trainer.get(k) for k in ("fused_adamw", "tf32", "channels_last", "compile")},
                    "attention_processors": attention,
                    "num_parameters": sum(p.numel() for p in unet.parameters()),
                    "bench": OmegaConf.to_container(b, resolve=True)},

@@ -26,6 +26,7 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     assert result["device"]["device"] == "cpu" and result["device"]["torch"] and result["device"]["cpu"]
     assert positive(result["device"]["torch_threads"])
     assert result["config"]["model"] == "unet_tiny" and result["config"]["batch_size"] == 8
+    assert result["config"]["fused_adamw"] is True  # trainer.fused_adamw: auto is fused on a CPU
     assert result["config"]["attention_processors"] == [] or all(result["config"]["attention_processors"])
 
     train = result["train"]
