@@ -100,10 +100,11 @@ def time_ours(cfg: DictConfig, steps: int) -> float:
         return float(rows[-1]["train/img_per_s"])
 
 
-def profile_ours(cfg: DictConfig, steps: int, device) -> dict:
+def profile_ours(cfg: DictConfig, steps: int, device) -> tuple[dict, float | None]:
     """Milliseconds per step of each named phase of our loop, from ``torch.profiler`` over the
     ``steps`` steps that follow as many warm-up steps. On CUDA, ``cpu_ms`` is launch time and
-    ``device_ms`` the GPU time of the phase; on a CPU they coincide and ``device_ms`` is absent."""
+    ``device_ms`` the GPU time of the phase; on a CPU they coincide and ``device_ms`` is absent.
+    Also returns the host-device synchronisations per step (``syncs_per_step``)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -127,7 +128,23 @@ def profile_ours(cfg: DictConfig, steps: int, device) -> dict:
             gpu.sort(key=lambda e: e.time_range.start)
             row["device_ms"] = sum(e.time_range.elapsed_us() for e in gpu[steps * per_step:]) / 1e3 / steps
         out[name] = row
-    return out
+    return out, syncs_per_step(prof.events(), steps, grad_accum)
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def syncs_per_step(events, steps: int, grad_accum: int) -> float | None:
+    """Host-device synchronisations per step over the measured steps (from the first measured
+    ``data`` phase to the end of the last ``logging`` phase); None where the profile has no CUDA
+    runtime calls (a CPU). Our loop should show about 1/steps: the read at the log step."""
+    data = sorted((e.time_range.start for e in events if e.name == "data"))
+    logging = sorted((e.time_range.end for e in events if e.name == "logging"))
+    runtime = [e for e in events if e.name.startswith("cuda")]
+    if not runtime or len(data) <= steps * grad_accum or not logging:
+        return None
+    start, end = data[steps * grad_accum], logging[-1]
+    return sum(1 for e in runtime if e.name in SYNC_CALLS and start <= e.time_range.start <= end) / steps
 
 
 class PlainLoop:
@@ -299,7 +316,7 @@ def run_bench(cfg: DictConfig) -> dict:
         plain.append(PlainLoop(cfg, images, device).images_per_s(b.steps))
         peaks["train_plain"] = peak_memory_mib(device)
     ratios = [o / p for o, p in zip(ours, plain)]
-    phases = profile_ours(cfg, b.profile_steps, device)
+    phases, syncs = profile_ours(cfg, b.profile_steps, device)
 
     data_rate = time_input_pipeline(cfg, images, device, b.data_batches)
     unet = build_model(cfg.model).to(device).eval()
@@ -337,7 +354,7 @@ def run_bench(cfg: DictConfig) -> dict:
                    "num_parameters": sum(p.numel() for p in unet.parameters()),
                    "bench": OmegaConf.to_container(b, resolve=True)},
         "train": {"ours_img_per_s": spread(ours), "plain_img_per_s": spread(plain), "ratio": spread(ratios),
-                  "ours_ms_per_step": step_ms},
+                  "ours_ms_per_step": step_ms, "host_device_syncs_per_step": syncs},
         "breakdown_ms_per_step": phases,
         "input_pipeline": {"img_per_s": data_rate, "times_training_rate": data_rate / ours_median},
         "sampling": sampling,
@@ -356,6 +373,8 @@ def table(result: dict) -> str:
              f"train   ours {t['ours_img_per_s']['median']:.1f} img/s  plain {t['plain_img_per_s']['median']:.1f} img/s  "
              f"ratio {t['ratio']['median']:.2f} (min {t['ratio']['min']:.2f}, max {t['ratio']['max']:.2f}, "
              f"n={len(t['ratio']['values'])})"]
+    if t["host_device_syncs_per_step"] is not None:
+        lines.append(f"  host-device syncs {t['host_device_syncs_per_step']:.2f} per step")
     for name, row in result["breakdown_ms_per_step"].items():
         extra = f"  device {row['device_ms']:.2f} ms" if "device_ms" in row else ""
         lines.append(f"  {name:<17}{row['cpu_ms']:9.2f} ms/step{extra}")
