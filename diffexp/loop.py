@@ -23,6 +23,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
+from torch.profiler import record_function as phase
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -30,6 +31,7 @@ from diffexp import DiffexpError
 from diffexp.build import build_lr_scheduler, build_model, build_noise_scheduler, build_optimizer, build_sampler
 from diffexp.data import Batches, center_window, load_images
 from diffexp.evaluation import make_evaluator
+from diffexp.perf import configure_backends, dynamo_backend, optimize_model
 from diffexp.records import STEP_DIR, RunDir
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
@@ -140,12 +142,14 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     tcfg = cfg.trainer
     # ---------------------------------------------------------------- setup
     try:
-        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum)
+        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum,
+                                  dynamo_backend=dynamo_backend(tcfg))
     except ValueError as e:
         raise DiffexpError(f"trainer.mixed_precision={tcfg.mixed_precision}: {e}") from e
     main = accelerator.is_main_process
     run = RunDir(broadcast_object_list([run_dir])[0])
     device = accelerator.device
+    configure_backends(tcfg, device)
     set_seed(cfg.seed, device_specific=True)
 
     checkpoint = None
@@ -155,7 +159,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
             raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
 
     check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
-    model = build_model(cfg.model)
+    model = optimize_model(build_model(cfg.model), tcfg)
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
     sampler = build_sampler(cfg.sampler, noise_scheduler)
     with accelerator.main_process_first():
@@ -220,53 +224,59 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
             for step in range(state.step + 1, tcfg.max_steps + 1):
                 model.train()
                 for micro in range(tcfg.grad_accum):
-                    clean = batches.get(step - 1, micro)
-                    noise = torch.randn_like(clean)
-                    timesteps = torch.randint(0, T, (clean.shape[0],), device=device)
-                    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+                    # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
+                    with phase("data"):
+                        clean = batches.get(step - 1, micro)
+                        noise = torch.randn_like(clean)
+                        timesteps = torch.randint(0, T, (clean.shape[0],), device=device)
+                        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
                     with accelerator.accumulate(model):
-                        noise_pred = model(noisy, timesteps).sample
-                        target = prediction_target(noise_scheduler, clean, noise, timesteps)
-                        per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                        weights = loss_weights(noise_scheduler, timesteps, tcfg)
-                        loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        with phase("forward_backward"):
+                            noise_pred = model(noisy, timesteps).sample
+                            target = prediction_target(noise_scheduler, clean, noise, timesteps)
+                            per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                            weights = loss_weights(noise_scheduler, timesteps, tcfg)
+                            loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
+                            accelerator.backward(loss)
+                        with phase("optimizer"):
+                            if accelerator.sync_gradients:
+                                norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
                     loss = loss.detach()
                     loss_sum += loss / tcfg.grad_accum
                     nonfinite |= ~torch.isfinite(loss)
                 lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
                 lr_scheduler.step()
-                ema.step(unwrapped.parameters())
+                with phase("ema"):
+                    ema.step(unwrapped.parameters())
                 state.step = step
                 count += 1
                 bar.update(1)
 
                 checkpoint_due = due(step, tcfg.checkpoint_every, tcfg.max_steps)
                 stop_now = bool(stop.signum) and accelerator.num_processes == 1
-                if due(step, tcfg.log_every, tcfg.max_steps) or checkpoint_due:
-                    # The one host-device sync of the loop: losses are read at log steps only.
-                    loss_mean, norm_mean, bad = accelerator.reduce(
-                        torch.stack([loss_sum / count, norm_sum / count, nonfinite.float()]), "mean").tolist()
-                    if bad or not math.isfinite(loss_mean):
-                        last_good = run.latest_checkpoint()
-                        raise DiffexpError(f"non-finite loss at or before step {step}: stopped; last good checkpoint "
-                                           f"{last_good if last_good else '(none)'} kept")
-                    row = {"step": step, "train/loss": loss_mean, "train/lr": lr,
-                           "train/grad_norm": norm_mean,
-                           "train/img_per_s": count * tcfg.batch_size / (time.perf_counter() - t_last),
-                           "train/step": step, "train/epoch": step / batches.steps_per_epoch}
-                    if main:
-                        run.append_metrics(row)
-                        tracker.log(row, step)
-                        bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
-                    loss_sum.zero_(), norm_sum.zero_()
-                    count, t_last = 0, time.perf_counter()
-                    if accelerator.num_processes > 1:  # agree on a stop request only where we sync anyway
-                        stop_now = bool(accelerator.reduce(torch.tensor(stop.signum, device=device), "sum").item())
+                with phase("logging"):
+                    if due(step, tcfg.log_every, tcfg.max_steps) or checkpoint_due:
+                        # The one host-device sync of the loop: losses are read at log steps only.
+                        loss_mean, norm_mean, bad = accelerator.reduce(
+                            torch.stack([loss_sum / count, norm_sum / count, nonfinite.float()]), "mean").tolist()
+                        if bad or not math.isfinite(loss_mean):
+                            last_good = run.latest_checkpoint()
+                            raise DiffexpError(f"non-finite loss at or before step {step}: stopped; last good checkpoint "
+                                               f"{last_good if last_good else '(none)'} kept")
+                        row = {"step": step, "train/loss": loss_mean, "train/lr": lr,
+                               "train/grad_norm": norm_mean,
+                               "train/img_per_s": count * tcfg.batch_size / (time.perf_counter() - t_last),
+                               "train/step": step, "train/epoch": step / batches.steps_per_epoch}
+                        if main:
+                            run.append_metrics(row)
+                            tracker.log(row, step)
+                            bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
+                        loss_sum.zero_(), norm_sum.zero_()
+                        count, t_last = 0, time.perf_counter()
+                        if accelerator.num_processes > 1:  # agree on a stop request only where we sync anyway
+                            stop_now = bool(accelerator.reduce(torch.tensor(stop.signum, device=device), "sum").item())
                 t_pause = time.perf_counter()  # sampling and checkpointing do not count towards img/s
                 if main and due(step, tcfg.sample_every, tcfg.max_steps):
                     snapshot_samples(step)

@@ -1,0 +1,407 @@
+"""``python -m diffexp.bench [overrides]``: where the time of training and sampling goes.
+
+Measures, after warm-up, on the composed training config (same groups and overrides as train):
+
+- training images/s of OUR loop (the real ``diffexp.loop.train`` into a temporary run directory)
+  against a plain PyTorch loop of the tutorial kind on the same model and batch (add noise,
+  predict, MSE, backward, clip, AdamW step), in alternating repeats, and their ratio with spread;
+- a per-step breakdown of our loop (data, forward_backward, optimizer, ema, logging) from the
+  loop's own ``record_function`` phases under ``torch.profiler``;
+- the input pipeline alone (``Batches.get``), sampling images/s per sampler and step count,
+  evaluation cost, peak memory, model FLOPs per image and the achieved FLOP/s.
+
+Writes JSON (``bench.out``) and prints a short table. Examples::
+
+    python -m diffexp.bench                                   # unet_small on digits, CPU
+    python -m diffexp.bench model=unet_base dataset=cifar10 dataset.resolution=32 trainer.batch_size=128 \\
+        trainer.mixed_precision=bf16 trainer.tf32=true
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffexp import DiffexpError
+from diffexp.cli import CONFIG_PATH, report_errors
+
+PHASES = ("data", "forward_backward", "optimizer", "ema", "logging")
+# Dense bf16 peak of cards we know (TFLOP/s, vendor datasheets, SXM parts), for "fraction of peak".
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0}
+
+
+def sync(device) -> None:
+    """Wait for queued device work, so wall-clock time covers it."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_info(device) -> dict:
+    """The machine: CPU model and threads, GPU name, library versions."""
+    import diffusers
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+            "gpu": None, "load_average": list(os.getloadavg())}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def bench_train_config(cfg: DictConfig, steps: int) -> DictConfig:
+    """The training config of a timed run: two log intervals of ``steps`` (the first warms up), no
+    tracker, no in-training metric, and a one-image one-step grid at the end (off the timed path)."""
+    train_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # the loop resolves as in train
+    with open_dict(train_cfg):
+        train_cfg.pop("bench", None)
+        train_cfg.logger = OmegaConf.load(Path(CONFIG_PATH) / "logger" / "none.yaml")
+        train_cfg.metric = OmegaConf.load(Path(CONFIG_PATH) / "metric" / "none.yaml")
+        t = train_cfg.trainer
+        t.max_steps, t.log_every = 2 * steps, steps
+        t.sample_every = t.eval_every = t.checkpoint_every = 0
+        t.grid_size, t.keep_checkpoints = 1, 1
+        t.warmup_steps = min(t.warmup_steps, steps)
+        train_cfg.sampler.steps = 1
+    return train_cfg
+
+
+def time_ours(cfg: DictConfig, steps: int) -> float:
+    """Images/s of ``diffexp.loop.train`` over ``steps`` steps after as many warm-up steps, as the
+    loop itself measures it (the interval ends in the loop's one host-device sync)."""
+    from diffexp.loop import train
+    from diffexp.records import RunDir
+
+    with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp:
+        train(bench_train_config(cfg, steps), tmp)
+        rows = [r for r in RunDir(tmp).metrics() if r.get("step") == 2 * steps and "train/img_per_s" in r]
+        if not rows:
+            raise DiffexpError(f"bench: the training run logged no throughput at step {2 * steps}")
+        return float(rows[-1]["train/img_per_s"])
+
+
+def profile_ours(cfg: DictConfig, steps: int, device) -> tuple[dict, float | None]:
+    """Milliseconds per step of each named phase of our loop, from ``torch.profiler`` over the
+    ``steps`` steps that follow as many warm-up steps. On CUDA, ``cpu_ms`` is launch time and
+    ``device_ms`` the GPU time of the phase; on a CPU they coincide and ``device_ms`` is absent.
+    Also returns the host-device synchronisations per step (``syncs_per_step``)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from diffexp.loop import train
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp, profile(activities=activities) as prof:
+        train(bench_train_config(cfg, steps), tmp)
+    grad_accum = cfg.trainer.grad_accum
+    out = {}
+    for name in PHASES:
+        per_step = grad_accum if name in ("data", "forward_backward", "optimizer") else 1
+        cpu = sorted((e for e in prof.events() if e.name == name and e.device_type == DeviceType.CPU),
+                     key=lambda e: e.time_range.start)
+        measured = cpu[steps * per_step:]  # the first interval is warm-up
+        if not measured:
+            continue
+        row = {"cpu_ms": sum(e.time_range.elapsed_us() for e in measured) / 1e3 / steps}
+        gpu = [e for e in prof.events() if e.name == name and e.device_type == DeviceType.CUDA]
+        if gpu:
+            gpu.sort(key=lambda e: e.time_range.start)
+            row["device_ms"] = sum(e.time_range.elapsed_us() for e in gpu[steps * per_step:]) / 1e3 / steps
+        out[name] = row
+    return out, syncs_per_step(prof.events(), steps, grad_accum)
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def syncs_per_step(events, steps: int, grad_accum: int) -> float | None:
+    """Host-device synchronisations per step over the measured steps (from the first measured
+    ``data`` phase to the end of the last ``logging`` phase); None where the profile has no CUDA
+    runtime calls (a CPU). Our loop should show about 1/steps: the read at the log step."""
+    data = sorted((e.time_range.start for e in events if e.name == "data"))
+    logging = sorted((e.time_range.end for e in events if e.name == "logging"))
+    runtime = [e for e in events if e.name.startswith("cuda")]
+    if not runtime or len(data) <= steps * grad_accum or not logging:
+        return None
+    start, end = data[steps * grad_accum], logging[-1]
+    return sum(1 for e in runtime if e.name in SYNC_CALLS and start <= e.time_range.start <= end) / steps
+
+
+class PlainLoop:
+    """The baseline: the tutorial's loop, written as a researcher would by hand."""
+
+    def __init__(self, cfg: DictConfig, images_u8, device):
+        import torch
+
+        from diffexp.build import build_model, build_noise_scheduler
+
+        torch.manual_seed(cfg.seed)
+        self.device = device
+        self.model = build_model(cfg.model).to(device).train()
+        self.noise_scheduler = build_noise_scheduler(cfg.scheduler)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr)
+        self.images = images_u8.to(device)
+        self.batch_size = cfg.trainer.batch_size
+        self.max_norm = cfg.trainer.max_grad_norm or float("inf")
+
+    def step(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        from diffexp.data import to_float
+
+        idx = torch.randint(0, len(self.images), (self.batch_size,), device=self.device)
+        clean = to_float(self.images[idx])
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (self.batch_size,), device=self.device)
+        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        noise_pred = self.model(noisy, timesteps).sample
+        loss = F.mse_loss(noise_pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def images_per_s(self, steps: int) -> float:
+        """Images/s over ``steps`` steps after as many warm-up steps, with PyTorch's default matmul
+        precision (our loop may have switched TF32 on for the whole process)."""
+        import torch
+
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            for _ in range(steps):
+                self.step()
+            sync(self.device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+            sync(self.device)
+            return steps * self.batch_size / (time.perf_counter() - start)
+        finally:
+            torch.set_float32_matmul_precision(precision)
+
+
+def time_input_pipeline(cfg: DictConfig, images_u8, device, n: int) -> float:
+    """Images/s of ``Batches.get`` alone (data already on the device), after one warm-up epoch load."""
+    from diffexp.data import Batches
+
+    t = cfg.trainer
+    batches = Batches(images_u8, batch_size=t.batch_size, grad_accum=t.grad_accum, num_processes=1, process_index=0,
+                      seed=cfg.seed, random_flip=cfg.dataset.random_flip, device=device)
+    batches.get(0)
+    sync(device)
+    start = time.perf_counter()
+    for step in range(n):
+        for micro in range(t.grad_accum):
+            batches.get(step, micro)
+    sync(device)
+    return n * t.batch_size / (time.perf_counter() - start)
+
+
+def time_sampling(cfg: DictConfig, unet, noise_scheduler, device) -> list[dict]:
+    """Images/s of ``diffexp.sampling.generate`` for each sampler and step count of ``bench``."""
+    from diffexp.build import build_sampler
+    from diffexp.sampling import generate
+
+    rows = []
+    n = cfg.bench.sample_n
+    for name in cfg.bench.samplers:
+        sampler_file = Path(CONFIG_PATH) / "sampler" / f"{name}.yaml"
+        if not sampler_file.is_file():
+            raise DiffexpError(f"bench.samplers: no sampler config {name} (conf/sampler/{name}.yaml)")
+        sampler = build_sampler(OmegaConf.load(sampler_file), noise_scheduler)
+        generate(unet, sampler, n=min(n, 2), steps=2, seed=0)  # warm-up
+        for steps in cfg.bench.sampler_steps:
+            sync(device)
+            start = time.perf_counter()
+            generate(unet, sampler, n=n, steps=steps, seed=0)
+            sync(device)
+            seconds = time.perf_counter() - start
+            rows.append({"sampler": name, "steps": steps, "images": n, "seconds": seconds, "img_per_s": n / seconds})
+    return rows
+
+
+def time_evaluation(cfg: DictConfig, unet, noise_scheduler, images_u8) -> dict:
+    """Seconds of one in-training evaluation of ``cfg.metric``, or why it was not measured."""
+    from accelerate import Accelerator
+
+    from diffexp.build import build_sampler
+    from diffexp.evaluation import make_evaluator
+
+    if cfg.metric.name == "none":
+        return {"measured": False, "note": "metric=none: no evaluation; its cost is sampling (above) plus the metric"}
+    try:
+        evaluator = make_evaluator(cfg, Accelerator(), images_u8)
+    except NotImplementedError:
+        return {"measured": False, "note": f"diffexp.evaluation has no metric {cfg.metric.name} yet; "
+                                           f"its cost is sampling (above) plus the metric"}
+    sampler = build_sampler(cfg.sampler, noise_scheduler)
+    start = time.perf_counter()
+    results = evaluator(unet, sampler, cfg.sampler.steps)
+    return {"measured": True, "metric": cfg.metric.name, "seconds": time.perf_counter() - start, "results": results}
+
+
+def model_flops(unet, batch, timesteps) -> dict:
+    """FLOPs per image of one training step (forward + backward) and of one forward pass."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        unet(batch, timesteps).sample.float().pow(2).mean().backward()
+    train = counter.get_total_flops()
+    unet.zero_grad(set_to_none=True)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(batch, timesteps)
+    return {"train_per_image": train / len(batch), "forward_per_image": counter.get_total_flops() / len(batch)}
+
+
+def peak_memory_mib(device) -> float:
+    """Peak memory so far: GPU memory allocated by PyTorch on CUDA, else the process's peak RSS."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min, max, mean and sample standard deviation of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def run_bench(cfg: DictConfig) -> dict:
+    """Every measurement of the module docstring, as one JSON-ready dict."""
+    import torch
+    from accelerate import Accelerator
+
+    from diffexp.build import build_model, build_noise_scheduler
+    from diffexp.data import load_images
+    from diffexp.perf import configure_backends
+
+    b = cfg.bench
+    for key in ("steps", "repeats", "profile_steps", "data_batches", "sample_n"):
+        if not isinstance(b[key], int) or b[key] < 1:
+            raise DiffexpError(f"bench.{key}={b[key]}: expected a positive integer")
+    device = Accelerator(mixed_precision=cfg.trainer.mixed_precision).device
+    images = load_images(cfg.dataset, cfg.cache_dir)
+
+    # Ours and the plain loop alternate, so drifting load on the machine hits both alike.
+    ours, plain, peaks = [], [], {}
+    for _ in range(b.repeats):
+        ours.append(time_ours(cfg, b.steps))
+        peaks["train_ours"] = peak_memory_mib(device)
+        plain.append(PlainLoop(cfg, images, device).images_per_s(b.steps))
+        peaks["train_plain"] = peak_memory_mib(device)
+    ratios = [o / p for o, p in zip(ours, plain)]
+    phases, syncs = profile_ours(cfg, b.profile_steps, device)
+
+    data_rate = time_input_pipeline(cfg, images, device, b.data_batches)
+    unet = build_model(cfg.model).to(device).eval()
+    noise_scheduler = build_noise_scheduler(cfg.scheduler)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sampling = time_sampling(cfg, unet, noise_scheduler, device)
+    peaks["sampling"] = peak_memory_mib(device)
+    evaluation = time_evaluation(cfg, unet, noise_scheduler, images)
+
+    n = min(cfg.trainer.batch_size, 8)  # FLOPs are linear in the batch: a small one counts them
+    shape = (n, cfg.dataset.channels, cfg.dataset.resolution, cfg.dataset.resolution)
+    flops = model_flops(build_model(cfg.model).to(device).train(), torch.randn(shape, device=device),
+                        torch.randint(0, 1000, (n,), device=device))
+    ours_median = statistics.median(ours)
+    flops["achieved_flop_per_s"] = flops["train_per_image"] * ours_median
+    info = device_info(device)
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if info["gpu"] and k in info["gpu"]), None)
+    flops["peak_bf16_flop_per_s"] = peak * 1e12 if peak else None
+    flops["fraction_of_peak"] = flops["achieved_flop_per_s"] / (peak * 1e12) if peak else None
+
+    from diffusers.models.attention_processor import Attention
+
+    attention = sorted({type(m.processor).__name__ for m in unet.modules() if isinstance(m, Attention)})
+    step_ms = 1e3 * cfg.trainer.batch_size / ours_median
+    trainer = OmegaConf.create(OmegaConf.to_container(cfg.trainer))
+    configure_backends(trainer, device)  # the options as the loop resolved them (fused_adamw: auto)
+    return {
+        "device": info,
+        "config": {"model": HydraConfig.get().runtime.choices.get("model"), "dataset": cfg.dataset.name,
+                   "resolution": cfg.dataset.resolution, "batch_size": cfg.trainer.batch_size,
+                   "grad_accum": cfg.trainer.grad_accum, "mixed_precision": cfg.trainer.mixed_precision,
+                   **{k: trainer.get(k) for k in ("fused_adamw", "tf32", "channels_last", "compile")},
+                   "attention_processors": attention,
+                   "num_parameters": sum(p.numel() for p in unet.parameters()),
+                   "bench": OmegaConf.to_container(b, resolve=True)},
+        "train": {"ours_img_per_s": spread(ours), "plain_img_per_s": spread(plain), "ratio": spread(ratios),
+                  "ours_ms_per_step": step_ms, "host_device_syncs_per_step": syncs},
+        "breakdown_ms_per_step": phases,
+        "input_pipeline": {"img_per_s": data_rate, "times_training_rate": data_rate / ours_median},
+        "sampling": sampling,
+        "evaluation": evaluation,
+        "peak_memory_mib": peaks,
+        "flops": flops,
+    }
+
+
+def table(result: dict) -> str:
+    """A short human-readable summary of ``run_bench``'s result."""
+    d, t, c = result["device"], result["train"], result["config"]
+    lines = [f"device  {d['gpu'] or d['cpu']} ({d['torch_threads']} threads), torch {d['torch']}",
+             f"model   {c['model']} ({c['num_parameters'] / 1e6:.2f}M params) on {c['dataset']} "
+             f"{c['resolution']}px, batch {c['batch_size']}, precision {c['mixed_precision']}",
+             f"train   ours {t['ours_img_per_s']['median']:.1f} img/s  plain {t['plain_img_per_s']['median']:.1f} img/s  "
+             f"ratio {t['ratio']['median']:.2f} (min {t['ratio']['min']:.2f}, max {t['ratio']['max']:.2f}, "
+             f"n={len(t['ratio']['values'])})"]
+    if t["host_device_syncs_per_step"] is not None:
+        lines.append(f"  host-device syncs {t['host_device_syncs_per_step']:.2f} per step")
+    for name, row in result["breakdown_ms_per_step"].items():
+        extra = f"  device {row['device_ms']:.2f} ms" if "device_ms" in row else ""
+        lines.append(f"  {name:<17}{row['cpu_ms']:9.2f} ms/step{extra}")
+    p = result["input_pipeline"]
+    lines.append(f"data    {p['img_per_s']:.0f} img/s = {p['times_training_rate']:.0f}x what training consumes")
+    for row in result["sampling"]:
+        lines.append(f"sample  {row['sampler']:<6} {row['steps']:>4} steps  {row['img_per_s']:.1f} img/s")
+    e = result["evaluation"]
+    lines.append(f"eval    {e['seconds']:.1f} s" if e["measured"] else f"eval    not measured: {e['note']}")
+    f = result["flops"]
+    frac = f" = {100 * f['fraction_of_peak']:.1f}% of bf16 peak" if f["fraction_of_peak"] else ""
+    lines.append(f"flops   {f['train_per_image'] / 1e9:.3f} GFLOP/img/step, achieved {f['achieved_flop_per_s'] / 1e12:.4f} "
+                 f"TFLOP/s{frac}")
+    lines.append("memory  " + ", ".join(f"{k} {v:.0f} MiB" for k, v in result["peak_memory_mib"].items()))
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    with report_errors():
+        result = run_bench(cfg)
+        out = Path(cfg.bench.out or Path(HydraConfig.get().runtime.output_dir) / "bench.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(table(result))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The benchmark runs as a user would run it and writes a well-formed report (not a speed test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import TINY, run_cli
+
+QUICK = ["bench.steps=2", "bench.repeats=2", "bench.profile_steps=2", "bench.data_batches=3",
+         "bench.samplers=[ddim,dpmpp]", "bench.sampler_steps=[2]", "bench.sample_n=2"]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_writes_a_complete_report(tmp_path, cache_dir):
+    out = tmp_path / "report" / "bench.json"
+    proc = run_cli("bench", *TINY, *QUICK, f"bench.out={out}", f"hydra.run.dir={tmp_path / 'hydra'}",
+                   f"cache_dir={cache_dir}")
+    assert f"wrote {out}" in proc.stdout
+    assert "ratio" in proc.stdout and "ms/step" in proc.stdout  # the table
+    result = json.loads(out.read_text())
+
+    assert result["device"]["device"] == "cpu" and result["device"]["torch"] and result["device"]["cpu"]
+    assert positive(result["device"]["torch_threads"])
+    assert result["config"]["model"] == "unet_tiny" and result["config"]["batch_size"] == 8
+    assert result["config"]["fused_adamw"] is True  # trainer.fused_adamw: auto is fused on a CPU
+    assert result["config"]["attention_processors"] == [] or all(result["config"]["attention_processors"])
+
+    train = result["train"]
+    for key in ("ours_img_per_s", "plain_img_per_s", "ratio"):
+        assert len(train[key]["values"]) == 2 and all(positive(v) for v in train[key]["values"])
+        assert train[key]["min"] <= train[key]["median"] <= train[key]["max"]
+    assert train["host_device_syncs_per_step"] is None  # counted from CUDA runtime calls only
+    assert math.isclose(train["ratio"]["values"][0],
+                        train["ours_img_per_s"]["values"][0] / train["plain_img_per_s"]["values"][0])
+
+    # every phase the loop names was seen by the profiler, after warm-up
+    assert set(result["breakdown_ms_per_step"]) == {"data", "forward_backward", "optimizer", "ema", "logging"}
+    assert all(positive(row["cpu_ms"]) for row in result["breakdown_ms_per_step"].values())
+
+    assert positive(result["input_pipeline"]["img_per_s"]) and positive(result["input_pipeline"]["times_training_rate"])
+    assert [(r["sampler"], r["steps"]) for r in result["sampling"]] == [("ddim", 2), ("dpmpp", 2)]
+    assert all(positive(r["img_per_s"]) for r in result["sampling"])
+    assert result["evaluation"]["measured"] is False and "metric=none" in result["evaluation"]["note"]
+    assert all(positive(v) for v in result["peak_memory_mib"].values())
+    flops = result["flops"]
+    assert positive(flops["train_per_image"]) and positive(flops["forward_per_image"])
+    assert flops["train_per_image"] > 2 * flops["forward_per_image"]  # backward costs about twice the forward
+    assert math.isclose(flops["achieved_flop_per_s"], flops["train_per_image"] * train["ours_img_per_s"]["median"])
+    assert flops["fraction_of_peak"] is None  # no known peak for a CPU
+
+
+def test_bench_refuses_a_bad_setting(tmp_path, cache_dir):
+    proc = run_cli("bench", *TINY, "bench.steps=0", f"bench.out={tmp_path / 'b.json'}",
+                   f"hydra.run.dir={tmp_path / 'hydra'}", f"cache_dir={cache_dir}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: bench.steps=0: expected a positive integer"
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_speed_options_train_correctly_on_cpu(train):
+    """bf16 autocast, fused AdamW, channels-last and TF32 (a no-op off CUDA) still train on a CPU."""
+    run_dir, _ = train("trainer.mixed_precision=bf16", "trainer.fused_adamw=true", "trainer.channels_last=true",
+                       "trainer.tf32=true")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses)
+    assert (run_dir / "model" / "unet" / "config.json").is_file()
+
+
+def test_attention_is_pytorch_sdpa():
+    """The models with attention use diffusers' default processor, which calls F.scaled_dot_product_attention."""
+    from diffusers.models.attention_processor import Attention
+    from hydra import compose, initialize_config_dir
+
+    from diffexp.build import build_model
+    from diffexp.cli import CONFIG_PATH
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=["model=unet_small"])
+    unet = build_model(cfg.model)
+    assert {type(m.processor).__name__ for m in unet.modules() if isinstance(m, Attention)} == {"AttnProcessor2_0"}
