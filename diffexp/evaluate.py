@@ -37,7 +37,6 @@ def add_to_wandb_run(run: RunDir, result: dict) -> None:
 
 def evaluate(cfg: DictConfig) -> dict | None:
     """Evaluate the EMA pipeline of ``cfg.run``; the main process writes eval.json and gets the result (others None)."""
-    import torch
     from accelerate import Accelerator
     from diffusers import DDPMPipeline
 
@@ -56,8 +55,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = build_evaluator(cfg, accelerator, real, run_cfg.dataset)
-    with torch.inference_mode():
-        scores = evaluator(unet, sampler, cfg.sampler.steps)
+    scores = evaluator(unet, sampler, cfg.sampler.steps)  # sampling and Inception run in inference mode
     choices = HydraConfig.get().runtime.choices
     result = {**scores, "metric": choices.get("metric"), "num_samples": int(cfg.metric.num_samples),
               "num_real": evaluator.num_real,

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
@@ -159,15 +158,21 @@ def add_features(metrics: dict[str, Metric], pool: torch.Tensor, logits: torch.T
             if not real:
                 metric.update(logits)
         else:
-            metric.update(pool.double() if name == "fid" else pool, real=real)
+            metric.update(pool, real=real)
 
 
-def compute_metrics(metrics: dict[str, Metric], num_samples: int) -> dict[str, float]:
-    """Synchronized values over all processes, named ``eval/<metric>_<n>``; resets the generated-image state."""
+def compute_metrics(metrics: dict[str, Metric], num_samples: int, seed: int = 0) -> dict[str, float]:
+    """Synchronized values over all processes, named ``eval/<metric>_<n>``; resets the generated-image state.
+
+    IS and KID draw random splits and subsets: they use their own seeded RNG, so an evaluation
+    neither changes the training's random stream nor varies from call to call.
+    """
     n = short_count(num_samples)
     out = {}
     for name, metric in metrics.items():
-        value = metric.compute()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            value = metric.compute()
         if isinstance(value, tuple):  # IS and KID: (mean, std over subsets)
             out[f"eval/{name}_{n}"] = float(value[0])
             out[f"eval/{name}_std_{n}"] = float(value[1])
@@ -241,7 +246,7 @@ class SampleEvaluator:
                                           batch_size=int(self.cfg.batch_size), progress=acc.is_main_process,
                                           desc="inception")
         add_features(self.metrics, pool, logits, real=False)
-        results = compute_metrics(self.metrics, self.num_samples)
+        results = compute_metrics(self.metrics, self.num_samples, int(self.cfg.seed))
         elapsed = time.perf_counter() - t0
         results["eval/seconds"] = elapsed
         if acc.is_main_process:

@@ -100,6 +100,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(inception_file
     assert fids[0] < fids[1] < fids[2], fids
 
 
+@pytest.mark.slow
 def test_training_evaluates_and_evaluate_cli_reuses_reference(train, inception_file, cache_dir):
     run_dir, proc = train("metric=fid_is_kid", f"metric.weights={inception_file}", *SMALL, "trainer.eval_every=2")
     assert "reference statistics: 16 real images" in log_text(proc)
@@ -109,7 +110,7 @@ def test_training_evaluates_and_evaluate_cli_reuses_reference(train, inception_f
     assert [r["step"] for r in evals] == [2, 4]
     for row in evals:
         assert np.isfinite(row["eval/fid_8"]) and row["eval/fid_8"] > 0
-        assert np.isfinite(row["eval/is_8"]) and row["eval/is_8"] >= 1
+        assert np.isfinite(row["eval/is_8"]) and row["eval/is_8"] >= 1 - 1e-5
         assert np.isfinite(row["eval/kid_8"]) and row["eval/seconds"] > 0
     [reference] = list((cache_dir / "metrics").glob("reference-digits-8px-16-*.pt"))
     mtime = reference.stat().st_mtime_ns
@@ -120,10 +121,11 @@ def test_training_evaluates_and_evaluate_cli_reuses_reference(train, inception_f
     assert reference.stat().st_mtime_ns == mtime
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads((run_dir / "eval.json").read_text())
-    assert result["eval/fid_8"] > 0 and result["eval/is_8"] >= 1 and "eval/kid_8" in result
+    assert result["eval/fid_8"] > 0 and result["eval/is_8"] >= 1 - 1e-5 and "eval/kid_8" in result
     assert (result["sampler"], result["sampler_steps"], result["num_samples"], result["num_real"]) == ("ddpm", 3, 8, 16)
 
 
+@pytest.mark.slow
 def test_missing_weights_warn_once_or_stop_when_required(train, tmp_path):
     env = cli_env(TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache; the download fails offline
     finished, proc = train("metric=fid_is", "trainer.eval_every=2", *SMALL, env=env)
