@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torchmetrics import Metric
@@ -78,6 +79,23 @@ def inception_weights(metric_cfg: DictConfig) -> Path:
         raise WeightsMissing(f"Inception weights not in {cached} and the download failed "
                              f"({type(e).__name__}); {how}") from e
     return cached
+
+
+def shared_weights(metric_cfg: DictConfig, accelerator: Accelerator) -> Path:
+    """``inception_weights`` found (or downloaded) once by the main process; every process gets its answer.
+
+    All processes raise the same WeightsMissing together, so none waits on the others.
+    """
+    answer: list = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [("found", str(inception_weights(metric_cfg)))]
+        except WeightsMissing as e:
+            answer = [("missing", str(e))]
+    found, value = broadcast_object_list(answer)[0]
+    if found == "missing":
+        raise WeightsMissing(value)
+    return Path(value)
 
 
 def load_inception(weights: Path, device: torch.device) -> FeatureExtractorInceptionV3:
@@ -262,9 +280,9 @@ def build_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: t
     metric_cfg = cfg.metric
     if int(metric_cfg.num_samples) < 2:
         raise DiffexpError(f"metric.num_samples={metric_cfg.num_samples}: need at least 2 generated images")
-    with accelerator.main_process_first():  # one download, one reference computation; the others read the cache
-        weights = inception_weights(metric_cfg)
-        net = load_inception(weights, accelerator.device)
+    weights = shared_weights(metric_cfg, accelerator)
+    net = load_inception(weights, accelerator.device)
+    with accelerator.main_process_first():  # one reference computation; the others read the cache
         reference = reference_features(net, real_images_u8, dataset_cfg=dataset_cfg, num_real=metric_cfg.num_real,
                                        weights=weights, cache_dir=cfg.cache_dir, batch_size=int(metric_cfg.batch_size),
                                        progress=accelerator.is_main_process)
