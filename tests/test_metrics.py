@@ -7,6 +7,8 @@ feature extractor, plus the plumbing: in-training evaluation, the evaluate CLI, 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from conftest import cli_env, run_cli
+from conftest import REPO, cli_env, run_cli
 from diffexp.cli import CONFIG_PATH
 from diffexp.data import load_images
 from diffexp.evaluation import add_features, build_metrics, compute_metrics, inception_features, load_inception
@@ -148,3 +150,20 @@ def test_missing_weights_warn_once_or_stop_when_required(train, tmp_path):
     proc = run_cli("evaluate", f"run={finished}", "metric.weights=/nonexistent/inception.pth", check=False, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: metric.weights=/nonexistent/inception.pth: no such file")
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_samples_and_sync_the_metrics(tmp_path, inception_file, cache_dir):
+    run_dir = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffexp.train", "debug=tiny",
+           f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", "logger=none", "metric=fid_is_kid",
+           f"metric.weights={inception_file}", "metric.num_samples=9", "metric.num_real=16", "metric.batch_size=8",
+           "trainer.eval_every=4"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es)" in log_text(proc)
+    # One row, written once, from the metric states of both processes (5 + 4 samples, 8 + 8 reference images).
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/" in line]
+    assert [r["step"] for r in evals] == [4]
+    assert evals[0]["eval/fid_9"] > 0 and np.isfinite(evals[0]["eval/kid_9"])
