@@ -21,18 +21,9 @@ from omegaconf import DictConfig
 from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH, report_errors
 from diffexp.records import RunDir, now, write_json_atomic
+from diffexp.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
-
-
-def add_to_wandb_run(run: RunDir, result: dict) -> None:
-    """HOOK (wired by the lead with diffexp.tracking): add ``result`` to the run's W&B run summary.
-
-    The run's W&B id is ``run.info()["wandb_run_id"]``; resume that run offline/online and set the
-    ``eval/*`` values in its summary.
-    """
-    raise DiffexpError("wandb=true: adding evaluation results to the W&B run is not wired yet "
-                       f"(diffexp.evaluate.add_to_wandb_run); the result is in {run.eval_file}")
 
 
 def evaluate(cfg: DictConfig) -> dict | None:
@@ -64,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     if accelerator.is_main_process:
         write_json_atomic(run.eval_file, result)
         if cfg.wandb:
-            add_to_wandb_run(run, result)
+            add_to_wandb_summary(run, result)
     main_process = accelerator.is_main_process
     accelerator.end_training()
     return result if main_process else None

@@ -83,6 +83,25 @@ def check_logger_cfg(logger_cfg: DictConfig) -> None:
         wandb_mode(logger_cfg.mode)
 
 
+def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
+    """Continue ``run``'s W&B run (its id is in run.json) just long enough to put the numeric
+    ``values`` in its summary. A W&B failure costs one warning; a run without a W&B run is an error."""
+    run_id = run.info().get("wandb_run_id")
+    if not run_id:
+        raise DiffexpError(f"wandb=true: {run.path} has no W&B run (it was not trained with logger=wandb)")
+    logger_cfg = run.config().logger
+    numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    try:
+        import wandb
+
+        wb = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity or None,
+                        dir=logger_cfg.get("dir") or str(run.path), mode=wandb_mode(logger_cfg.mode))
+        wb.summary.update(numbers)
+        wb.finish()
+    except Exception as e:  # noqa: BLE001 - eval.json already holds the result
+        _warn_off("wandb", "could not add the evaluation to the W&B run", e)
+
+
 def wandb_mode(mode: str | None) -> str:
     """``logger.mode`` as wandb.init takes it; ``auto`` is online with W&B credentials, else offline."""
     value = WANDB_MODE_ALIASES.get(str(mode).lower(), str(mode).lower()) if mode is not None else "auto"

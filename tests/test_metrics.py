@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from conftest import REPO, cli_env, run_cli
+from diffexp.wandb_files import find_runs
 from diffexp.cli import CONFIG_PATH
 from diffexp.data import load_images
 from diffexp.evaluation import add_features, build_metrics, compute_metrics, inception_features, load_inception
@@ -108,7 +109,8 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(inception_file
 
 @pytest.mark.slow
 def test_training_evaluates_and_evaluate_cli_reuses_reference(train, inception_file, cache_dir):
-    run_dir, proc = train("metric=fid_is_kid", f"metric.weights={inception_file}", *SMALL, "trainer.eval_every=2")
+    run_dir, proc = train("metric=fid_is_kid", f"metric.weights={inception_file}", *SMALL, "trainer.eval_every=2",
+                          "logger=wandb")
     assert "reference statistics: 16 real images" in log_text(proc)
     assert "took" in log_text(proc)  # the time of each evaluation is logged
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -122,13 +124,17 @@ def test_training_evaluates_and_evaluate_cli_reuses_reference(train, inception_f
     mtime = reference.stat().st_mtime_ns
 
     proc = run_cli("evaluate", f"run={run_dir}", "metric=fid_is_kid", f"metric.weights={inception_file}", *SMALL,
-                   "sampler=ddpm", "sampler.steps=3", f"cache_dir={cache_dir}")
+                   "sampler=ddpm", "sampler.steps=3", f"cache_dir={cache_dir}", "wandb=true")
     assert f"reference statistics: cache hit {reference}" in log_text(proc)
     assert reference.stat().st_mtime_ns == mtime
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads((run_dir / "eval.json").read_text())
     assert result["eval/fid_8"] > 0 and result["eval/is_8"] >= 1 - 1e-5 and "eval/kid_8" in result
     assert (result["sampler"], result["sampler_steps"], result["num_samples"], result["num_real"]) == ("ddpm", 3, 8, 16)
+    # wandb=true continued the training's W&B run and put the result in its summary
+    runs = find_runs(run_dir / "wandb")
+    assert len(runs) == 2 and {r.run_id for r in runs} == {json.loads((run_dir / "run.json").read_text())["wandb_run_id"]}
+    assert runs[-1].summary["eval/fid_8"] == pytest.approx(result["eval/fid_8"])
 
 
 @pytest.mark.slow
