@@ -243,23 +243,28 @@ def time_sampling(cfg: DictConfig, unet, noise_scheduler, device) -> list[dict]:
 
 
 def time_evaluation(cfg: DictConfig, unet, noise_scheduler, images_u8) -> dict:
-    """Seconds of one in-training evaluation of ``cfg.metric``, or why it was not measured."""
+    """Seconds of one evaluation of ``cfg.metric`` on ``bench.eval_samples`` samples, or why it was not measured."""
     from accelerate import Accelerator
 
     from diffexp.build import build_sampler
-    from diffexp.evaluation import make_evaluator
+    from diffexp.evaluation import WeightsMissing, build_evaluator
 
     if cfg.metric.name == "none":
         return {"measured": False, "note": "metric=none: no evaluation; its cost is sampling (above) plus the metric"}
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.metric.num_samples = int(cfg.bench.eval_samples)
     try:
-        evaluator = make_evaluator(cfg, Accelerator(), images_u8)
-    except NotImplementedError:
-        return {"measured": False, "note": f"diffexp.evaluation has no metric {cfg.metric.name} yet; "
-                                           f"its cost is sampling (above) plus the metric"}
+        evaluator = build_evaluator(cfg, Accelerator(), images_u8, cfg.dataset)
+    except WeightsMissing as e:
+        return {"measured": False, "note": f"{e}"}
     sampler = build_sampler(cfg.sampler, noise_scheduler)
     start = time.perf_counter()
     results = evaluator(unet, sampler, cfg.sampler.steps)
-    return {"measured": True, "metric": cfg.metric.name, "seconds": time.perf_counter() - start, "results": results}
+    seconds = time.perf_counter() - start
+    return {"measured": True, "metric": cfg.metric.name, "num_samples": int(cfg.bench.eval_samples),
+            "seconds": seconds, "seconds_per_1k_samples": 1000 * seconds / int(cfg.bench.eval_samples),
+            "results": results}
 
 
 def model_flops(unet, batch, timesteps) -> dict:

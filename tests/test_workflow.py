@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
@@ -79,10 +80,11 @@ def test_every_combination_of_a_sweep_composes(path):
                                    for s in definition["parameters"].values()])
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         for overrides in combos:
-            cfg = compose(config_name="train", overrides=overrides)
-            for key in cfg:  # every value resolves (name needs Hydra's runtime: --cfg job below checks it)
-                if key != "name" and OmegaConf.is_config(cfg[key]):
-                    OmegaConf.to_container(cfg[key], resolve=True)
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # so ${hydra:runtime.choices...} in name resolves
+            for key in cfg:  # every value resolves
+                if key != "hydra":
+                    OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
             for override in overrides:
                 key, value = override.split("=", 1)
                 if (CONF / key).is_dir():
