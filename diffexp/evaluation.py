@@ -294,11 +294,20 @@ def build_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: t
 def make_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: torch.Tensor) -> Evaluator | None:
     """The in-training evaluator for ``cfg.metric``, or None when no evaluation will run.
 
-    None for ``metric=none``, for ``trainer.eval_every=0`` (nothing is loaded then), and, with
+    None for ``metric=none``, for ``trainer.eval_every=0`` (nothing is loaded then; without weights one
+    line says what evaluating would need), and, with
     ``metric.required=false``, when the Inception weights are missing: one warning line, and
     training goes on without metrics. ``metric.required=true`` raises that line instead.
     """
-    if cfg.metric.name == "none" or not cfg.trainer.eval_every:
+    if cfg.metric.name == "none":
+        return None
+    if not cfg.trainer.eval_every:
+        # Nothing is loaded; but an offline user should learn now, in one line, what evaluation will need.
+        if accelerator.is_main_process and not cfg.metric.get("weights") and not hub_weights_file().is_file():
+            log.warning("%s not evaluated during training (trainer.eval_every=0); to evaluate, download %s once "
+                        "to %s (or pass metric.weights=FILE), then set trainer.eval_every=N or run "
+                        "python -m diffexp.evaluate", "/".join(m.upper() for m in cfg.metric.metrics),
+                        URL_INCEPTION_V3, hub_weights_file())
         return None
     try:
         return build_evaluator(cfg, accelerator, real_images_u8, cfg.dataset)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import scipy.linalg
 import torch
 from hydra import compose, initialize_config_dir
@@ -135,6 +136,15 @@ def test_training_evaluates_and_evaluate_cli_reuses_reference(train, inception_f
     runs = find_runs(run_dir / "wandb")
     assert len(runs) == 2 and {r.run_id for r in runs} == {json.loads((run_dir / "run.json").read_text())["wandb_run_id"]}
     assert runs[-1].summary["eval/fid_8"] == pytest.approx(result["eval/fid_8"])
+
+
+def test_default_run_without_weights_says_once_what_evaluation_needs(train, tmp_path):
+    env = cli_env(TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache
+    run_dir, proc = train(env=env)  # the default metric (fid_is) with trainer.eval_every=0
+    lines = [line for line in log_text(proc).splitlines() if "not evaluated during training" in line]
+    assert len(lines) == 1 and "metric.weights=FILE" in lines[0] and str(tmp_path / "torch_home") in lines[0]
+    assert (run_dir / "model").is_dir()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["choices"]["metric"] == "fid_is"
 
 
 @pytest.mark.slow
