@@ -18,7 +18,6 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH, report_errors
 from diffexp.records import RunDir, now, write_json_atomic
 from diffexp.tracking import add_to_wandb_summary
@@ -29,18 +28,15 @@ log = logging.getLogger("diffexp.evaluate")
 def evaluate(cfg: DictConfig) -> dict | None:
     """Evaluate the EMA pipeline of ``cfg.run``; the main process writes eval.json and gets the result (others None)."""
     from accelerate import Accelerator
-    from diffusers import DDPMPipeline
 
     from diffexp.build import build_sampler
     from diffexp.data import load_images
     from diffexp.evaluation import build_evaluator
 
     run = RunDir(cfg.run).require()
-    if not run.model_dir.is_dir():
-        raise DiffexpError(f"run={run.path}: no model/ (the run has not finished; nothing to evaluate)")
     run_cfg = run.config()
     accelerator = Accelerator()
-    pipe = DDPMPipeline.from_pretrained(str(run.model_dir))
+    pipe = run.pipeline()
     unet = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
     sampler = build_sampler(cfg.sampler, pipe.scheduler)
     with accelerator.main_process_first():

@@ -118,6 +118,15 @@ class RunDir:
     def config(self) -> DictConfig:
         return OmegaConf.load(self.require().config_file)
 
+    def pipeline(self):
+        """The run's exported diffusers DDPMPipeline (EMA weights), or a DiffexpError while there is none."""
+        from diffusers import DDPMPipeline
+
+        if not self.require().model_dir.is_dir():
+            raise DiffexpError(f"run={self.path}: no model/ yet (the run has not finished); "
+                               f"finish it with python -m diffexp.train resume={self.path}")
+        return DDPMPipeline.from_pretrained(str(self.model_dir))
+
     def info(self) -> dict[str, Any]:
         return json.loads(self.info_file.read_text()) if self.info_file.exists() else {}
 

@@ -23,21 +23,17 @@ log = logging.getLogger("diffexp.sample")
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
     import torch
-    from diffusers import DDPMPipeline
 
     from diffexp.build import build_sampler
     from diffexp.sampling import generate, save_grid
 
     with report_errors():
         run = RunDir(cfg.run).require()
-        if not run.model_dir.is_dir():
-            raise DiffexpError(f"run={cfg.run}: no model/ yet (the run has not finished); "
-                               f"finish it with python -m diffexp.train resume={run.path}")
         if cfg.n < 1:
             raise DiffexpError(f"n={cfg.n}: must be at least 1")
         sampler_cfg = cfg.sampler if cfg.get("sampler") else run.config().sampler
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = DDPMPipeline.from_pretrained(run.model_dir).to(device)
+        pipe = run.pipeline().to(device)
         sampler = build_sampler(sampler_cfg, pipe.scheduler)
         images = generate(pipe.unet, sampler, n=cfg.n, steps=sampler_cfg.steps, seed=cfg.seed,
                           batch_size=cfg.batch_size, progress=True)
