@@ -259,8 +259,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                 with phase("logging"):
                     if due(step, tcfg.log_every, tcfg.max_steps) or checkpoint_due:
                         # The one host-device sync of the loop: losses are read at log steps only.
-                        loss_mean, norm_mean, bad = accelerator.reduce(
-                            torch.stack([loss_sum / count, norm_sum / count, nonfinite.float()]), "mean").tolist()
+                        # The stop request rides along, so processes agree on it where they sync anyway.
+                        loss_mean, norm_mean, bad, stop_any = accelerator.reduce(torch.stack(
+                            [loss_sum / count, norm_sum / count, nonfinite.float(), torch.tensor(float(stop.signum),
+                             device=device)]), "mean").tolist()
                         if bad or not math.isfinite(loss_mean):
                             last_good = run.latest_checkpoint()
                             raise DiffexpError(f"non-finite loss at or before step {step}: stopped; last good checkpoint "
@@ -275,8 +277,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                             bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
                         loss_sum.zero_(), norm_sum.zero_()
                         count, t_last = 0, time.perf_counter()
-                        if accelerator.num_processes > 1:  # agree on a stop request only where we sync anyway
-                            stop_now = bool(accelerator.reduce(torch.tensor(stop.signum, device=device), "sum").item())
+                        if accelerator.num_processes > 1:
+                            stop_now = stop_any > 0
                 t_pause = time.perf_counter()  # sampling and checkpointing do not count towards img/s
                 if main and due(step, tcfg.sample_every, tcfg.max_steps):
                     snapshot_samples(step)
