@@ -4,7 +4,8 @@ Measures, after warm-up, on the composed training config (same groups and overri
 
 - training images/s of OUR loop (the real ``diffexp.loop.train`` into a temporary run directory)
   against a plain PyTorch loop of the tutorial kind on the same model and batch (add noise,
-  predict, MSE, backward, clip, AdamW step), in alternating repeats, and their ratio with spread;
+  predict, MSE, backward, clip, AdamW step), in alternating repeats (the order flips each repeat),
+  and their ratio with spread;
 - a per-step breakdown of our loop (data, forward_backward, optimizer, ema, logging) from the
   loop's own ``record_function`` phases under ``torch.profiler``;
 - the input pipeline alone (``Batches.get``), sampling images/s per sampler and step count,
@@ -105,30 +106,57 @@ def profile_ours(cfg: DictConfig, steps: int, device) -> tuple[dict, float | Non
     ``steps`` steps that follow as many warm-up steps. On CUDA, ``cpu_ms`` is launch time and
     ``device_ms`` the GPU time of the phase; on a CPU they coincide and ``device_ms`` is absent.
     Also returns the host-device synchronisations per step (``syncs_per_step``)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     from diffexp.loop import train
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp, profile(activities=activities) as prof:
+    with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp, profile(activities=activities(device)) as prof:
         train(bench_train_config(cfg, steps), tmp)
     grad_accum = cfg.trainer.grad_accum
+    skip = {name: steps * (grad_accum if name in ("data", "forward_backward", "optimizer") else 1) for name in PHASES}
+    return phase_ms(prof.events(), steps, skip), syncs_per_step(prof.events(), steps, grad_accum)
+
+
+def profile_plain(plain: "PlainLoop", steps: int) -> dict:
+    """Milliseconds per step of the plain loop's phases (``data``, ``forward_backward``,
+    ``optimizer``, named as in ours) over ``steps`` profiled steps after as many unprofiled ones."""
+    from torch.profiler import profile
+
+    for _ in range(steps):
+        plain.step()
+    sync(plain.device)
+    with profile(activities=activities(plain.device)) as prof:
+        for _ in range(steps):
+            plain.step()
+        sync(plain.device)
+    return phase_ms(prof.events(), steps, {})
+
+
+def activities(device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def phase_ms(events, steps: int, skip: dict[str, int]) -> dict:
+    """Per-step milliseconds of each phase in ``events``, leaving out the first ``skip[name]`` events
+    of each (warm-up): ``cpu_ms`` (host time) and, on CUDA, ``device_ms`` (GPU time)."""
+    from torch.autograd import DeviceType
+
     out = {}
     for name in PHASES:
-        per_step = grad_accum if name in ("data", "forward_backward", "optimizer") else 1
-        cpu = sorted((e for e in prof.events() if e.name == name and e.device_type == DeviceType.CPU),
-                     key=lambda e: e.time_range.start)
-        measured = cpu[steps * per_step:]  # the first interval is warm-up
-        if not measured:
+        n = skip.get(name, 0)
+        cpu = sorted((e for e in events if e.name == name and e.device_type == DeviceType.CPU),
+                     key=lambda e: e.time_range.start)[n:]
+        if not cpu:
             continue
-        row = {"cpu_ms": sum(e.time_range.elapsed_us() for e in measured) / 1e3 / steps}
-        gpu = [e for e in prof.events() if e.name == name and e.device_type == DeviceType.CUDA]
+        row = {"cpu_ms": sum(e.time_range.elapsed_us() for e in cpu) / 1e3 / steps}
+        gpu = sorted((e for e in events if e.name == name and e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)[n:]
         if gpu:
-            gpu.sort(key=lambda e: e.time_range.start)
-            row["device_ms"] = sum(e.time_range.elapsed_us() for e in gpu[steps * per_step:]) / 1e3 / steps
+            row["device_ms"] = sum(e.time_range.elapsed_us() for e in gpu) / 1e3 / steps
         out[name] = row
-    return out, syncs_per_step(prof.events(), steps, grad_accum)
+    return out
 
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -167,20 +195,26 @@ class PlainLoop:
     def step(self) -> None:
         import torch
         import torch.nn.functional as F
+        from torch.profiler import record_function as phase
 
         from diffexp.data import to_float
 
-        idx = torch.randint(0, len(self.images), (self.batch_size,), device=self.device)
-        clean = to_float(self.images[idx])
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (self.batch_size,), device=self.device)
-        noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
-        noise_pred = self.model(noisy, timesteps).sample
-        loss = F.mse_loss(noise_pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        # The phases are named as in ours, for the side-by-side breakdown (free without a profiler).
+        with phase("data"):
+            idx = torch.randint(0, len(self.images), (self.batch_size,), device=self.device)
+            clean = to_float(self.images[idx])
+            noise = torch.randn_like(clean)
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (self.batch_size,),
+                                      device=self.device)
+            noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
+        with phase("forward_backward"):
+            noise_pred = self.model(noisy, timesteps).sample
+            loss = F.mse_loss(noise_pred, noise)
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
 
     def images_per_s(self, steps: int) -> float:
         """Images/s over ``steps`` steps after as many warm-up steps, with PyTorch's default matmul
@@ -291,9 +325,13 @@ def peak_memory_mib(device) -> float:
 
 
 def spread(values: list[float]) -> dict:
-    """Median, min, max, mean and sample standard deviation of repeated measurements."""
+    """Median, min, max, mean, sample standard deviation and the 95% t-interval half-width of the
+    mean (``ci95``, None from one value) of repeated measurements."""
+    from diffexp.compare import mean_ci
+
+    mean, ci95 = mean_ci(values)
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0, "ci95": ci95,
             "values": values}
 
 
@@ -313,15 +351,19 @@ def run_bench(cfg: DictConfig) -> dict:
     device = Accelerator(mixed_precision=cfg.trainer.mixed_precision).device
     images = load_images(cfg.dataset, cfg.cache_dir)
 
-    # Ours and the plain loop alternate, so drifting load on the machine hits both alike.
+    # Ours and the plain loop alternate, and which goes first alternates too (ours, plain, plain,
+    # ours, ...), so drifting load on the machine and any first-or-second effect hit both alike.
     ours, plain, peaks = [], [], {}
-    for _ in range(b.repeats):
-        ours.append(time_ours(cfg, b.steps))
-        peaks["train_ours"] = peak_memory_mib(device)
-        plain.append(PlainLoop(cfg, images, device).images_per_s(b.steps))
-        peaks["train_plain"] = peak_memory_mib(device)
+    for repeat in range(b.repeats):
+        for which in ("ours", "plain") if repeat % 2 == 0 else ("plain", "ours"):
+            if which == "ours":
+                ours.append(time_ours(cfg, b.steps))
+            else:
+                plain.append(PlainLoop(cfg, images, device).images_per_s(b.steps))
+            peaks[f"train_{which}"] = max(peaks.get(f"train_{which}", 0.0), peak_memory_mib(device))
     ratios = [o / p for o, p in zip(ours, plain)]
     phases, syncs = profile_ours(cfg, b.profile_steps, device)
+    plain_phases = profile_plain(PlainLoop(cfg, images, device), b.profile_steps)
 
     data_rate = time_input_pipeline(cfg, images, device, b.data_batches)
     unet = build_model(cfg.model).to(device).eval()
@@ -361,6 +403,7 @@ def run_bench(cfg: DictConfig) -> dict:
         "train": {"ours_img_per_s": spread(ours), "plain_img_per_s": spread(plain), "ratio": spread(ratios),
                   "ours_ms_per_step": step_ms, "host_device_syncs_per_step": syncs},
         "breakdown_ms_per_step": phases,
+        "plain_breakdown_ms_per_step": plain_phases,
         "input_pipeline": {"img_per_s": data_rate, "times_training_rate": data_rate / ours_median},
         "sampling": sampling,
         "evaluation": evaluation,
@@ -377,12 +420,19 @@ def table(result: dict) -> str:
              f"{c['resolution']}px, batch {c['batch_size']}, precision {c['mixed_precision']}",
              f"train   ours {t['ours_img_per_s']['median']:.1f} img/s  plain {t['plain_img_per_s']['median']:.1f} img/s  "
              f"ratio {t['ratio']['median']:.2f} (min {t['ratio']['min']:.2f}, max {t['ratio']['max']:.2f}, "
-             f"n={len(t['ratio']['values'])})"]
+             f"mean {t['ratio']['mean']:.3f}" + (f" ± {t['ratio']['ci95']:.3f}" if t['ratio']['ci95'] is not None
+                                                  else "") + f", n={len(t['ratio']['values'])})"]
     if t["host_device_syncs_per_step"] is not None:
         lines.append(f"  host-device syncs {t['host_device_syncs_per_step']:.2f} per step")
+    plain = result["plain_breakdown_ms_per_step"]
+    lines.append(f"  {'ms/step':<17}{'ours':>9}{'plain':>9}")
+
+    def ms(row, key="cpu_ms"):
+        return f"{row[key]:9.2f}" if row and key in row else f"{'-':>9}"
+
     for name, row in result["breakdown_ms_per_step"].items():
-        extra = f"  device {row['device_ms']:.2f} ms" if "device_ms" in row else ""
-        lines.append(f"  {name:<17}{row['cpu_ms']:9.2f} ms/step{extra}")
+        on_device = f"   device {ms(row, 'device_ms')}{ms(plain.get(name), 'device_ms')}" if "device_ms" in row else ""
+        lines.append(f"  {name:<17}{ms(row)}{ms(plain.get(name))}{on_device}")
     p = result["input_pipeline"]
     lines.append(f"data    {p['img_per_s']:.0f} img/s = {p['times_training_rate']:.0f}x what training consumes")
     for row in result["sampling"]:

@@ -31,7 +31,7 @@ from diffexp import DiffexpError
 from diffexp.build import build_lr_scheduler, build_model, build_noise_scheduler, build_optimizer, build_sampler
 from diffexp.data import Batches, center_window, load_images
 from diffexp.evaluation import make_evaluator
-from diffexp.perf import configure_backends, dynamo_backend, optimize_model
+from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
 from diffexp.records import STEP_DIR, RunDir
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
@@ -50,6 +50,37 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+class StridedEMA(EMAModel):
+    """diffusers' ``EMAModel``, updated every ``update_every`` optimizer steps instead of every step
+    (as ema-pytorch's ``update_every``): each update folds the optimizer steps since the last one into
+    the average at once, the old average weighted by the product of their per-step decays, so the
+    decay schedule (warm-up, cap, ``update_after_step``) stays in optimizer steps. The difference
+    from a per-step EMA is that the skipped steps' weights are represented by the newest ones, which
+    is negligible while ``update_every`` is far below the averaging horizon ``1 / (1 - decay)``.
+
+    ``optimization_step`` (saved in checkpoints) is the optimizer step of the last update, so a
+    resumed run updates at the same steps as an uninterrupted one.
+    """
+
+    _first: int | None = None  # first optimizer step folded into the update in progress
+
+    def catch_up(self, parameters, step: int) -> None:
+        """Bring the average up to optimizer step ``step`` (a no-op when it is there already)."""
+        if step <= self.optimization_step:
+            return
+        self._first, self.optimization_step = self.optimization_step + 1, step - 1
+        try:
+            self.step(parameters)  # advances the counter to ``step`` and asks get_decay(step)
+        finally:
+            self._first = None
+
+    def get_decay(self, optimization_step: int) -> float:
+        decay = 1.0
+        for s in range(self._first or optimization_step, optimization_step + 1):
+            decay *= super().get_decay(s)
+        return decay
 
 
 class StopRequest:
@@ -141,9 +172,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     """
     tcfg = cfg.trainer
     # ---------------------------------------------------------------- setup
+    compile_plugin = dynamo_plugin(tcfg)
     try:
         accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum,
-                                  dynamo_backend=dynamo_backend(tcfg))
+                                  dynamo_plugin=compile_plugin)
     except ValueError as e:
         raise DiffexpError(f"trainer.mixed_precision={tcfg.mixed_precision}: {e}") from e
     main = accelerator.is_main_process
@@ -172,9 +204,12 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     lr_scheduler = build_lr_scheduler(tcfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = EMAModel(unwrapped.parameters(), decay=tcfg.ema.decay, use_ema_warmup=tcfg.ema.use_warmup,
-                   inv_gamma=tcfg.ema.inv_gamma, power=tcfg.ema.power, update_after_step=tcfg.ema.update_after_step,
-                   foreach=True)
+    ema_every = tcfg.ema.get("update_every", 1)  # configs saved before the option existed: every step
+    if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
+        raise DiffexpError(f"trainer.ema.update_every={ema_every}: expected a positive integer")
+    ema = StridedEMA(unwrapped.parameters(), decay=tcfg.ema.decay, use_ema_warmup=tcfg.ema.use_warmup,
+                     inv_gamma=tcfg.ema.inv_gamma, power=tcfg.ema.power, update_after_step=tcfg.ema.update_after_step,
+                     foreach=True)
     ema_unet = UNet2DModel.from_config(unwrapped.config).to(device).eval().requires_grad_(False)
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, ema, state)
@@ -203,9 +238,14 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                  run.path, cfg.name, n_params / 1e6, accelerator.num_processes, device, tcfg.batch_size,
                  batches.per_micro)
 
-    def snapshot_samples(step: int) -> None:
+    def ema_weights(step: int) -> UNet2DModel:
+        """The EMA model as of ``step`` (for samples, evaluation and export)."""
+        ema.catch_up(unwrapped.parameters(), step)
         ema.copy_to(ema_unet.parameters())
-        grid_images = generate(ema_unet, sampler, n=tcfg.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
+        return ema_unet
+
+    def snapshot_samples(step: int) -> None:
+        grid_images = generate(ema_weights(step), sampler, n=tcfg.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
         image = save_grid(grid_images, run.sample_grid_file(step))
         tracker.log_image("samples/grid", image, step)
 
@@ -249,7 +289,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                 lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
                 lr_scheduler.step()
                 with phase("ema"):
-                    ema.step(unwrapped.parameters())
+                    if due(step, ema_every, tcfg.max_steps):
+                        ema.catch_up(unwrapped.parameters(), step)
                 state.step = step
                 count += 1
                 bar.update(1)
@@ -283,8 +324,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                 if main and due(step, tcfg.sample_every, tcfg.max_steps):
                     snapshot_samples(step)
                 if evaluator is not None and tcfg.eval_every > 0 and due(step, tcfg.eval_every, tcfg.max_steps):
-                    ema.copy_to(ema_unet.parameters())
-                    results = evaluator(ema_unet, sampler, cfg.sampler.steps)  # every process takes part
+                    results = evaluator(ema_weights(step), sampler, cfg.sampler.steps)  # every process takes part
                     if main:
                         run.append_metrics({"step": step, "train/step": step, **results})
                         tracker.log(results, step)
@@ -302,8 +342,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                             step, run.path)
         else:
             if main:
-                ema.copy_to(ema_unet.parameters())
-                export_pipeline(ema_unet, noise_scheduler, run)
+                export_pipeline(ema_weights(step), noise_scheduler, run)
                 log.info("finished %d steps; pipeline in %s", step, run.model_dir)
             status = "finished"
     except KeyboardInterrupt:

@@ -7,21 +7,33 @@ is either a no-op or correct on the CPU. Configs saved before an option existed 
 from __future__ import annotations
 
 import torch
+from accelerate.utils import TorchDynamoPlugin
 from omegaconf import DictConfig
 
+from diffexp import DiffexpError
 
-def dynamo_backend(trainer_cfg: DictConfig) -> str:
-    """accelerate's ``dynamo_backend``: ``inductor`` (``torch.compile`` in ``prepare``) or ``no``."""
-    return "inductor" if trainer_cfg.get("compile", False) else "no"
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def dynamo_plugin(trainer_cfg: DictConfig) -> TorchDynamoPlugin:
+    """accelerate's ``torch.compile`` settings: inductor with ``trainer.compile_mode`` when
+    ``trainer.compile`` (``prepare`` compiles the model), else none. ``reduce-overhead`` adds CUDA
+    graphs, which cut the kernel-launch time that bounds small U-Nets on a GPU (BENCHMARKS.md)."""
+    mode = trainer_cfg.get("compile_mode")
+    if mode not in COMPILE_MODES:
+        raise DiffexpError(f"trainer.compile_mode={mode}: expected one of {', '.join(m or 'null' for m in COMPILE_MODES)}")
+    if not trainer_cfg.get("compile", False):
+        return TorchDynamoPlugin(backend="no")
+    return TorchDynamoPlugin(backend="inductor", mode=mode)
 
 
 def configure_backends(trainer_cfg: DictConfig, device: torch.device) -> None:
     """TF32 matmuls and convolutions on CUDA when ``trainer.tf32`` (nothing to do on a CPU), and
     ``trainer.fused_adamw: auto`` resolved for ``device`` in the config (so the run records it):
-    fused on a CPU, where it measured faster (BENCHMARKS.md), PyTorch's choice elsewhere until
-    measured there."""
+    fused on a CPU and on CUDA, where it measured faster (BENCHMARKS.md), PyTorch's choice
+    (foreach or single-tensor) on other devices, where it has not been measured."""
     if trainer_cfg.get("fused_adamw") == "auto":
-        trainer_cfg.fused_adamw = True if device.type == "cpu" else None
+        trainer_cfg.fused_adamw = True if device.type in ("cpu", "cuda") else None
     if device.type == "cuda" and trainer_cfg.get("tf32", False):
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True

@@ -33,6 +33,7 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     for key in ("ours_img_per_s", "plain_img_per_s", "ratio"):
         assert len(train[key]["values"]) == 2 and all(positive(v) for v in train[key]["values"])
         assert train[key]["min"] <= train[key]["median"] <= train[key]["max"]
+        assert train[key]["ci95"] >= 0  # half-width of the 95% t-interval of the mean
     assert train["host_device_syncs_per_step"] is None  # counted from CUDA runtime calls only
     assert math.isclose(train["ratio"]["values"][0],
                         train["ours_img_per_s"]["values"][0] / train["plain_img_per_s"]["values"][0])
@@ -40,6 +41,9 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     # every phase the loop names was seen by the profiler, after warm-up
     assert set(result["breakdown_ms_per_step"]) == {"data", "forward_backward", "optimizer", "ema", "logging"}
     assert all(positive(row["cpu_ms"]) for row in result["breakdown_ms_per_step"].values())
+    # the plain loop, profiled the same way, has the phases it does (no EMA, no logging)
+    assert set(result["plain_breakdown_ms_per_step"]) == {"data", "forward_backward", "optimizer"}
+    assert all(positive(row["cpu_ms"]) for row in result["plain_breakdown_ms_per_step"].values())
 
     assert positive(result["input_pipeline"]["img_per_s"]) and positive(result["input_pipeline"]["times_training_rate"])
     assert [(r["sampler"], r["steps"]) for r in result["sampling"]] == [("ddim", 2), ("dpmpp", 2)]
@@ -83,3 +87,39 @@ def test_attention_is_pytorch_sdpa():
         cfg = compose(config_name="bench", overrides=["model=unet_small"])
     unet = build_model(cfg.model)
     assert {type(m.processor).__name__ for m in unet.modules() if isinstance(m, Attention)} == {"AttnProcessor2_0"}
+
+
+def test_compiled_run_resumes_exactly(train, tmp_path):
+    """``trainer.compile`` (torch.compile through accelerate, here with the CUDA-graphs mode, which a
+    CPU skips) trains, checkpoints the uncompiled weights and resumes bit-identically."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    common = ["trainer.compile=true", "trainer.compile_mode=reduce-overhead", "trainer.max_steps=6",
+              "trainer.sample_every=0", "trainer.keep_checkpoints=10"]
+    full, _ = train(*common, name="full")
+    crashed = tmp_path / "crashed"  # as if it died after step 5: the checkpoint of step 4 is the newest
+    shutil.copytree(full, crashed)
+    shutil.rmtree(crashed / "model")
+    shutil.rmtree(crashed / "checkpoints" / "step_0000006")
+    rows = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(rows[:5]) + "\n")
+    run_cli("train", f"resume={crashed}")
+
+    def losses(run):
+        return [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(full)) == 6 and losses(crashed) == losses(full)
+    checkpoint = load_file(full / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert not any("_orig_mod" in k for k in checkpoint)  # plain UNet2DModel keys, loadable without compile
+    exported = load_file(full / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    again = load_file(crashed / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, again[k]) for k, v in exported.items())
+
+
+def test_unknown_compile_mode_is_named(train):
+    _, proc = train("trainer.compile=true", "trainer.compile_mode=fastest", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.compile_mode=fastest: expected one of null, default")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -148,6 +149,36 @@ def test_other_prediction_targets_and_grad_accumulation_train(train, prediction_
     assert len(losses(run)) == 4 and all(np.isfinite(l) for _, l in losses(run))
 
 
+def test_strided_ema_is_diffusers_ema_at_every_step_and_folds_skipped_decays():
+    from diffusers.training_utils import EMAModel
+
+    from diffexp.loop import StridedEMA
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(3, 2))]
+    kw = dict(decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1, foreach=True)
+    reference, every_step, every_3 = EMAModel(params, **kw), StridedEMA(params, **kw), StridedEMA(params, **kw)
+    for step in range(1, 13):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p), alpha=0.01)  # optimizer-sized moves
+        reference.step(params)
+        every_step.catch_up(params, step)
+        assert all(torch.equal(a, b) for a, b in zip(every_step.shadow_params, reference.shadow_params))
+        if step % 3 == 0:
+            before = [s.clone() for s in every_3.shadow_params]
+            kept = math.prod(reference.get_decay(s) for s in range(step - 2, step + 1))
+            every_3.catch_up(params, step)
+            for new, old, p in zip(every_3.shadow_params, before, params):
+                torch.testing.assert_close(new, kept * old + (1 - kept) * p.detach())
+        assert every_3.optimization_step == step - step % 3  # the checkpointed counter: the last update
+    every_3.catch_up(params, 12)  # already there: nothing changes
+    assert every_3.optimization_step == 12
+    # the folded average stays close to the per-step one while update_every << 1 / (1 - decay):
+    # within about one step's move of the weights
+    assert all(torch.allclose(a, b, atol=0.02, rtol=0) for a, b in zip(every_3.shadow_params, reference.shadow_params))
+
+
 # --- bad input: a non-zero exit and one line naming the problem -------------------------------------------
 
 
@@ -205,6 +236,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train):
     assert all(torch.isfinite(v).all() for v in state.values())
     assert all(np.isfinite(loss) for _, loss in losses(run))  # nothing non-finite was recorded
     assert not (run / "model").exists()
+
+
+def test_bad_ema_update_interval_is_named(train):
+    _, proc = train("trainer.ema.update_every=0", check=False)
+    assert error_line(proc) == "error: trainer.ema.update_every=0: expected a positive integer"
 
 
 def test_batch_that_does_not_split_is_named(train):
