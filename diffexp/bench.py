@@ -338,7 +338,7 @@ def spread(values: list[float]) -> dict:
 def run_bench(cfg: DictConfig) -> dict:
     """Every measurement of the module docstring, as one JSON-ready dict."""
     import torch
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
     from diffexp.build import build_model, build_noise_scheduler
     from diffexp.data import load_images
@@ -348,7 +348,9 @@ def run_bench(cfg: DictConfig) -> dict:
     for key in ("steps", "repeats", "profile_steps", "data_batches", "sample_n"):
         if not isinstance(b[key], int) or b[key] < 1:
             raise DiffexpError(f"bench.{key}={b[key]}: expected a positive integer")
-    device = Accelerator(mixed_precision=cfg.trainer.mixed_precision).device
+    # PartialState, not an Accelerator: accelerate keeps the first Accelerator's settings for the
+    # whole process, and the training runs below must make theirs (trainer.compile, precision).
+    device = PartialState().device
     images = load_images(cfg.dataset, cfg.cache_dir)
 
     # Ours and the plain loop alternate, and which goes first alternates too (ours, plain, plain,

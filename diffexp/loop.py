@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
@@ -154,6 +154,26 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int)
     return final
 
 
+def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) -> dict:
+    """After loading a checkpoint: ``trainer.lr``, ``betas``, ``weight_decay`` and ``eps`` come from
+    the config (so value overrides on resume apply), the Adam moments and the schedule's position
+    from the checkpoint. Returns the settings that changed, as ``{key: (old, new)}``."""
+    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # what diffusers' get_scheduler builds
+        raise DiffexpError(f"trainer.lr_schedule={trainer_cfg.lr_schedule}: resume expects a LambdaLR schedule")
+    wanted = {"initial_lr": float(trainer_cfg.lr), "betas": tuple(float(b) for b in trainer_cfg.betas),
+              "weight_decay": float(trainer_cfg.weight_decay), "eps": float(trainer_cfg.eps)}
+    changed = {}
+    for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+        for key, value in wanted.items():
+            current = tuple(group[key]) if key == "betas" else group[key]
+            if current != value:
+                changed["lr" if key == "initial_lr" else key] = (current, value)
+            group[key] = value
+        group["lr"] = wanted["initial_lr"] * lr_lambda(lr_scheduler.last_epoch)  # as LambdaLR computes it
+    lr_scheduler.base_lrs = [wanted["initial_lr"]] * len(optimizer.param_groups)
+    return changed
+
+
 def export_pipeline(ema_unet: UNet2DModel, noise_scheduler, run: RunDir) -> None:
     """``model/``: a diffusers DDPMPipeline with the EMA weights (written atomically)."""
     tmp = run.path / ".model.tmp"
@@ -203,6 +223,9 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     optimizer = build_optimizer(tcfg, model.parameters())
     lr_scheduler = build_lr_scheduler(tcfg, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if tcfg.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
+        raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
+                           "settings already exists in this process)")
     unwrapped = accelerator.unwrap_model(model)
     ema_every = tcfg.ema.get("update_every", 1)  # configs saved before the option existed: every step
     if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
@@ -221,6 +244,9 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         log.info("resumed from %s (step %d)", checkpoint, state.step)
+        for key, (old, new) in follow_optimizer_config(optimizer, lr_scheduler, tcfg).items():
+            log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
+                     key, old, new)
 
     # ---------------------------------------------------------------- records
     tracker = None
@@ -286,7 +312,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                     loss = loss.detach()
                     loss_sum += loss / tcfg.grad_accum
                     nonfinite |= ~torch.isfinite(loss)
-                lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 lr_scheduler.step()
                 with phase("ema"):
                     if due(step, ema_every, tcfg.max_steps):

@@ -142,6 +142,23 @@ def test_resume_can_extend_max_steps(train):
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 6
 
 
+def test_resume_takes_a_new_learning_rate_from_the_command_line(train):
+    """Optimizer settings given on resume apply from the next step; the schedule keeps its position."""
+    def lrs(run):
+        return [r["train/lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "train/lr" in r]
+
+    common = ["trainer.max_steps=6", "trainer.sample_every=0", "trainer.lr_schedule=cosine"]
+    run, _ = train(*common, "trainer.checkpoint_every=4", name="resumed")
+    shutil.rmtree(run / "checkpoints" / "step_0000006")  # continue from step 4 with a lower rate
+    proc = run_cli("train", f"resume={run}", "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]")
+    assert "trainer.lr 0.001 -> 0.0002" in proc.stderr + proc.stdout
+    reference, _ = train(*common, "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]", name="reference")
+    assert lrs(run)[4:] == lrs(reference)[4:] and lrs(run)[4] < lrs(run)[3]
+    state = torch.load(run / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=True)
+    assert [tuple(g["betas"]) for g in state["param_groups"]] == [(0.9, 0.99)]
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
 def test_other_prediction_targets_and_grad_accumulation_train(train, prediction_type):
     run, _ = train(f"scheduler.prediction_type={prediction_type}", "scheduler=cosine", "trainer.grad_accum=2",
