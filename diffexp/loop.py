@@ -266,7 +266,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
 
     def ema_weights(step: int) -> UNet2DModel:
         """The EMA model as of ``step`` (for samples, evaluation and export)."""
-        ema.catch_up(unwrapped.parameters(), step)
+        ema.catch_up(unwrapped.parameters(), step)  # a no-op where the loop has just updated it
         ema.copy_to(ema_unet.parameters())
         return ema_unet
 
@@ -315,7 +315,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 lr_scheduler.step()
                 with phase("ema"):
-                    if due(step, ema_every, tcfg.max_steps):
+                    # Every process updates at the same steps: its own interval and wherever the
+                    # EMA weights are read (samples on the main process, evaluation on all).
+                    if due(step, ema_every, tcfg.max_steps) or due(step, tcfg.sample_every, tcfg.max_steps) or (
+                            evaluator is not None and due(step, tcfg.eval_every, tcfg.max_steps)):
                         ema.catch_up(unwrapped.parameters(), step)
                 state.step = step
                 count += 1
