@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from datetime import datetime
@@ -24,14 +26,22 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _scratch_dir(prefix: str) -> str:
+    """A throwaway folder for Hydra's own output where the process has no run directory of its
+    own; it is removed when the process exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def _run_dir(resume, default):
     if process_rank() > 0:  # one run directory per run: other ranks get theirs by broadcast
-        return tempfile.mkdtemp(prefix=f"diffexp-rank{process_rank()}-")
+        return _scratch_dir(f"diffexp-rank{process_rank()}-")
     if resume in (None, "", "None"):
         return default
     if not (Path(str(resume)).expanduser() / "config.yaml").is_file():
         # Not a run: don't create it; the train command reports the bad value.
-        return tempfile.mkdtemp(prefix="diffexp-badresume-")
+        return _scratch_dir("diffexp-badresume-")
     return str(Path(str(resume)).expanduser())
 
 

@@ -15,8 +15,10 @@ def test_two_cpu_processes_make_one_run(tmp_path, cache_dir):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "diffexp.train", *TINY, f"output_root={out}", f"cache_dir={cache_dir}", "logger=none",
            "trainer.max_steps=3", "trainer.checkpoint_every=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
-                          timeout=600)
+    scratch = tmp_path / "tmp"  # the processes' temporary folder
+    scratch.mkdir()
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="true", TMPDIR=str(scratch)),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = [p for p in out.rglob("run.json")]
     assert len(runs) == 1, runs  # one run directory, not one per process
@@ -31,3 +33,5 @@ def test_two_cpu_processes_make_one_run(tmp_path, cache_dir):
     assert sorted(p.name for p in (run / "checkpoints" / "step_0000003").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert (run / "model" / "model_index.json").is_file() and len(list((run / ".hydra").iterdir())) == 3
+    # rank 1 had no run directory of its own: Hydra's throwaway output for it is gone again
+    assert not list(scratch.glob("diffexp-rank*")), list(scratch.iterdir())
