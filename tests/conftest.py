@@ -57,3 +57,28 @@ def train(tmp_path, cache_dir):
         return run_dir, proc
 
     return _train
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Path:
+    """An InceptionV3 weights file in torch-fidelity's format, with random (He-initialized) weights:
+    the real torch-fidelity code path where the real weights cannot be downloaded."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            return None  # keep the random initialization
+
+    folder = tmp_path_factory.mktemp("inception")
+    empty = folder / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            # He init keeps activations alive through the ~40 layers (PyTorch's default lets them vanish).
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "weights-inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path

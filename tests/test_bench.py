@@ -57,6 +57,18 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     assert flops["fraction_of_peak"] is None  # no known peak for a CPU
 
 
+def test_bench_times_an_evaluation_when_the_inception_weights_are_there(tmp_path, cache_dir, inception_file):
+    out = tmp_path / "bench.json"
+    run_cli("bench", *TINY, *QUICK, "bench.repeats=1", "bench.samplers=[]", "metric=fid_is_kid",
+            f"metric.weights={inception_file}", "metric.num_real=16", "metric.batch_size=8", "bench.eval_samples=8",
+            f"bench.out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", f"cache_dir={cache_dir}")
+    evaluation = json.loads(out.read_text())["evaluation"]
+    assert evaluation["measured"] is True and evaluation["metric"] == "fid_is_kid" and evaluation["num_samples"] == 8
+    assert positive(evaluation["seconds"])
+    assert math.isclose(evaluation["seconds_per_1k_samples"], 1000 * evaluation["seconds"] / 8)
+    assert {"eval/fid_8", "eval/is_8", "eval/kid_8"} <= set(evaluation["results"])
+
+
 def test_bench_refuses_a_bad_setting(tmp_path, cache_dir):
     proc = run_cli("bench", *TINY, "bench.steps=0", f"bench.out={tmp_path / 'b.json'}",
                    f"hydra.run.dir={tmp_path / 'hydra'}", f"cache_dir={cache_dir}", check=False)

@@ -17,7 +17,6 @@ import yaml
 import scipy.linalg
 import torch
 from hydra import compose, initialize_config_dir
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from conftest import REPO, cli_env, run_cli
 from diffexp.wandb_files import find_runs
@@ -26,28 +25,6 @@ from diffexp.data import load_images
 from diffexp.evaluation import add_features, build_metrics, compute_metrics, inception_features, load_inception
 
 SMALL = ["metric.num_samples=8", "metric.num_real=16", "metric.batch_size=8"]
-
-
-class RandomInception(FeatureExtractorInceptionV3):
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None  # keep the random initialization
-
-
-@pytest.fixture(scope="session")
-def inception_file(tmp_path_factory) -> Path:
-    """An InceptionV3 weights file in torch-fidelity's format, with random (He-initialized) weights."""
-    folder = tmp_path_factory.mktemp("inception")
-    empty = folder / "empty.pth"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    for module in net.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            # He init keeps activations alive through the ~40 layers (PyTorch's default lets them vanish).
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = folder / "weights-inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def composed(*overrides: str):
