@@ -57,11 +57,12 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     assert flops["fraction_of_peak"] is None  # no known peak for a CPU
 
 
-def test_bench_times_an_evaluation_when_the_inception_weights_are_there(tmp_path, cache_dir, inception_file):
+def test_bench_times_an_evaluation_when_the_inception_weights_are_there(tmp_path, inception_file):
     out = tmp_path / "bench.json"
+    # its own cache: reference statistics cached here would be cache hits in the metric tests
     run_cli("bench", *TINY, *QUICK, "bench.repeats=1", "bench.samplers=[]", "metric=fid_is_kid",
             f"metric.weights={inception_file}", "metric.num_real=16", "metric.batch_size=8", "bench.eval_samples=8",
-            f"bench.out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", f"cache_dir={cache_dir}")
+            f"bench.out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", f"cache_dir={tmp_path / 'cache'}")
     evaluation = json.loads(out.read_text())["evaluation"]
     assert evaluation["measured"] is True and evaluation["metric"] == "fid_is_kid" and evaluation["num_samples"] == 8
     assert positive(evaluation["seconds"])
