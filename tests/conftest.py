@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,19 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True
         pytest.fail(f"diffexp.{module} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                     f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Path:
+    """A copy of the finished run ``full`` as if it had died after logging step ``logged``: only
+    checkpoints up to step ``checkpoint`` remain, no exported model, metrics up to ``logged``."""
+    shutil.copytree(full, dest)
+    shutil.rmtree(dest / "model")
+    for folder in (dest / "checkpoints").iterdir():
+        if int(folder.name.split("_")[1]) > checkpoint:
+            shutil.rmtree(folder)
+    rows = (dest / "metrics.jsonl").read_text().splitlines()
+    (dest / "metrics.jsonl").write_text("\n".join(rows[:logged]) + "\n")
+    return dest
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import TINY, run_cli
+from conftest import TINY, crashed_copy, run_cli
 
 QUICK = ["bench.steps=2", "bench.repeats=2", "bench.profile_steps=2", "bench.data_batches=3",
          "bench.samplers=[ddim,dpmpp]", "bench.sampler_steps=[2]", "bench.sample_n=2"]
@@ -105,20 +105,13 @@ def test_attention_is_pytorch_sdpa():
 def test_compiled_run_resumes_exactly(train, tmp_path):
     """``trainer.compile`` (torch.compile through accelerate, here with the CUDA-graphs mode, which a
     CPU skips) trains, checkpoints the uncompiled weights and resumes bit-identically."""
-    import shutil
-
     import torch
     from safetensors.torch import load_file
 
     common = ["trainer.compile=true", "trainer.compile_mode=reduce-overhead", "trainer.max_steps=6",
               "trainer.sample_every=0", "trainer.keep_checkpoints=10"]
     full, _ = train(*common, name="full")
-    crashed = tmp_path / "crashed"  # as if it died after step 5: the checkpoint of step 4 is the newest
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "model")
-    shutil.rmtree(crashed / "checkpoints" / "step_0000006")
-    rows = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(rows[:5]) + "\n")
+    crashed = crashed_copy(full, tmp_path / "crashed", checkpoint=4, logged=5)  # died after step 5
     run_cli("train", f"resume={crashed}")
 
     def losses(run):

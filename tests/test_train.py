@@ -17,7 +17,7 @@ import yaml
 from diffusers import DDPMPipeline, UNet2DModel
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, cli_env, run_cli
+from conftest import REPO, TINY, cli_env, crashed_copy, run_cli
 
 
 def losses(run_dir):
@@ -93,13 +93,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(train, tmp_path):
               "trainer.sample_every=0", "dataset.random_flip=true", "trainer.loss_weighting=min_snr"]
     full, _ = train(*common, name="full")
     # A crash right after step 5: the checkpoint of step 4 is the newest, rows up to 5 were logged.
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "model")
-    for step in (6, 8):
-        shutil.rmtree(crashed / "checkpoints" / f"step_{step:07d}")
-    rows = (crashed / "metrics.jsonl").read_text().splitlines()
-    (crashed / "metrics.jsonl").write_text("\n".join(rows[:5]) + "\n")
+    crashed = crashed_copy(full, tmp_path / "crashed", checkpoint=4, logged=5)
     run_cli("train", f"resume={crashed}")
     assert losses(crashed) == losses(full)
     assert all(torch.equal(v, weights(full)[k]) for k, v in weights(crashed).items())
