@@ -264,14 +264,13 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                  run.path, cfg.name, n_params / 1e6, accelerator.num_processes, device, tcfg.batch_size,
                  batches.per_micro)
 
-    def ema_weights(step: int) -> UNet2DModel:
-        """The EMA model as of ``step`` (for samples, evaluation and export)."""
-        ema.catch_up(unwrapped.parameters(), step)  # a no-op where the loop has just updated it
+    def ema_weights() -> UNet2DModel:
+        """The EMA model (for samples, evaluation and export; the loop updates the average at those steps)."""
         ema.copy_to(ema_unet.parameters())
         return ema_unet
 
     def snapshot_samples(step: int) -> None:
-        grid_images = generate(ema_weights(step), sampler, n=tcfg.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
+        grid_images = generate(ema_weights(), sampler, n=tcfg.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
         image = save_grid(grid_images, run.sample_grid_file(step))
         tracker.log_image("samples/grid", image, step)
 
@@ -314,11 +313,12 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                     nonfinite |= ~torch.isfinite(loss)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used
                 lr_scheduler.step()
+                sample_due = due(step, tcfg.sample_every, tcfg.max_steps)
+                eval_due = evaluator is not None and tcfg.eval_every > 0 and due(step, tcfg.eval_every, tcfg.max_steps)
                 with phase("ema"):
                     # Every process updates at the same steps: its own interval and wherever the
                     # EMA weights are read (samples on the main process, evaluation on all).
-                    if due(step, ema_every, tcfg.max_steps) or due(step, tcfg.sample_every, tcfg.max_steps) or (
-                            evaluator is not None and due(step, tcfg.eval_every, tcfg.max_steps)):
+                    if due(step, ema_every, tcfg.max_steps) or sample_due or eval_due:
                         ema.catch_up(unwrapped.parameters(), step)
                 state.step = step
                 count += 1
@@ -350,10 +350,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                         if accelerator.num_processes > 1:
                             stop_now = stop_any > 0
                 t_pause = time.perf_counter()  # sampling and checkpointing do not count towards img/s
-                if main and due(step, tcfg.sample_every, tcfg.max_steps):
+                if main and sample_due:
                     snapshot_samples(step)
-                if evaluator is not None and tcfg.eval_every > 0 and due(step, tcfg.eval_every, tcfg.max_steps):
-                    results = evaluator(ema_weights(step), sampler, cfg.sampler.steps)  # every process takes part
+                if eval_due:
+                    results = evaluator(ema_weights(), sampler, cfg.sampler.steps)  # every process takes part
                     if main:
                         run.append_metrics({"step": step, "train/step": step, **results})
                         tracker.log(results, step)
@@ -371,7 +371,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                             step, run.path)
         else:
             if main:
-                export_pipeline(ema_weights(step), noise_scheduler, run)
+                ema.catch_up(unwrapped.parameters(), step)  # for a resume with nothing left to train
+                export_pipeline(ema_weights(), noise_scheduler, run)
                 log.info("finished %d steps; pipeline in %s", step, run.model_dir)
             status = "finished"
     except KeyboardInterrupt:
