@@ -5,3 +5,10 @@ __version__ = "0.1.0"
 
 class DiffexpError(Exception):
     """A problem with the user's input or environment, reported as one line and a non-zero exit."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): the
+    one way diffexp quotes a library's error inside its own one-line messages."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

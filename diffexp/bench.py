@@ -113,7 +113,10 @@ def profile_ours(cfg: DictConfig, steps: int, device) -> tuple[dict, float | Non
     with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp, profile(activities=activities(device)) as prof:
         train(bench_train_config(cfg, steps), tmp)
     grad_accum = cfg.trainer.grad_accum
-    skip = {name: steps * (grad_accum if name in ("data", "forward_backward", "optimizer") else 1) for name in PHASES}
+    # Per micro-batch phases ran grad_accum times a step, ema once a step, logging (maintenance) once
+    # per log interval: leave out the warm-up interval's events of each.
+    skip = {name: steps * grad_accum if name in ("data", "forward_backward", "optimizer") else steps for name in PHASES}
+    skip["logging"] = 1
     return phase_ms(prof.events(), steps, skip), syncs_per_step(prof.events(), steps, grad_accum)
 
 
@@ -253,7 +256,7 @@ def time_input_pipeline(cfg: DictConfig, images_u8, device, n: int) -> float:
     return n * t.batch_size / (time.perf_counter() - start)
 
 
-def time_sampling(cfg: DictConfig, unet, noise_scheduler, device) -> list[dict]:
+def time_sampling(cfg: DictConfig, unet, device) -> list[dict]:
     """Images/s of ``diffexp.sampling.generate`` for each sampler and step count of ``bench``."""
     from diffexp.build import build_sampler
     from diffexp.sampling import generate
@@ -264,7 +267,7 @@ def time_sampling(cfg: DictConfig, unet, noise_scheduler, device) -> list[dict]:
         sampler_file = Path(CONFIG_PATH) / "sampler" / f"{name}.yaml"
         if not sampler_file.is_file():
             raise DiffexpError(f"bench.samplers: no sampler config {name} (conf/sampler/{name}.yaml)")
-        sampler = build_sampler(OmegaConf.load(sampler_file), noise_scheduler)
+        sampler = build_sampler(OmegaConf.load(sampler_file), cfg.scheduler)
         generate(unet, sampler, n=min(n, 2), steps=2, seed=0)  # warm-up
         for steps in cfg.bench.sampler_steps:
             sync(device)
@@ -276,7 +279,7 @@ def time_sampling(cfg: DictConfig, unet, noise_scheduler, device) -> list[dict]:
     return rows
 
 
-def time_evaluation(cfg: DictConfig, unet, noise_scheduler, images_u8) -> dict:
+def time_evaluation(cfg: DictConfig, unet, images_u8) -> dict:
     """Seconds of one evaluation of ``cfg.metric`` on ``bench.eval_samples`` samples, or why it was not measured."""
     from accelerate import Accelerator
 
@@ -292,7 +295,7 @@ def time_evaluation(cfg: DictConfig, unet, noise_scheduler, images_u8) -> dict:
         evaluator = build_evaluator(cfg, Accelerator(), images_u8, cfg.dataset)
     except WeightsMissing as e:
         return {"measured": False, "note": f"{e}"}
-    sampler = build_sampler(cfg.sampler, noise_scheduler)
+    sampler = build_sampler(cfg.sampler, cfg.scheduler)
     start = time.perf_counter()
     results = evaluator(unet, sampler, cfg.sampler.steps)
     seconds = time.perf_counter() - start
@@ -340,9 +343,9 @@ def run_bench(cfg: DictConfig) -> dict:
     import torch
     from accelerate import PartialState
 
-    from diffexp.build import build_model, build_noise_scheduler
+    from diffexp.build import build_model
     from diffexp.data import load_images
-    from diffexp.perf import configure_backends
+    from diffexp.build import fused_adamw
 
     b = cfg.bench
     for key in ("steps", "repeats", "profile_steps", "data_batches", "sample_n"):
@@ -369,12 +372,11 @@ def run_bench(cfg: DictConfig) -> dict:
 
     data_rate = time_input_pipeline(cfg, images, device, b.data_batches)
     unet = build_model(cfg.model).to(device).eval()
-    noise_scheduler = build_noise_scheduler(cfg.scheduler)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sampling = time_sampling(cfg, unet, noise_scheduler, device)
+    sampling = time_sampling(cfg, unet, device)
     peaks["sampling"] = peak_memory_mib(device)
-    evaluation = time_evaluation(cfg, unet, noise_scheduler, images)
+    evaluation = time_evaluation(cfg, unet, images)
 
     n = min(cfg.trainer.batch_size, 8)  # FLOPs are linear in the batch: a small one counts them
     shape = (n, cfg.dataset.channels, cfg.dataset.resolution, cfg.dataset.resolution)
@@ -392,7 +394,7 @@ def run_bench(cfg: DictConfig) -> dict:
     attention = sorted({type(m.processor).__name__ for m in unet.modules() if isinstance(m, Attention)})
     step_ms = 1e3 * cfg.trainer.batch_size / ours_median
     trainer = OmegaConf.create(OmegaConf.to_container(cfg.trainer))
-    configure_backends(trainer, device)  # the options as the loop resolved them (fused_adamw: auto)
+    trainer.fused_adamw = fused_adamw(trainer, device)  # as the loop resolves it (auto)
     return {
         "device": info,
         "config": {"model": HydraConfig.get().runtime.choices.get("model"), "dataset": cfg.dataset.name,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
 from diffusers.optimization import get_scheduler
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -39,18 +41,68 @@ def build_noise_scheduler(scheduler_cfg: DictConfig) -> DDPMScheduler:
         raise DiffexpError(f"scheduler: {e.__cause__ or e}") from e
 
 
-def build_sampler(sampler_cfg: DictConfig, noise_scheduler: SchedulerMixin) -> SchedulerMixin:
-    """An inference scheduler built from the training scheduler's config (same betas and target).
+# Beta schedules every diffusers sampler computes itself; others reach it as numbers (trained_betas).
+PORTABLE_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
-    The betas are handed over as numbers, so any training schedule works with any sampler
-    (DDIM and DPM-Solver cannot compute every named schedule themselves, e.g. ``sigmoid``).
+
+def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> SchedulerMixin:
+    """The inference scheduler of ``sampler_cfg`` for a model trained with ``scheduler_cfg``.
+
+    The one way every part of diffexp gets its sampler (grids, in-training evaluation, ``sample``,
+    ``evaluate``, the exported pipeline): from the two config nodes alone, so the same configs give
+    the same scheduler and the same images. The sampler's class takes the training schedule's
+    settings it accepts (betas, prediction type, ...) and then the sampler's own
+    (``sampler.scheduler.*``); a schedule the sampler cannot compute (e.g. ``sigmoid``) is handed
+    over as ``trained_betas``.
     """
-    from_config = instantiate(sampler_cfg.scheduler, _convert_="all")
-    return from_config(noise_scheduler.config, trained_betas=noise_scheduler.betas.tolist())
+    own = {k: v for k, v in OmegaConf.to_container(sampler_cfg.scheduler, resolve=True).items()}
+    target = str(own.pop("_target_", ""))
+    own.pop("_partial_", None)
+    target = target.removesuffix(".from_config")  # sampler configs saved before this function
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - Hydra raises ImportError or its own errors
+        raise DiffexpError(f"sampler.scheduler._target_={target}: not a diffusers scheduler class ({e})") from None
+    accepted = inspect.signature(cls.__init__).parameters
+    schedule = {k: v for k, v in OmegaConf.to_container(scheduler_cfg, resolve=True).items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in schedule.items() if k in accepted}
+    if schedule.get("beta_schedule") not in (None, *PORTABLE_BETA_SCHEDULES) and "trained_betas" in accepted:
+        kwargs["trained_betas"] = build_noise_scheduler(scheduler_cfg).betas.tolist()
+    unknown = sorted(set(own) - set(accepted))
+    if unknown:
+        raise DiffexpError(f"sampler.scheduler.{unknown[0]}: not an option of {cls.__name__}")
+    kwargs.update(own)
+    try:
+        return cls(**kwargs)
+    except (ValueError, NotImplementedError) as e:
+        raise DiffexpError(f"sampler={cls.__name__}: cannot sample this schedule ({first_line(e)})") from None
 
 
-def build_optimizer(trainer_cfg: DictConfig, params) -> torch.optim.Optimizer:
-    return instantiate(trainer_cfg.optimizer, _convert_="all")(params)
+def fused_adamw(trainer_cfg: DictConfig, device: torch.device) -> bool | None:
+    """``trainer.fused_adamw`` for ``device``: ``auto`` is fused on a CPU and on CUDA, where it measured
+    faster (BENCHMARKS.md), and PyTorch's own choice (None) elsewhere."""
+    value = trainer_cfg.get("fused_adamw")
+    if value == "auto":
+        return True if device.type in ("cpu", "cuda") else None
+    return value
+
+
+def build_optimizer(trainer_cfg: DictConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """``trainer.optimizer`` (AdamW) with the trainer's ``lr``, ``betas``, ``weight_decay`` and ``eps``:
+    those keys are the one source of each setting (the optimizer node only names the class)."""
+    return instantiate(trainer_cfg.optimizer, _convert_="all")(
+        params, lr=float(trainer_cfg.lr), betas=tuple(float(b) for b in trainer_cfg.betas),
+        weight_decay=float(trainer_cfg.weight_decay), eps=float(trainer_cfg.eps),
+        fused=fused_adamw(trainer_cfg, device))
+
+
+def build_objective(cfg: DictConfig):
+    """The training objective of ``cfg.scheduler`` (see ``diffexp.objectives``)."""
+    from diffexp.objectives import DDPMObjective
+
+    t = cfg.trainer
+    return DDPMObjective(build_noise_scheduler(cfg.scheduler), t.get("loss_weighting", "uniform"),
+                         t.get("snr_gamma", 5.0))
 
 
 def build_lr_scheduler(trainer_cfg: DictConfig, optimizer: torch.optim.Optimizer):

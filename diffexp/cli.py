@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 
 CONFIG_PATH = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("diffexp")
@@ -90,6 +90,33 @@ def apply_overrides(saved: DictConfig, *, skip: tuple[str, ...], composed: DictC
     return cfg
 
 
+def record_choices(cfg: DictConfig) -> None:
+    """Store which option of each config group was chosen (``choices.model: unet_small``) in the config,
+    so saved configs, W&B and ``compare`` can group runs by it (needs Hydra's runtime config)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    with open_dict(cfg):
+        cfg.choices = choices
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
+    """The config a diffexp command's ``main`` receives for these command-line overrides, composed
+    in-process with Hydra's compose API: Hydra's runtime config is set (so ``${hydra:...}``
+    resolves and ``apply_overrides`` sees the overrides), group choices are recorded, and the
+    ``hydra`` node is dropped. The benchmark and the tests run commands this way."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    record_choices(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 @contextlib.contextmanager
 def report_errors():
     """Turn DiffexpError and config errors into one line on stderr and exit status 2."""
@@ -99,6 +126,6 @@ def report_errors():
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OmegaConfBaseException as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
 register_resolvers()

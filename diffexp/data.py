@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -32,8 +31,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 from diffexp.build import build_image_source
+from diffexp.records import atomic_path, reachable
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def load_imagefolder(path: str):
     try:
         ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     except (FileNotFoundError, ValueError) as e:
-        raise DiffexpError(f"dataset.path={path}: no images could be read there ({_first_line(e)})") from e
+        raise DiffexpError(f"dataset.path={path}: no images could be read there ({first_line(e)})") from e
     return ds.select_columns(["image"])
 
 
@@ -89,7 +89,7 @@ def load_hub(repo: str, split: str = "train", image_column: str = "image", subse
             with _offline_if_hub_unreachable(repo):
                 ds = datasets.load_dataset(repo, subset, split=split)
         except ValueError as e:  # unknown split or subset: the dataset itself was found
-            raise DiffexpError(f"dataset.loader.split={split} / subset={subset}: {repo}: {_first_line(e)}") from e
+            raise DiffexpError(f"dataset.loader.split={split} / subset={subset}: {repo}: {first_line(e)}") from e
         except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError...
             raise DiffexpError(
                 f"dataset {repo} (split {split}) is neither in the hub cache ({datasets.config.HF_DATASETS_CACHE}) "
@@ -103,10 +103,6 @@ def load_hub(repo: str, split: str = "train", image_column: str = "image", subse
     return ds.rename_column(image_column, "image") if image_column != "image" else ds
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds (True behind a proxy)."""
     from huggingface_hub import constants
@@ -114,11 +110,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     url = urlparse(constants.ENDPOINT)
     if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname):
         return True  # only the proxy can tell; leave the answer to datasets
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
+    return reachable(constants.ENDPOINT, timeout) is None
 
 
 @contextlib.contextmanager
@@ -258,10 +250,8 @@ def load_images(dataset_cfg: DictConfig, cache_dir: str | os.PathLike | None = N
         except DiffexpError as e:
             raise DiffexpError(f"dataset {dataset_cfg.name}: {e}") from e
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save(images, tmp)
-            os.replace(tmp, cache_file)  # atomic: concurrent runs never read half a file
+            with atomic_path(cache_file) as tmp:  # concurrent runs never read half a file
+                torch.save(images, tmp)
         log.info("dataset %s: %d images %s", dataset_cfg.name, len(images), tuple(images.shape[1:]))
     if crop_margin or size == dataset_cfg.resolution:
         return images

@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     accelerator = Accelerator()
     pipe = run.pipeline()
     unet = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
-    sampler = build_sampler(cfg.sampler, pipe.scheduler)
+    sampler = build_sampler(cfg.sampler, run_cfg.scheduler)
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = build_evaluator(cfg, accelerator, real, run_cfg.dataset)

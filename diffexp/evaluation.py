@@ -28,7 +28,8 @@ from torchmetrics import Metric
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
+from diffexp.records import atomic_path
 from diffexp.sampling import generate
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def load_inception(weights: Path, device: torch.device) -> FeatureExtractorIncep
         net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS], feature_extractor_weights_path=str(weights))
     except Exception as e:  # a truncated download or a file of the wrong network
         raise DiffexpError(f"metric.weights={weights}: not an InceptionV3 weights file ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]})") from e
+                           f"{first_line(e)[:200]})") from e
     return net.to(device)
 
 
@@ -188,7 +189,7 @@ def compute_metrics(metrics: dict[str, Metric], num_samples: int, seed: int = 0)
     n = short_count(num_samples)
     out = {}
     for name, metric in metrics.items():
-        with torch.random.fork_rng(devices=[]):
+        with training_rng_untouched():
             torch.manual_seed(seed)
             value = metric.compute()
         if isinstance(value, tuple):  # IS and KID: (mean, std over subsets)
@@ -198,6 +199,14 @@ def compute_metrics(metrics: dict[str, Metric], num_samples: int, seed: int = 0)
             out[f"eval/{name}_{n}"] = float(value)
         metric.reset()
     return out
+
+
+def training_rng_untouched():
+    """A block whose use of torch's global random generators (``torch.manual_seed`` seeds the CPU's
+    and every GPU's) is undone when it ends, on every device present: evaluation must leave the
+    training's random streams exactly as they were."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=gpus)
 
 
 def reference_key(dataset_cfg: DictConfig, num_images: int, weights: Path) -> dict:
@@ -225,10 +234,8 @@ def reference_features(net: FeatureExtractorInceptionV3, real_images_u8: torch.T
     pool, _ = inception_features(net, real_images_u8[order], batch_size=batch_size, progress=progress,
                                  desc="reference images")
     pool = pool.cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"features": pool, "key": key}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"features": pool, "key": key}, tmp)
     log.info("reference statistics: %d real images in %.1fs, cached in %s", n, time.perf_counter() - t0, path)
     return pool
 

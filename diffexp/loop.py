@@ -1,16 +1,18 @@
-"""The training loop, in plainly marked phases: setup, resume, train, snapshot, done.
+"""The training loop: set up, then one flat loop of a short step, with maintenance (log, sample,
+evaluate, checkpoint, stop) only on the steps where one of them is due.
 
 One optimizer step = ``trainer.grad_accum`` micro-batches on every process; the global batch is
 ``trainer.batch_size``. Everything a resumed run needs (model, optimizer, LR schedule, EMA, step,
-every RNG) is in the accelerate checkpoint, and the data order depends only on (seed, step), so a
-resumed run continues exactly where the interrupted one stopped.
+the log interval's running sums, every RNG) is in the accelerate checkpoint, and the data order
+depends only on (seed, step), so a resumed run continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -20,67 +22,101 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
-from diffusers import DDPMPipeline, UNet2DModel
-from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import DictConfig
 from torch.profiler import record_function as phase
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffexp import DiffexpError
-from diffexp.build import build_lr_scheduler, build_model, build_noise_scheduler, build_optimizer, build_sampler
+from diffexp.build import build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler, fused_adamw
 from diffexp.data import Batches, center_window, load_images
 from diffexp.evaluation import make_evaluator
 from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
-from diffexp.records import STEP_DIR, RunDir
+from diffexp.pipeline import DiffexpPipeline
+from diffexp.records import RunDir, atomic_path, replace_path
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
 
 log = logging.getLogger(__name__)
 
 
-class TrainState:
-    """Counters saved in every checkpoint (registered with accelerate)."""
+class EMA:
+    """An exponential moving average of the model's weights: a copy of the model and a lerp.
 
-    def __init__(self) -> None:
-        self.step = 0
+    The decay of optimizer step ``s`` follows diffusers' ``EMAModel.get_decay`` (warm-up
+    ``1 - (1 + s / inv_gamma) ** -power``, capped at ``decay``; 0 until ``update_after_step``).
+    ``update(model, step)`` folds every optimizer step since the last update into one lerp, the old
+    average weighted by the product of their decays, so updating every N steps keeps the decay
+    schedule in optimizer steps (the skipped steps' weights are represented by the newest ones).
+    Settings come from the config, not the checkpoint: a resume can change them.
+    """
+
+    def __init__(self, model: torch.nn.Module, ema_cfg: DictConfig):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.step = 0  # the optimizer step the average has reached (saved in checkpoints)
+        self.cfg = ema_cfg
+
+    def decay_at(self, step: int) -> float:
+        """The per-step decay of optimizer step ``step``."""
+        c = self.cfg
+        n = step - c.update_after_step - 1
+        if n <= 0:
+            return 0.0
+        warm = 1 - (1 + n / c.inv_gamma) ** -c.power if c.use_warmup else (1 + n) / (10 + n)
+        return min(warm, c.decay)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Bring the average from its step up to optimizer step ``step`` (nothing to do if it is there)."""
+        if step <= self.step:
+            return
+        kept = math.prod(self.decay_at(s) for s in range(self.step + 1, step + 1))
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - kept)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
+        self.step = step
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "weights": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if "shadow_params" in state:  # a diffusers EMAModel, as checkpoints of diffexp 0.1 hold it
+            with torch.no_grad():
+                for mine, saved in zip(self.model.parameters(), state["shadow_params"]):
+                    mine.copy_(saved)
+            self.step = int(state["optimization_step"])
+            return
+        self.model.load_state_dict(state["weights"])
         self.step = int(state["step"])
 
 
-class StridedEMA(EMAModel):
-    """diffusers' ``EMAModel``, updated every ``update_every`` optimizer steps instead of every step
-    (as ema-pytorch's ``update_every``): each update folds the optimizer steps since the last one into
-    the average at once, the old average weighted by the product of their per-step decays, so the
-    decay schedule (warm-up, cap, ``update_after_step``) stays in optimizer steps. The difference
-    from a per-step EMA is that the skipped steps' weights are represented by the newest ones, which
-    is negligible while ``update_every`` is far below the averaging horizon ``1 / (1 - decay)``.
+class TrainState:
+    """What a checkpoint holds besides model, optimizer, schedule and EMA: the step, and the running
+    sums of the log interval in progress (so the first row logged after a resume is the one the
+    uninterrupted run logs)."""
 
-    ``optimization_step`` (saved in checkpoints) is the optimizer step of the last update, so a
-    resumed run updates at the same steps as an uninterrupted one.
-    """
+    def __init__(self, device: torch.device):
+        self.step = 0
+        self.sums = torch.zeros(3, device=device)  # loss, gradient norm, non-finite losses
+        self.count = 0  # optimizer steps in the sums
 
-    _first: int | None = None  # first optimizer step folded into the update in progress
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Accumulate one step on the device (no sync)."""
+        self.sums += torch.stack([loss, grad_norm, (~torch.isfinite(loss)).float()])
+        self.count += 1
 
-    def catch_up(self, parameters, step: int) -> None:
-        """Bring the average up to optimizer step ``step`` (a no-op when it is there already)."""
-        if step <= self.optimization_step:
-            return
-        self._first, self.optimization_step = self.optimization_step + 1, step - 1
-        try:
-            self.step(parameters)  # advances the counter to ``step`` and asks get_decay(step)
-        finally:
-            self._first = None
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.count = 0
 
-    def get_decay(self, optimization_step: int) -> float:
-        decay = 1.0
-        for s in range(self._first or optimization_step, optimization_step + 1):
-            decay *= super().get_decay(s)
-        return decay
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sums": self.sums.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if "sums" in state:  # checkpoints of diffexp 0.1 hold only the step (and always ended a log interval)
+            self.sums.copy_(state["sums"])
+            self.count = int(state["count"])
 
 
 class StopRequest:
@@ -101,54 +137,52 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def prediction_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the network is trained to output for the scheduler's ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(clean, noise, timesteps)
-    return clean  # "sample"
-
-
-def loss_weights(scheduler, timesteps: torch.Tensor, trainer_cfg: DictConfig) -> torch.Tensor | None:
-    """Per-sample loss weights: None (uniform) or min-SNR-gamma (Hang et al. 2023)."""
-    if trainer_cfg.loss_weighting == "uniform":
-        return None
-    if trainer_cfg.loss_weighting != "min_snr":
-        raise DiffexpError(f"trainer.loss_weighting={trainer_cfg.loss_weighting}: expected uniform or min_snr")
-    snr = compute_snr(scheduler, timesteps)
-    clipped = snr.clamp(max=trainer_cfg.snr_gamma)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return clipped / snr
-    if kind == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
-
-
 def due(step: int, every: int, last: int) -> bool:
     """True at every ``every``-th step (0 = never) and at the last step."""
     return step == last or (every > 0 and step % every == 0)
 
 
+def train_step(model, objective, batches: Batches, step: int, optimizer, accelerator: Accelerator,
+               max_norm: float, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: for each micro-batch, noise it, predict, weighted MSE, backward; then clip
+    and step. Returns the mean loss and the gradient norm as device tensors (no host sync)."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for micro in range(grad_accum):
+        # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
+        with phase("data"):
+            batch = objective.noise(batches.get(step - 1, micro))
+        with accelerator.accumulate(model):
+            with phase("forward_backward"):
+                pred = model(batch.model_input, batch.timestep).sample
+                per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = (per_sample * batch.weight).mean() if batch.weight is not None else per_sample.mean()
+                accelerator.backward(loss)
+            with phase("optimizer"):
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach() / grad_accum
+    return loss_sum, grad_norm
+
+
+def all_finite(accelerator: Accelerator, state: TrainState, *models: torch.nn.Module) -> bool:
+    """Whether, on every process, the losses since the last log step and all weights are finite (one sync)."""
+    bad = state.sums[2] + sum((~torch.isfinite(p)).any().float() for m in models for p in m.parameters())
+    return accelerator.reduce(bad.reshape(1), "sum").item() == 0
+
+
 def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> Path:
     """Full training state, written to a temporary folder and renamed into place (atomic)."""
     final = run.checkpoint_dir(step)
-    tmp = run.checkpoints_dir / f".tmp_{STEP_DIR.format(step)}"
+    tmp = final.with_name(f".tmp_{final.name}")  # one name for every process: each writes its RNG state there
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # the same step again after a resume: swap, never leave a gap
-            stale = final.with_name(final.name + ".old")
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(tmp, final)
+        replace_path(tmp, final)
         run.prune_checkpoints(keep)
     accelerator.wait_for_everyone()
     return final
@@ -174,205 +208,174 @@ def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) ->
     return changed
 
 
-def export_pipeline(ema_unet: UNet2DModel, noise_scheduler, run: RunDir) -> None:
-    """``model/``: a diffusers DDPMPipeline with the EMA weights (written atomically)."""
-    tmp = run.path / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    DDPMPipeline(unet=ema_unet, scheduler=noise_scheduler).save_pretrained(tmp)
-    if run.model_dir.exists():
-        shutil.rmtree(run.model_dir)
-    os.replace(tmp, run.model_dir)
+def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir) -> None:
+    """``model/``: a diffusers pipeline of the EMA weights and the run's sampler (written atomically).
+
+    An unconditional pixel-space model with a DDPM-family sampler is a plain ``DDPMPipeline``
+    folder (``DDPMPipeline.from_pretrained`` gives the same images as ``diffexp.sample``); any other
+    is a ``DiffexpPipeline`` that diffusers loads with ``trust_remote_code=True`` (its code is
+    copied beside the weights as ``pipeline.py``).
+    """
+    pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler)
+    with atomic_path(run.model_dir) as tmp:
+        pipe.save_pretrained(tmp)
+        index_file = tmp / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index.pop("vae", None)
+        index.pop("num_classes", None)
+        index["_class_name"] = "DDPMPipeline"
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
 def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     """Train as ``cfg`` says, writing the run directory; returns the final status.
 
     ``run_dir`` is only read on the main process (the others get it broadcast). Raises
-    DiffexpError for bad input and on a non-finite loss (the last good checkpoint is kept).
+    DiffexpError for bad input and on non-finite losses or weights (the last checkpoint, which was
+    checked to be finite when it was written, is kept).
     """
-    tcfg = cfg.trainer
+    t = cfg.trainer
     # ---------------------------------------------------------------- setup
-    compile_plugin = dynamo_plugin(tcfg)
     try:
-        accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.grad_accum,
-                                  dynamo_plugin=compile_plugin)
+        accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                                  dynamo_plugin=dynamo_plugin(t))
     except ValueError as e:
-        raise DiffexpError(f"trainer.mixed_precision={tcfg.mixed_precision}: {e}") from e
+        raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
     main = accelerator.is_main_process
     run = RunDir(broadcast_object_list([run_dir])[0])
     device = accelerator.device
-    configure_backends(tcfg, device)
+    configure_backends(t, device)
     set_seed(cfg.seed, device_specific=True)
-
-    checkpoint = None
-    if resume:
-        checkpoint = run.latest_checkpoint()
-        if checkpoint is None:
-            raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
-
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
     check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
-    model = optimize_model(build_model(cfg.model), tcfg)
-    noise_scheduler = build_noise_scheduler(cfg.scheduler)
-    sampler = build_sampler(cfg.sampler, noise_scheduler)
+    ema_every = t.ema.get("update_every", 1)  # configs saved before the option existed: every step
+    if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
+        raise DiffexpError(f"trainer.ema.update_every={ema_every}: expected a positive integer")
+
+    model = optimize_model(build_model(cfg.model), t)
+    objective = build_objective(cfg)
+    sampler = build_sampler(cfg.sampler, cfg.scheduler)
     with accelerator.main_process_first():
         images = load_images(cfg.dataset, cfg.cache_dir, crop_margin=True)
-    batches = Batches(images, batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+    batches = Batches(images, batch_size=t.batch_size, grad_accum=t.grad_accum,
                       num_processes=accelerator.num_processes, process_index=accelerator.process_index,
                       seed=cfg.seed, random_flip=cfg.dataset.random_flip, device=device,
                       crop_to=cfg.dataset.resolution)
-    optimizer = build_optimizer(tcfg, model.parameters())
-    lr_scheduler = build_lr_scheduler(tcfg, optimizer)
+    optimizer = build_optimizer(t, model.parameters(), device)
+    lr_scheduler = build_lr_scheduler(t, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if tcfg.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
+    if t.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
         raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
                            "settings already exists in this process)")
-    unwrapped = accelerator.unwrap_model(model)
-    ema_every = tcfg.ema.get("update_every", 1)  # configs saved before the option existed: every step
-    if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
-        raise DiffexpError(f"trainer.ema.update_every={ema_every}: expected a positive integer")
-    ema = StridedEMA(unwrapped.parameters(), decay=tcfg.ema.decay, use_ema_warmup=tcfg.ema.use_warmup,
-                     inv_gamma=tcfg.ema.inv_gamma, power=tcfg.ema.power, update_after_step=tcfg.ema.update_after_step,
-                     foreach=True)
-    ema_unet = UNet2DModel.from_config(unwrapped.config).to(device).eval().requires_grad_(False)
-    state = TrainState()
+    net = accelerator.unwrap_model(model)
+    ema = EMA(net, t.ema)
+    state = TrainState(device)
     accelerator.register_for_checkpointing(lr_scheduler, ema, state)
-    n_params = sum(p.numel() for p in unwrapped.parameters())
     # The real set for FID is the center window, whatever random-crop margin training uses.
     evaluator = make_evaluator(cfg, accelerator, center_window(images, cfg.dataset.resolution))
-
-    # ---------------------------------------------------------------- resume
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         log.info("resumed from %s (step %d)", checkpoint, state.step)
-        for key, (old, new) in follow_optimizer_config(optimizer, lr_scheduler, tcfg).items():
+        for key, (old, new) in follow_optimizer_config(optimizer, lr_scheduler, t).items():
             log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
                      key, old, new)
-
-    # ---------------------------------------------------------------- records
-    tracker = None
-    if main:
-        run.write_config(cfg)
-        run.start(cfg, num_processes=accelerator.num_processes, resumed=resume,
-                  extra={"num_parameters": n_params, "device": str(device),
-                         "mixed_precision": accelerator.mixed_precision})
-        if resume:
-            run.truncate_metrics(state.step)
-        tracker = make_tracker(cfg.logger, cfg, accelerator, run, run.info().get("wandb_run_id"))
-        if tracker.run_id:
-            run.update_info(wandb_run_id=tracker.run_id)
-        log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)",
-                 run.path, cfg.name, n_params / 1e6, accelerator.num_processes, device, tcfg.batch_size,
-                 batches.per_micro)
-
-    def ema_weights() -> UNet2DModel:
-        """The EMA model (for samples, evaluation and export; the loop updates the average at those steps)."""
-        ema.copy_to(ema_unet.parameters())
-        return ema_unet
-
-    def snapshot_samples(step: int) -> None:
-        grid_images = generate(ema_weights(), sampler, n=tcfg.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
-        image = save_grid(grid_images, run.sample_grid_file(step))
-        tracker.log_image("samples/grid", image, step)
+    n_params = sum(p.numel() for p in net.parameters())
 
     # ---------------------------------------------------------------- train
-    stop = StopRequest()
-    status = "failed"
-    max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm else math.inf
-    T = noise_scheduler.config.num_train_timesteps
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    count, t_last, step, stop_now = 0, time.perf_counter(), state.step, False
+    status, tracker, stop = "failed", None, StopRequest()
+    max_norm = t.max_grad_norm or math.inf
+    step, stopping, t_last, timed = state.step, False, time.perf_counter(), 0
     try:
-        with logging_redirect_tqdm(), tqdm(total=tcfg.max_steps, initial=state.step, unit="step", disable=not main,
+        if main:
+            run.write_config(cfg)
+            run.start(cfg, num_processes=accelerator.num_processes, resumed=resume,
+                      extra={"num_parameters": n_params, "device": str(device),
+                             "mixed_precision": accelerator.mixed_precision, "fused_adamw": fused_adamw(t, device)})
+            if resume:
+                run.truncate_metrics(state.step)
+            tracker = make_tracker(cfg.logger, cfg, accelerator, run, run.info().get("wandb_run_id"))
+            if tracker.run_id:
+                run.update_info(wandb_run_id=tracker.run_id)
+            log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)",
+                     run.path, cfg.name, n_params / 1e6, accelerator.num_processes, device, t.batch_size,
+                     batches.per_micro)
+        with logging_redirect_tqdm(), tqdm(total=t.max_steps, initial=state.step, unit="step", disable=not main,
                                            dynamic_ncols=True, desc=cfg.name) as bar:
-            for step in range(state.step + 1, tcfg.max_steps + 1):
+            for step in range(state.step + 1, t.max_steps + 1):
                 model.train()
-                for micro in range(tcfg.grad_accum):
-                    # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
-                    with phase("data"):
-                        clean = batches.get(step - 1, micro)
-                        noise = torch.randn_like(clean)
-                        timesteps = torch.randint(0, T, (clean.shape[0],), device=device)
-                        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-                    with accelerator.accumulate(model):
-                        with phase("forward_backward"):
-                            noise_pred = model(noisy, timesteps).sample
-                            target = prediction_target(noise_scheduler, clean, noise, timesteps)
-                            per_sample = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                            weights = loss_weights(noise_scheduler, timesteps, tcfg)
-                            loss = (per_sample * weights).mean() if weights is not None else per_sample.mean()
-                            accelerator.backward(loss)
-                        with phase("optimizer"):
-                            if accelerator.sync_gradients:
-                                norm_sum += accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                    loss = loss.detach()
-                    loss_sum += loss / tcfg.grad_accum
-                    nonfinite |= ~torch.isfinite(loss)
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+                loss, grad_norm = train_step(model, objective, batches, step, optimizer, accelerator, max_norm,
+                                             t.grad_accum)
                 lr_scheduler.step()
-                sample_due = due(step, tcfg.sample_every, tcfg.max_steps)
-                eval_due = evaluator is not None and tcfg.eval_every > 0 and due(step, tcfg.eval_every, tcfg.max_steps)
+                state.add(loss, grad_norm)
                 with phase("ema"):
-                    # Every process updates at the same steps: its own interval and wherever the
-                    # EMA weights are read (samples on the main process, evaluation on all).
-                    if due(step, ema_every, tcfg.max_steps) or sample_due or eval_due:
-                        ema.catch_up(unwrapped.parameters(), step)
-                state.step = step
-                count += 1
+                    if step % ema_every == 0:
+                        ema.update(net, step)
+                state.step, timed = step, timed + 1
                 bar.update(1)
 
-                checkpoint_due = due(step, tcfg.checkpoint_every, tcfg.max_steps)
-                stop_now = bool(stop.signum) and accelerator.num_processes == 1
+                log_now = due(step, t.log_every, t.max_steps)
+                sample_now = due(step, t.sample_every, t.max_steps)
+                eval_now = evaluator is not None and t.eval_every > 0 and due(step, t.eval_every, t.max_steps)
+                stopping = bool(stop.signum) and accelerator.num_processes == 1  # several: agreed at log steps
+                checkpoint_now = due(step, t.checkpoint_every, t.max_steps) or stopping
+                if not (log_now or sample_now or eval_now or checkpoint_now):
+                    continue
+                # ---------------------------------------- maintenance: only when something is due
                 with phase("logging"):
-                    if due(step, tcfg.log_every, tcfg.max_steps) or checkpoint_due:
-                        # The one host-device sync of the loop: losses are read at log steps only.
-                        # The stop request rides along, so processes agree on it where they sync anyway.
-                        loss_mean, norm_mean, bad, stop_any = accelerator.reduce(torch.stack(
-                            [loss_sum / count, norm_sum / count, nonfinite.float(), torch.tensor(float(stop.signum),
-                             device=device)]), "mean").tolist()
+                    if log_now:
+                        # The one host-device sync of the loop. The stop request rides along, so processes
+                        # agree on it where they sync anyway.
+                        flag = torch.tensor([float(stop.signum)], device=device)
+                        loss_mean, norm_mean, bad, stop_any = accelerator.reduce(
+                            torch.cat([state.sums[:2] / state.count, state.sums[2:], flag]), "mean").tolist()
                         if bad or not math.isfinite(loss_mean):
-                            last_good = run.latest_checkpoint()
-                            raise DiffexpError(f"non-finite loss at or before step {step}: stopped; last good checkpoint "
-                                               f"{last_good if last_good else '(none)'} kept")
-                        row = {"step": step, "train/loss": loss_mean, "train/lr": lr,
-                               "train/grad_norm": norm_mean,
-                               "train/img_per_s": count * tcfg.batch_size / (time.perf_counter() - t_last),
+                            raise DiffexpError(f"non-finite loss at or before step {step}: stopped; "
+                                               f"last good checkpoint {run.latest_checkpoint() or '(none)'} kept")
+                        row = {"step": step, "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": norm_mean,
+                               "train/img_per_s": timed * t.batch_size / (time.perf_counter() - t_last),
                                "train/step": step, "train/epoch": step / batches.steps_per_epoch}
                         if main:
                             run.append_metrics(row)
                             tracker.log(row, step)
                             bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
-                        loss_sum.zero_(), norm_sum.zero_()
-                        count, t_last = 0, time.perf_counter()
-                        if accelerator.num_processes > 1:
-                            stop_now = stop_any > 0
-                t_pause = time.perf_counter()  # sampling and checkpointing do not count towards img/s
-                if main and sample_due:
-                    snapshot_samples(step)
-                if eval_due:
-                    results = evaluator(ema_weights(), sampler, cfg.sampler.steps)  # every process takes part
+                        state.reset()
+                        timed, t_last = 0, time.perf_counter()
+                        if accelerator.num_processes > 1 and stop_any > 0:
+                            stopping = checkpoint_now = True
+                t_pause = time.perf_counter()  # sampling, evaluation and checkpoints do not count towards img/s
+                if sample_now or eval_now:
+                    ema.update(net, step)  # every process, so the averages stay one
+                if sample_now and main:
+                    grid_images = generate(ema.model, sampler, n=t.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
+                    tracker.log_image("samples/grid", save_grid(grid_images, run.sample_grid_file(step)), step)
+                if eval_now:
+                    results = evaluator(ema.model, sampler, cfg.sampler.steps)  # every process takes part
                     if main:
                         run.append_metrics({"step": step, "train/step": step, **results})
                         tracker.log(results, step)
-                if checkpoint_due or stop_now:
-                    save_checkpoint(accelerator, run, step, tcfg.keep_checkpoints)
+                if checkpoint_now:
+                    # A kept checkpoint is one whose losses and weights were checked to be finite.
+                    if not all_finite(accelerator, state, net, ema.model):
+                        raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
+                                           f"last good checkpoint {run.latest_checkpoint() or '(none)'} kept")
+                    save_checkpoint(accelerator, run, step, t.keep_checkpoints)
                 t_last += time.perf_counter() - t_pause
-                if stop_now:
+                if stopping:
                     break
 
         # ------------------------------------------------------------ done
-        if stop_now and step < tcfg.max_steps:
+        if stopping and step < t.max_steps:
             status = "interrupted"
             if main:
                 log.warning("interrupted at step %d; checkpoint saved. Continue with: python -m diffexp.train resume=%s",
                             step, run.path)
         else:
+            ema.update(net, step)
             if main:
-                ema.catch_up(unwrapped.parameters(), step)  # for a resume with nothing left to train
-                export_pipeline(ema_weights(), noise_scheduler, run)
+                export_pipeline(ema.model, sampler, run)
                 log.info("finished %d steps; pipeline in %s", step, run.model_dir)
             status = "finished"
     except KeyboardInterrupt:
@@ -380,9 +383,9 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
         raise
     finally:
         stop.restore()
-        if main:
+        if main and run.info_file.exists() and run.info().get("status") == "running":
             run.finish(status)
-            if tracker is not None:
-                tracker.finish(status)
+        if tracker is not None:
+            tracker.finish(status)
         accelerator.end_training()
     return status

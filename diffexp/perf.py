@@ -28,12 +28,7 @@ def dynamo_plugin(trainer_cfg: DictConfig) -> TorchDynamoPlugin:
 
 
 def configure_backends(trainer_cfg: DictConfig, device: torch.device) -> None:
-    """TF32 matmuls and convolutions on CUDA when ``trainer.tf32`` (nothing to do on a CPU), and
-    ``trainer.fused_adamw: auto`` resolved for ``device`` in the config (so the run records it):
-    fused on a CPU and on CUDA, where it measured faster (BENCHMARKS.md), PyTorch's choice
-    (foreach or single-tensor) on other devices, where it has not been measured."""
-    if trainer_cfg.get("fused_adamw") == "auto":
-        trainer_cfg.fused_adamw = True if device.type in ("cpu", "cuda") else None
+    """TF32 matmuls and convolutions on CUDA when ``trainer.tf32`` (nothing to do on a CPU)."""
     if device.type == "cuda" and trainer_cfg.get("tf32", False):
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True

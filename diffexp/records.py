@@ -8,13 +8,16 @@ Layout (see README): ``config.yaml`` (resolved config), ``run.json`` (provenance
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -22,11 +25,12 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 
 PACKAGES = ("diffexp", "torch", "diffusers", "accelerate", "hydra-core", "omegaconf", "wandb", "torchmetrics",
             "torch-fidelity", "datasets", "numpy", "scikit-learn")
 STEP_DIR = "step_{:07d}"
+STEP_DIR_RE = re.compile(r"step_(\d{7})")
 
 
 def now() -> str:
@@ -55,10 +59,52 @@ def git_state(path: Path | None = None) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
+def replace_path(tmp: Path, final: Path) -> None:
+    """Put the finished file or folder ``tmp`` at ``final`` in one rename. An existing ``final``
+    folder (which a rename cannot overwrite) is first moved to a hidden side name, removed after;
+    ``RunDir.checkpoints`` puts such a side folder back if a crash came between the two renames."""
+    if tmp.is_dir() and final.exists():
+        side = final.with_name(f".{final.name}.old")
+        shutil.rmtree(side, ignore_errors=True)
+        os.replace(final, side)
+        os.replace(tmp, final)
+        shutil.rmtree(side, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``final`` to write a file or folder into; when the block ends
+    without an error it replaces ``final`` at once (readers see the old or the new one, never a
+    half-written one), and after an error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        replace_path(tmp, final)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def reachable(url: str, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to ``url``'s host opens within ``timeout`` seconds, else why not."""
+    parsed = urllib.parse.urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{parsed.hostname}: {e.strerror or first_line(e)}"
 
 
 class RunDir:
@@ -119,27 +165,48 @@ class RunDir:
         return OmegaConf.load(self.require().config_file)
 
     def pipeline(self):
-        """The run's exported diffusers DDPMPipeline (EMA weights), or a DiffexpError while there is none."""
-        from diffusers import DDPMPipeline
+        """The run's exported diffusers pipeline (EMA weights), loaded as diffusers loads it, or a
+        DiffexpError while there is none."""
+        from diffusers import DiffusionPipeline
 
         if not self.require().model_dir.is_dir():
             raise DiffexpError(f"run={self.path}: no model/ yet (the run has not finished); "
                                f"finish it with python -m diffexp.train resume={self.path}")
-        return DDPMPipeline.from_pretrained(str(self.model_dir))
+        return DiffusionPipeline.from_pretrained(str(self.model_dir), trust_remote_code=True)
 
     def info(self) -> dict[str, Any]:
         return json.loads(self.info_file.read_text()) if self.info_file.exists() else {}
 
     def metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        rows = []
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise DiffexpError(f"{self.metrics_file}: line {i + 1} is not JSON") from None
+        return rows
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (partial ``.tmp`` ones are never listed)."""
+        """Complete checkpoints, oldest first: ``step_XXXXXXX`` folders only (temporary and side
+        folders of an interrupted write are never listed). A checkpoint that a crash left under its
+        side name during a swap (see ``replace_path``) is put back first, and a side folder whose
+        swap finished is removed."""
         if not self.checkpoints_dir.is_dir():
             return []
-        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        for side in [*self.checkpoints_dir.glob(".step_*.old"), *self.checkpoints_dir.glob("step_*.old")]:
+            final = side.with_name(side.name.lstrip(".").removesuffix(".old"))  # "step_*.old": diffexp 0.1's side name
+            if not STEP_DIR_RE.fullmatch(final.name):
+                continue
+            if final.exists():  # the swap finished: the side folder is a leftover
+                shutil.rmtree(side, ignore_errors=True)
+            else:
+                os.replace(side, final)
+        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR_RE.fullmatch(p.name))
 
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
@@ -188,9 +255,8 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop rows logged after ``after_step`` (a resumed run replays those steps)."""
         rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
-        tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_file)
+        with atomic_path(self.metrics_file) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def prune_checkpoints(self, keep: int) -> None:
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
@@ -213,18 +279,14 @@ def iter_runs(paths: list[str | os.PathLike]) -> Iterator[RunDir]:
 # --- W&B as a source of runs (compare source=wandb, reproduce run=ENTITY/PROJECT/RUN_ID)
 def require_wandb_reachable(what: str) -> None:
     """DiffexpError (one line) unless the W&B server answers: offline mode, or no route to it."""
-    import urllib.parse
-
     mode = os.environ.get("WANDB_MODE", "")
     if mode in ("offline", "disabled", "dryrun"):
         raise DiffexpError(f"{what}: W&B is not reachable (WANDB_MODE={mode}); use run directories, or set "
                            "WANDB_MODE=online with network access")
-    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
-    except OSError as e:
-        raise DiffexpError(f"{what}: W&B is not reachable ({url.hostname}: {e.strerror or e}); use run directories "
-                           "(`wandb sync` uploads offline runs later)") from None
+    why = reachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), timeout=5)
+    if why:
+        raise DiffexpError(f"{what}: W&B is not reachable ({why}); use run directories "
+                           "(`wandb sync` uploads offline runs later)")
 
 
 class WandbRun:
@@ -271,7 +333,7 @@ def wandb_runs(project: str, sweep: str | None = None) -> list[WandbRun]:
         found = wandb.Api(timeout=30).runs(project, filters={"sweep": sweep} if sweep else None)
         runs = [WandbRun(r) for r in found]
     except Exception as e:  # wandb raises its own CommError/ValueError family here
-        raise DiffexpError(f"project={project}: {str(e).splitlines()[0]}") from None
+        raise DiffexpError(f"project={project}: {first_line(e)}") from None
     if not runs:
         raise DiffexpError(f"project={project}{f' sweep={sweep}' if sweep else ''}: no runs found on W&B")
     return runs
@@ -285,4 +347,4 @@ def wandb_run(path: str) -> WandbRun:
     try:
         return WandbRun(wandb.Api(timeout=30).run(path))
     except Exception as e:
-        raise DiffexpError(f"run={path}: {str(e).splitlines()[0]}") from None
+        raise DiffexpError(f"run={path}: {first_line(e)}") from None

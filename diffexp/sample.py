@@ -1,7 +1,8 @@
-"""``python -m diffexp.sample run=RUN_DIR n=64 [sampler=ddim sampler.steps=50] seed=0 out=FILE.npz``.
+"""``python -m diffexp.sample run=RUN_DIR n=64 [sampler=ddim] [sampler.steps=50] seed=0 out=FILE.npz``.
 
-Images from a run's EMA weights (its exported ``model/`` pipeline): ``FILE.npz`` holds ``images``
-(uint8, N x H x W x C) and a grid PNG is written beside it.
+Images from a run's EMA weights (its exported ``model/``): ``FILE.npz`` holds ``images`` (uint8,
+N x H x W x C) and a grid PNG is written beside it. Without ``sampler=...`` the run's own sampler
+is used (``sampler.steps=N`` alone changes only its step count).
 """
 
 from __future__ import annotations
@@ -15,35 +16,38 @@ from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH, report_errors
-from diffexp.records import RunDir
+from diffexp.records import RunDir, atomic_path
 
 log = logging.getLogger("diffexp.sample")
 
 
+def out_path(cfg: DictConfig, run: RunDir, sampler: str, steps: int) -> Path:
+    """Where the images go: ``out`` (must end in .npz), else RUN_DIR/samples/sample_<sampler>_<steps>steps_s<seed>.npz."""
+    if cfg.out:
+        out = Path(str(cfg.out)).expanduser()
+        if out.suffix != ".npz":
+            raise DiffexpError(f"out={cfg.out}: expected a file name ending in .npz (the grid PNG is written beside it)")
+        return out
+    return run.samples_dir / f"sample_{sampler}_{steps}steps_s{cfg.seed}.npz"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    import torch
-
-    from diffexp.build import build_sampler
-    from diffexp.sampling import generate, save_grid
+    from diffexp.sampling import sample_run, save_grid
 
     with report_errors():
         run = RunDir(cfg.run).require()
-        if cfg.n < 1:
-            raise DiffexpError(f"n={cfg.n}: must be at least 1")
-        sampler_cfg = cfg.sampler if cfg.get("sampler") else run.config().sampler
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = run.pipeline().to(device)
-        sampler = build_sampler(sampler_cfg, pipe.scheduler)
-        images = generate(pipe.unet, sampler, n=cfg.n, steps=sampler_cfg.steps, seed=cfg.seed,
-                          batch_size=cfg.batch_size, progress=True)
-        name = sampler_cfg.scheduler._target_.split(".")[-2].replace("Scheduler", "").lower()
-        out = Path(cfg.out) if cfg.out else run.samples_dir / f"sample_{name}_{sampler_cfg.steps}steps_s{cfg.seed}.npz"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, images=images)
+        out_path(cfg, run, "", 0)  # a bad out= is refused before any sampling
+        samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler, steps=cfg.sampler.steps,
+                             batch_size=int(cfg.batch_size), progress=True)
+        out = out_path(cfg, run, samples.sampler, samples.steps)
+        arrays = {"images": samples.images} | ({"labels": samples.labels} if samples.labels is not None else {})
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
         grid_file = out.with_suffix(".png")
-        save_grid(images, grid_file)
-        log.info("%d images %s -> %s (grid %s)", len(images), images.shape[1:], out, grid_file)
+        save_grid(samples.images, grid_file)
+        print(f"{len(samples.images)} images {samples.images.shape[1:]} -> {out} (grid {grid_file})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,57 +1,149 @@
-"""Image generation with diffusers pipelines, and sample grids."""
+"""Image generation (through ``DiffexpPipeline``) and sample grids.
+
+Images are generated in chunks of at most ``batch_size``; chunk ``c`` starts from its own CPU
+generator seeded with ``chunk_seed(seed, c)``. So the same seed gives the same images on every
+device and under any number of processes (evaluation hands whole chunks to processes), and a
+single chunk is exactly what the exported pipeline gives for
+``pipe(batch_size=n, generator=torch.Generator().manual_seed(seed))``.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, SchedulerMixin, UNet2DModel
+from diffusers import SchedulerMixin
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from diffexp import DiffexpError
+from diffexp.pipeline import DiffexpPipeline
+
+CHUNK_SEED_STRIDE = 1_000_003  # chunk c of seed s uses s + c * stride: chunk 0 is plain `seed`
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The generator seed of chunk ``chunk`` of a generation seeded with ``seed``."""
+    return int(seed) + CHUNK_SEED_STRIDE * int(chunk)
+
+
+def chunk_sizes(n: int, batch_size: int) -> list[int]:
+    """How ``n`` images split into generation chunks (all ``batch_size`` but maybe the last)."""
+    return [min(batch_size, n - start) for start in range(0, n, batch_size)]
+
+
+def make_pipeline(denoiser, scheduler: SchedulerMixin, vae=None, num_classes: int | None = None) -> DiffexpPipeline:
+    """A pipeline over the given parts (nothing is copied), progress bar off."""
+    pipe = DiffexpPipeline(unet=denoiser, scheduler=scheduler, vae=vae, num_classes=num_classes)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline output (floats in [0, 1], N x H x W x C) as uint8."""
+    return np.round(images * 255).astype(np.uint8)
+
 
 @torch.inference_mode()
-def generate(unet: UNet2DModel, scheduler: SchedulerMixin, *, n: int, steps: int, seed: int,
-             batch_size: int = 256, progress: bool = False, generator_device: str = "cpu") -> np.ndarray:
-    """``n`` images as uint8 N x H x W x C from ``unet`` with ``scheduler``; same seed, same images.
+def generate_chunk(pipe: DiffexpPipeline, *, count: int, steps: int, seed: int, labels=None,
+                   guidance_scale: float = 1.0) -> np.ndarray:
+    """``count`` uint8 images (N x H x W x C) from one CPU generator seeded with ``seed``."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    out = pipe(batch_size=count, num_inference_steps=steps, generator=generator, class_labels=labels,
+               guidance_scale=guidance_scale, output_type="np").images
+    return to_uint8(out)
 
-    Noise is drawn from one generator seeded with ``seed`` on ``generator_device`` (CPU by
-    default, so the same seed gives the same starting noise on every device).
+
+def generate(denoiser, scheduler: SchedulerMixin, *, n: int, steps: int, seed: int, batch_size: int = 256,
+             vae=None, num_classes: int | None = None, labels=None, guidance_scale: float = 1.0,
+             progress: bool = False) -> np.ndarray:
+    """``n`` images as uint8 N x H x W x C; the same arguments give the same images.
+
+    ``labels`` (n class ids) for class-conditional denoisers, guided with ``guidance_scale``.
     """
-    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(generator_device).manual_seed(seed)
-    was_training = unet.training
-    unet.eval()
-    chunks = []
-    with tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
-        for start in range(0, n, batch_size):
-            count = min(batch_size, n - start)
-            images = pipe(batch_size=count, generator=generator, num_inference_steps=steps, output_type="np").images
-            chunks.append(np.round(images * 255).astype(np.uint8))
-            bar.update(count)
-    unet.train(was_training)
+    pipe = make_pipeline(denoiser, scheduler, vae, num_classes)
+    was_training = denoiser.training
+    denoiser.eval()
+    chunks, start = [], 0
+    try:
+        with tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+            for c, count in enumerate(chunk_sizes(n, batch_size)):
+                chunk_labels = None if labels is None else labels[start:start + count]
+                chunks.append(generate_chunk(pipe, count=count, steps=steps, seed=chunk_seed(seed, c),
+                                             labels=chunk_labels, guidance_scale=guidance_scale))
+                start += count
+                bar.update(count)
+    finally:
+        denoiser.train(was_training)
     return np.concatenate(chunks)
 
 
-def grid(images: np.ndarray, upscale_to: int = 64, padding: int = 2) -> Image.Image:
-    """A near-square grid of uint8 N x H x W x C images, tiles upscaled (nearest) to at least
-    ``upscale_to`` px and separated by gray lines, for looking at."""
+@dataclass
+class Samples:
+    """What ``sample_run`` made: uint8 images N x H x W x C, their class labels (None for an
+    unconditional run), and how (sampler config name, steps, seed)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    sampler: str
+    steps: int
+    seed: int
+
+
+def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 256,
+               device: str | None = None, progress: bool = False) -> Samples:
+    """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``) with
+    ``sampler_cfg`` (default: the run's own sampler) in ``steps`` steps (default: the sampler's).
+
+    The one way the ``sample`` command (and the app) samples a finished run; the sampler is built
+    as in training (``build_sampler``), so the same seed gives the training grid's images.
+    """
+    from diffexp.build import build_sampler
+    from diffexp.records import RunDir
+
+    run = RunDir(run) if not isinstance(run, RunDir) else run
+    run_cfg = run.config()
+    if n < 1:
+        raise DiffexpError(f"n={n}: must be at least 1")
+    sampler_cfg = sampler_cfg if sampler_cfg is not None and sampler_cfg.get("scheduler") else run_cfg.sampler
+    steps = int(steps if steps is not None else sampler_cfg.steps)
+    if steps < 1:
+        raise DiffexpError(f"sampler.steps={steps}: must be at least 1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = run.pipeline()
+    denoiser = pipe.unet.to(device)
+    images = generate(denoiser, build_sampler(sampler_cfg, run_cfg.scheduler), n=n, steps=steps, seed=seed,
+                      batch_size=batch_size, progress=progress)
+    name = sampler_name(sampler_cfg)
+    return Samples(images=images, labels=None, sampler=name, steps=steps, seed=seed)
+
+
+def sampler_name(sampler_cfg) -> str:
+    """A short name of a sampler config: its scheduler class without ``Scheduler`` (``ddim``, ``dpmsolvermultistep``)."""
+    target = str(sampler_cfg.scheduler._target_).removesuffix(".from_config")
+    return target.rsplit(".", 1)[-1].replace("Scheduler", "").lower()
+
+
+def grid(images: np.ndarray, upscale_to: int = 64, padding: int = 2, nrow: int | None = None) -> Image.Image:
+    """A grid of uint8 N x H x W x C images (near-square unless ``nrow`` images per row are asked
+    for), tiles upscaled (nearest) to at least ``upscale_to`` px and separated by gray lines."""
     tiles = torch.from_numpy(images).permute(0, 3, 1, 2)
     factor = max(1, upscale_to // images.shape[1])
     tiles = tiles.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
-    nrow = math.ceil(math.sqrt(len(tiles)))
-    canvas = make_grid(tiles, nrow=nrow, padding=padding, pad_value=128)
+    canvas = make_grid(tiles, nrow=nrow or math.ceil(math.sqrt(len(tiles))), padding=padding, pad_value=128)
     array = canvas.permute(1, 2, 0).numpy()
     return Image.fromarray(array[:, :, 0] if images.shape[-1] == 1 else array)
 
 
-def save_grid(images: np.ndarray, path: Path) -> Image.Image:
-    """Write ``grid(images)`` as a PNG at ``path``; returns the image."""
-    image = grid(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Image.Image:
+    """Write ``grid(images)`` as a PNG at ``path`` (atomically); returns the image."""
+    from diffexp.records import atomic_path
+
+    image = grid(images, nrow=nrow)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return image

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 from diffexp.cli import CONFIG_PATH, report_errors
 
 SCHEMA = "schemas/wandb_sweep_config.json"
@@ -46,7 +46,7 @@ def load_definition(path: str | Path) -> dict[str, Any]:
     try:
         definition = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise DiffexpError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise DiffexpError(f"{path}: not valid YAML ({first_line(e)})") from e
     if not isinstance(definition, dict):
         raise DiffexpError(f"{path}: a sweep definition is a mapping (method:, parameters:, command:)")
     return definition

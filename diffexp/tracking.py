@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 from diffexp.records import RunDir
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ def wandb_credentials_present() -> bool:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _warn_off(kind: str, what: str, error: BaseException) -> None:

@@ -16,9 +16,9 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from diffexp.cli import CONFIG_PATH, apply_overrides, report_errors
+from diffexp.cli import CONFIG_PATH, apply_overrides, record_choices, report_errors
 from diffexp.records import RunDir
 
 
@@ -33,24 +33,23 @@ def resume_config(resume: str) -> DictConfig:
     return cfg
 
 
-def record_choices(cfg: DictConfig) -> None:
-    """Store which option of each config group was chosen (``choices.model: unet_small``) in the config,
-    so saved configs, W&B and ``compare`` can group runs by it."""
-    choices = {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
-    with open_dict(cfg):
-        cfg.choices = choices
+def run(cfg: DictConfig, run_dir: str | None) -> str:
+    """What ``python -m diffexp.train`` does with its composed config: train a new run into
+    ``run_dir``, or continue ``cfg.resume``; returns the run's final status."""
+    from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
+
+    if cfg.resume:
+        cfg = resume_config(cfg.resume)
+        return train(cfg, cfg.resume, resume=True)
+    if "choices" not in cfg:
+        record_choices(cfg)
+    return train(cfg, run_dir)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
-    from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
-
     with report_errors():
-        if cfg.resume:
-            cfg = resume_config(cfg.resume)
-        else:
-            record_choices(cfg)
-        status = train(cfg, HydraConfig.get().runtime.output_dir, resume=bool(cfg.resume))
+        status = run(cfg, HydraConfig.get().runtime.output_dir)
     if status == "interrupted":
         sys.exit(128 + signal.SIGINT)
 

@@ -1,31 +1,41 @@
-"""Shared fixtures: run diffexp's CLIs as a user would, in subprocesses, with no network."""
+"""Shared fixtures: run diffexp's commands as a user would, with no network.
+
+Training runs in-process (``train``): the config is composed with Hydra's compose API
+(``diffexp.cli.compose_config``, what ``main`` receives) and handed to ``diffexp.train.run``,
+under the same one-line error reporting as the command line. Subprocesses (``run_cli``) are kept
+for what only a process shows: exit codes of the real command line, signals, Hydra's own
+parsing, multirun and the multi-process runs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["debug=tiny"]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+# In-process runs: offline like the subprocesses, and on one thread like them, so both give the
+# same floating-point sums (before torch is first imported).
+for key, value in {**OFFLINE, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "OMP_NUM_THREADS": "1"}.items():
+    os.environ.setdefault(key, value)
 
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for CLI subprocesses: this checkout first on the path, offline, quiet."""
     env = dict(os.environ)
-    env.update(
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE=env.get("WANDB_MODE", "offline"),
-        WANDB_SILENT="true",
-        HYDRA_FULL_ERROR="0",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
-    )
+    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), **OFFLINE)
+    env["WANDB_MODE"] = env.get("WANDB_MODE", "offline")
     env.update(extra)
     return env
 
@@ -41,10 +51,66 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, check: bool = True
     return proc
 
 
+@dataclass
+class Result:
+    """What an in-process command left: its exit status and what it printed and logged."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, as a new process would start without it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@contextlib.contextmanager
+def captured():
+    """Collect stdout, stderr and log records (INFO and up) of an in-process command."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield out, err
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True) -> Result:
+    """``python -m diffexp.train overrides...`` in this process (``run_dir`` instead of ``hydra.run.dir``)."""
+    from diffexp.cli import compose_config, report_errors
+    from diffexp.train import run
+
+    code = 0
+    with captured() as (out, err):
+        try:
+            with report_errors():
+                status = run(compose_config(list(overrides)), str(run_dir) if run_dir else None)
+            code = 130 if status == "interrupted" else 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        finally:
+            reset_accelerate()
+    result = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        pytest.fail(f"diffexp.train {' '.join(overrides)} exited {code}\n{result.stderr[-4000:]}")
+    return result
+
+
 def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Path:
     """A copy of the finished run ``full`` as if it had died after logging step ``logged``: only
     checkpoints up to step ``checkpoint`` remain, no exported model, metrics up to ``logged``."""
-    shutil.copytree(full, dest)
+    shutil.copytree(full, dest, symlinks=True)
     shutil.rmtree(dest / "model")
     for folder in (dest / "checkpoints").iterdir():
         if int(folder.name.split("_")[1]) > checkpoint:
@@ -54,23 +120,59 @@ def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Pat
     return dest
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(scope="session")
+def dataset_cache(tmp_path_factory) -> Path:
+    """Preprocessed datasets, shared by the whole session (the cache is keyed by what decides the pixels)."""
+    return tmp_path_factory.mktemp("datasets")
+
+
 @pytest.fixture
-def cache_dir(tmp_path_factory) -> Path:
-    """A dataset/statistics cache shared by the tests of one session."""
-    return tmp_path_factory.getbasetemp() / "cache"
+def cache_dir(tmp_path, dataset_cache) -> Path:
+    """This test's own cache (metric reference statistics are never shared between tests), with the
+    session's preprocessed datasets."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "datasets").symlink_to(dataset_cache, target_is_directory=True)
+    return cache
 
 
 @pytest.fixture
 def train(tmp_path, cache_dir):
-    """Run a tiny training job into tmp_path/NAME; returns its run directory."""
+    """Train a tiny run in-process into tmp_path/NAME (``logger=none`` unless overridden); returns
+    (run directory, Result). With ``cli=True`` it runs the real command line in a subprocess."""
 
-    def _train(*overrides: str, name: str = "run", check: bool = True, env: dict | None = None):
+    def _train(*overrides: str, name: str = "run", check: bool = True, env: dict | None = None, cli: bool = False):
         run_dir = tmp_path / name
-        proc = run_cli("train", *TINY, f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", "logger=none",
-                       *overrides, check=check, env=env)
-        return run_dir, proc
+        args = [*TINY, f"cache_dir={cache_dir}", "logger=none", *overrides]
+        if cli or env is not None:
+            return run_dir, run_cli("train", *args, f"hydra.run.dir={run_dir}", check=check, env=env)
+        return run_dir, run_train(*args, run_dir=run_dir, check=check)
 
     return _train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, dataset_cache) -> Path:
+    """One finished tiny run (``debug=tiny``, W&B offline) per test module; copy it before changing it."""
+    base = tmp_path_factory.mktemp("tiny_run")
+    cache = base / "cache"
+    cache.mkdir()
+    (cache / "datasets").symlink_to(dataset_cache, target_is_directory=True)
+    run_dir = base / "run"
+    run_train(*TINY, f"cache_dir={cache}", "logger=wandb", run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def finished_run(tiny_run, tmp_path) -> Path:
+    """This test's own copy of the module's finished tiny run."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "finished", symlinks=True))
 
 
 @pytest.fixture(scope="session")
@@ -87,12 +189,13 @@ def inception_file(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("inception")
     empty = folder / "empty.pth"
     torch.save({}, empty)
-    torch.manual_seed(0)
-    net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    for module in net.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            # He init keeps activations alive through the ~40 layers (PyTorch's default lets them vanish).
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                # He init keeps activations alive through the ~40 layers (PyTorch's default lets them vanish).
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     path = folder / "weights-inception-random.pth"
     torch.save(net.state_dict(), path)
     return path

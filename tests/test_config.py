@@ -66,10 +66,11 @@ def test_schedulers_and_samplers_instantiate(scheduler, prediction_type):
     assert noise_scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR
     for sampler in options("sampler"):
         sampler_cfg = composed(f"sampler={sampler}").sampler
-        inference = build_sampler(sampler_cfg, noise_scheduler)
+        inference = build_sampler(sampler_cfg, cfg.scheduler)
         inference.set_timesteps(sampler_cfg.steps)
         assert inference.config.prediction_type == prediction_type
-        assert inference.config.beta_schedule == noise_scheduler.config.beta_schedule
+        # the sampler integrates the schedule the model was trained on, whatever it can compute itself
+        torch.testing.assert_close(inference.alphas_cumprod, noise_scheduler.alphas_cumprod)
 
 
 def test_linear_schedule_is_the_ddpm_papers():
@@ -80,9 +81,10 @@ def test_linear_schedule_is_the_ddpm_papers():
 
 def test_optimizer_and_lr_schedule_follow_the_trainer_config():
     cfg = composed("trainer.lr=3e-4", "trainer.warmup_steps=10", "trainer.max_steps=100", "trainer.lr_schedule=linear")
-    opt = build_optimizer(cfg.trainer, [torch.nn.Parameter(torch.zeros(2))])
+    opt = build_optimizer(cfg.trainer, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
     sched = build_lr_scheduler(cfg.trainer, opt)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 3e-4
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["fused"] is True  # fused_adamw: auto on a CPU
     for _ in range(10):
         sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(3e-4)

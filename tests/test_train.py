@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import subprocess
@@ -15,9 +14,11 @@ import pytest
 import torch
 import yaml
 from diffusers import DDPMPipeline, UNet2DModel
+from diffusers.training_utils import EMAModel
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, cli_env, crashed_copy, run_cli
+from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_train
 
 
 def losses(run_dir):
@@ -29,19 +30,23 @@ def weights(run_dir):
     return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_tiny_run_writes_the_whole_run_directory(train, tmp_path):
+def same_weights(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(v, wb[k]) for k, v in wa.items())
+
+
+def test_tiny_run_writes_the_whole_run_directory(train):
     run, _ = train("trainer.max_steps=5", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=2")
-    for f in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "config.yaml", "run.json",
-              "metrics.jsonl", "model/model_index.json"):
+    for f in ("config.yaml", "run.json", "metrics.jsonl", "model/model_index.json"):
         assert (run / f).is_file(), f
     config = (run / "config.yaml").read_text()
     assert "${" not in config  # resolved
     cfg = yaml.safe_load(config)
-    assert cfg["trainer"]["max_steps"] == 5 and cfg["choices"]["model"] == "unet_tiny"
+    assert cfg["trainer"]["max_steps"] == 5 and cfg["choices"]["model"] == "unet_tiny" and "hydra" not in cfg
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["num_processes"] == 1 and info["seed"] == 0
     assert {"git", "packages", "command", "host", "start", "end"} <= set(info)
-    assert info["packages"]["diffusers"] and info["packages"]["torch"] and "diffexp.train" in " ".join(info["command"])
+    assert info["packages"]["diffusers"] and info["packages"]["torch"] and info["fused_adamw"] is True
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for r in rows:
@@ -53,30 +58,48 @@ def test_tiny_run_writes_the_whole_run_directory(train, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000005"]
 
 
-def test_exported_model_loads_in_an_unmodified_ddpm_pipeline(train):
-    run, _ = train()
+def test_the_command_line_writes_hydras_record_and_the_run(tmp_path, cache_dir):
+    """The one end-to-end run of the real command line (the rest run in-process)."""
+    run = tmp_path / "cli"
+    run_cli("train", *TINY, "trainer.max_steps=2", f"cache_dir={cache_dir}", "logger=none", f"hydra.run.dir={run}")
+    for f in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "config.yaml"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert "diffexp.train" in " ".join(json.loads((run / "run.json").read_text())["command"])
+
+
+def test_exported_model_loads_in_an_unmodified_ddpm_pipeline(finished_run):
+    run = finished_run
     pipe = DDPMPipeline.from_pretrained(run / "model")
     assert isinstance(pipe.unet, UNet2DModel)
     out = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (2, 8, 8, 1) and np.isfinite(out).all()
     # the exported weights are the EMA weights saved in the last checkpoint, not the raw ones
     ema_state = torch.load(run / "checkpoints" / "step_0000004" / "custom_checkpoint_1.pkl", weights_only=True)
-    exported = list(pipe.unet.parameters())
-    assert all(torch.equal(e, s) for e, s in zip(exported, ema_state["shadow_params"]))
+    assert all(torch.equal(v, ema_state["weights"][k]) for k, v in pipe.unet.state_dict().items())
     raw = load_file(run / "checkpoints" / "step_0000004" / "model.safetensors")
     assert not all(torch.equal(raw[k], v) for k, v in pipe.unet.state_dict().items())
 
 
-def test_sample_cli_writes_npz_and_grid(train, tmp_path):
-    run, _ = train()
+def test_sample_cli_writes_npz_and_grid_and_matches_the_exported_pipeline(finished_run, tmp_path):
+    run = finished_run
     out = tmp_path / "s" / "samples.npz"
-    run_cli("sample", f"run={run}", "n=5", "sampler=dpmpp", "sampler.steps=3", "seed=1", f"out={out}")
+    run_cli("sample", f"run={run}", "n=5", "seed=1", f"out={out}")
     images = np.load(out)["images"]
     assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
     assert out.with_suffix(".png").is_file()
-    again = tmp_path / "again.npz"
-    run_cli("sample", f"run={run}", "n=5", "sampler=dpmpp", "sampler.steps=3", "seed=1", f"out={again}")
-    assert np.array_equal(np.load(again)["images"], images)  # same seed, same images
+    # The run's own sampler, as exported: plain diffusers gives the same images for the same seed.
+    pipe = DDPMPipeline.from_pretrained(run / "model")
+    cfg = OmegaConf.load(run / "config.yaml")
+    theirs = pipe(batch_size=5, num_inference_steps=cfg.sampler.steps, generator=torch.Generator().manual_seed(1),
+                  output_type="np").images
+    assert np.array_equal(np.round(theirs * 255).astype(np.uint8), images)
+    # Another sampler, its step count alone, and a bad file name.
+    proc = run_cli("sample", f"run={run}", "n=5", "sampler=dpmpp", "sampler.steps=3", "seed=1", f"out={tmp_path / 'd.npz'}")
+    assert "5 images" in proc.stdout and not np.array_equal(np.load(tmp_path / "d.npz")["images"], images)
+    run_cli("sample", f"run={run}", "n=2", "sampler.steps=1", f"out={tmp_path / 'one.npz'}")
+    bad = run_cli("sample", f"run={run}", "out=x.png", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: out=x.png: expected a file name ending in .npz")
 
 
 def test_same_seed_same_losses_and_other_seed_not(train):
@@ -85,25 +108,30 @@ def test_same_seed_same_losses_and_other_seed_not(train):
     c, _ = train("trainer.max_steps=6", "trainer.sample_every=0", "seed=1", name="c")
     assert losses(a) == losses(b)
     assert losses(a) != losses(c)
-    assert all(torch.equal(v, weights(b)[k]) for k, v in weights(a).items())
+    assert same_weights(a, b)
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(train, tmp_path):
-    common = ["trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10",
-              "trainer.sample_every=0", "dataset.random_flip=true", "trainer.loss_weighting=min_snr"]
+    # log_every=3 and checkpoints every 2: the crash leaves a checkpoint inside a log interval, so the
+    # first row after the resume averages steps from both sides of it.
+    common = ["trainer.max_steps=9", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10",
+              "trainer.log_every=3", "trainer.sample_every=0", "dataset.random_flip=true",
+              "trainer.loss_weighting=min_snr", "trainer.grad_accum=2"]
     full, _ = train(*common, name="full")
-    # A crash right after step 5: the checkpoint of step 4 is the newest, rows up to 5 were logged.
-    crashed = crashed_copy(full, tmp_path / "crashed", checkpoint=4, logged=5)
-    run_cli("train", f"resume={crashed}")
-    assert losses(crashed) == losses(full)
-    assert all(torch.equal(v, weights(full)[k]) for k, v in weights(crashed).items())
+    # A crash right after step 5: the checkpoint of step 4 is the newest, rows up to step 3 were logged,
+    # and the last row was cut short by the kill.
+    crashed = crashed_copy(full, tmp_path / "crashed", checkpoint=4, logged=1)
+    with open(crashed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train/lo')
+    run_train(f"resume={crashed}")
+    assert losses(crashed) == losses(full) and [s for s, _ in losses(full)] == [3, 6, 9]
+    assert same_weights(crashed, full)
     info = json.loads((crashed / "run.json").read_text())
     assert info["status"] == "finished" and len(info["resumes"]) == 1
-    assert (crashed / ".hydra" / "overrides.yaml").read_text() == (full / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(train, tmp_path, cache_dir):
-    common = ["trainer.max_steps=400", "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.log_every=1"]
+    common = ["trainer.max_steps=400", "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.log_every=7"]
     full, _ = train(*common, name="full")
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "diffexp.train", *TINY, f"hydra.run.dir={run}", f"cache_dir={cache_dir}",
@@ -122,16 +150,16 @@ def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(tr
     assert info["status"] == "interrupted"
     (checkpoint,) = (run / "checkpoints").iterdir()
     stopped_at = int(checkpoint.name.split("_")[1])
-    assert 3 <= stopped_at < 400 and not (run / "model").exists()
-    run_cli("train", f"resume={run}")
-    assert losses(run) == losses(full)
-    assert all(torch.equal(v, weights(full)[k]) for k, v in weights(run).items())
+    assert 21 <= stopped_at < 400 and not (run / "model").exists()
+    run_train(f"resume={run}")
+    assert losses(run) == losses(full)  # stopped inside a log interval (most likely), resumed exactly
+    assert same_weights(run, full)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
-def test_resume_can_extend_max_steps(train):
-    run, _ = train()
-    run_cli("train", f"resume={run}", "trainer.max_steps=6")
+def test_resume_can_extend_max_steps(finished_run):
+    run = finished_run
+    run_train(f"resume={run}", "trainer.max_steps=6")
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 6
 
@@ -145,8 +173,8 @@ def test_resume_takes_a_new_learning_rate_from_the_command_line(train):
     common = ["trainer.max_steps=6", "trainer.sample_every=0", "trainer.lr_schedule=cosine"]
     run, _ = train(*common, "trainer.checkpoint_every=4", name="resumed")
     shutil.rmtree(run / "checkpoints" / "step_0000006")  # continue from step 4 with a lower rate
-    proc = run_cli("train", f"resume={run}", "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]")
-    assert "trainer.lr 0.001 -> 0.0002" in proc.stderr + proc.stdout
+    result = run_train(f"resume={run}", "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]")
+    assert "trainer.lr 0.001 -> 0.0002" in result.stderr
     reference, _ = train(*common, "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]", name="reference")
     assert lrs(run)[4:] == lrs(reference)[4:] and lrs(run)[4] < lrs(run)[3]
     state = torch.load(run / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=True)
@@ -160,37 +188,75 @@ def test_other_prediction_targets_and_grad_accumulation_train(train, prediction_
     assert len(losses(run)) == 4 and all(np.isfinite(l) for _, l in losses(run))
 
 
-def test_strided_ema_is_diffusers_ema_at_every_step_and_folds_skipped_decays():
-    from diffusers.training_utils import EMAModel
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
+    """min(SNR, gamma) / SNR at SNR = 0 is 0/0 unless written with its limit (1)."""
+    from diffexp.build import build_objective
+    from diffexp.cli import compose_config
 
-    from diffexp.loop import StridedEMA
+    cfg = compose_config(["scheduler.rescale_betas_zero_snr=true", f"scheduler.prediction_type={prediction_type}",
+                          "trainer.loss_weighting=min_snr"])
+    objective = build_objective(cfg)
+    t = torch.tensor([0, 500, 999])
+    w = objective.weights(t)
+    assert torch.isfinite(w).all()
+    assert w[-1].item() == {"epsilon": 1.0, "v_prediction": 0.0, "sample": 0.0}[prediction_type]
+    run, _ = train("scheduler.rescale_betas_zero_snr=true", f"scheduler.prediction_type={prediction_type}",
+                   "trainer.loss_weighting=min_snr", "trainer.max_steps=6", "trainer.batch_size=64",
+                   "trainer.sample_every=0")
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_ema_is_diffusers_ema_at_every_step_and_folds_skipped_decays():
+    from diffexp.loop import EMA
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(3, 2))]
-    kw = dict(decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1, foreach=True)
-    reference, every_step, every_3 = EMAModel(params, **kw), StridedEMA(params, **kw), StridedEMA(params, **kw)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 3), torch.nn.Linear(3, 2))
+    settings = OmegaConf.create(dict(decay=0.999, use_warmup=True, inv_gamma=1.0, power=0.75, update_after_step=1))
+    reference = EMAModel(model.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
+                         update_after_step=1)
+    every_step, every_3 = EMA(model, settings), EMA(model, settings)
     for step in range(1, 13):
         with torch.no_grad():
-            for p in params:
+            for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.01)  # optimizer-sized moves
-        reference.step(params)
-        every_step.catch_up(params, step)
-        assert all(torch.equal(a, b) for a, b in zip(every_step.shadow_params, reference.shadow_params))
+        reference.step(model.parameters())
+        every_step.update(model, step)
+        assert every_step.decay_at(step) == reference.get_decay(step)
+        for mine, theirs in zip(every_step.model.parameters(), reference.shadow_params):
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
         if step % 3 == 0:
-            before = [s.clone() for s in every_3.shadow_params]
-            kept = math.prod(reference.get_decay(s) for s in range(step - 2, step + 1))
-            every_3.catch_up(params, step)
-            for new, old, p in zip(every_3.shadow_params, before, params):
+            before = [p.clone() for p in every_3.model.parameters()]
+            kept = float(np.prod([reference.get_decay(s) for s in range(step - 2, step + 1)]))
+            every_3.update(model, step)
+            for new, old, p in zip(every_3.model.parameters(), before, model.parameters()):
                 torch.testing.assert_close(new, kept * old + (1 - kept) * p.detach())
-        assert every_3.optimization_step == step - step % 3  # the checkpointed counter: the last update
-    every_3.catch_up(params, 12)  # already there: nothing changes
-    assert every_3.optimization_step == 12
-    # the folded average stays close to the per-step one while update_every << 1 / (1 - decay):
-    # within about one step's move of the weights
-    assert all(torch.allclose(a, b, atol=0.02, rtol=0) for a, b in zip(every_3.shadow_params, reference.shadow_params))
+        assert every_3.step == step - step % 3  # the checkpointed counter: the last update
+    every_3.update(model, 12)  # already there: nothing changes
+    assert every_3.step == 12
+    # the folded average stays close to the per-step one while update_every << 1 / (1 - decay)
+    assert all(torch.allclose(a, b, atol=0.02, rtol=0) for a, b in zip(every_3.model.parameters(),
+                                                                         reference.shadow_params))
 
 
-# --- bad input: a non-zero exit and one line naming the problem -------------------------------------------
+def test_a_checkpoint_of_diffexp_0_1_still_resumes(finished_run):
+    """Checkpoints written before the plain EMA hold diffusers' EMAModel state and only the step."""
+    run = finished_run
+    ckpt = run / "checkpoints" / "step_0000004"
+    shutil.rmtree(run / "checkpoints" / "step_0000002", ignore_errors=True)
+    ema = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=True)
+    old = {"decay": 0.9999, "min_decay": 0.0, "optimization_step": ema["step"], "update_after_step": 0,
+           "use_ema_warmup": True, "inv_gamma": 1.0, "power": 0.75, "shadow_params": list(ema["weights"].values()),
+           "collected_params": None}
+    torch.save(old, ckpt / "custom_checkpoint_1.pkl")
+    torch.save({"step": 4}, ckpt / "custom_checkpoint_2.pkl")
+    exported = weights(run)
+    run_train(f"resume={run}", "trainer.max_steps=5")
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5]
+    assert not all(torch.equal(v, weights(run)[k]) for k, v in exported.items())  # one more step moved the average
+
+
+# --- bad input and failures: a non-zero exit, one line naming the problem, and nothing lost -----------------
 
 
 def error_line(proc) -> str:
@@ -200,15 +266,16 @@ def error_line(proc) -> str:
     return lines[-1] if lines[-1].startswith("error:") else lines[0]
 
 
-def test_unknown_config_option_is_named(train):
-    _, proc = train("trainer.no_such_option=1", check=False)
+def test_unknown_config_option_is_named(tmp_path):
+    proc = run_cli("train", *TINY, "trainer.no_such_option=1", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode != 0 and "trainer.no_such_option" in proc.stderr.splitlines()[0]
 
 
 def test_missing_imagefolder_path_is_named(train, tmp_path):
-    _, proc = train("dataset=imagefolder", f"dataset.path={tmp_path}/nowhere", check=False)
+    run, proc = train("dataset=imagefolder", f"dataset.path={tmp_path}/nowhere", check=False)
     line = error_line(proc)
     assert line.startswith("error: dataset.path=") and "nowhere" in line and "no such directory" in line
+    assert not (run / "run.json").exists()  # refused before anything was recorded
 
 
 def test_resume_of_a_folder_without_checkpoint_is_named(tmp_path):
@@ -219,34 +286,66 @@ def test_resume_of_a_folder_without_checkpoint_is_named(tmp_path):
     assert list(folder.iterdir()) == []  # nothing was written into it
 
 
-def test_resume_of_a_run_whose_checkpoints_are_gone_is_named(train):
-    run, _ = train()
+def test_resume_of_a_run_whose_checkpoints_are_gone_is_named(finished_run):
+    run = finished_run
     shutil.rmtree(run / "checkpoints")
-    proc = run_cli("train", f"resume={run}", check=False)
+    proc = run_train(f"resume={run}", check=False)
     assert error_line(proc) == f"error: resume={run}: no checkpoint in {run / 'checkpoints'}"
 
 
-def test_resume_refuses_to_change_config_groups(train):
-    run, _ = train()
-    proc = run_cli("train", f"resume={run}", "model=unet_small", check=False)
+def test_resume_refuses_to_change_config_groups(finished_run):
+    proc = run_train(f"resume={finished_run}", "model=unet_small", check=False)
     assert error_line(proc).startswith("error: model=unet_small: a resumed run keeps its config groups")
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(train):
-    # Warm-up from lr 0 to 1e30: step 1 changes nothing, step 2 blows the weights up, step 3's loss is not finite.
+def test_non_finite_weights_are_never_checkpointed(train):
+    # Warm-up from lr 0 to 1e39: step 1 changes nothing; step 2's loss is finite (it is computed before
+    # the update) but its update overflows the weights. Its checkpoint must not be written.
+    run, proc = train("trainer.max_steps=40", "trainer.checkpoint_every=1", "trainer.log_every=1",
+                      "trainer.lr=1e39", "trainer.max_grad_norm=0", "trainer.warmup_steps=1",
+                      "trainer.lr_schedule=constant_with_warmup", "trainer.sample_every=0",
+                      "trainer.keep_checkpoints=5", check=False)
+    line = error_line(proc)
+    assert line.startswith("error: non-finite loss or weights at or before step 2") and "step_0000001 kept" in line
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000001"]
+    state = load_file(run / "checkpoints" / "step_0000001" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert all(np.isfinite(loss) for _, loss in losses(run))  # nothing non-finite was recorded
+    assert not (run / "model").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checked_checkpoint(train):
+    # Warm-up from lr 0 to 1e30: the weights grow huge but stay finite, and step 3's loss is not finite.
     run, proc = train("trainer.max_steps=40", "trainer.checkpoint_every=1", "trainer.log_every=1",
                       "trainer.lr=1e30", "trainer.max_grad_norm=0", "trainer.warmup_steps=1000000000000",
                       "trainer.lr_schedule=constant_with_warmup", "trainer.sample_every=0",
                       "trainer.keep_checkpoints=5", check=False)
     line = error_line(proc)
-    assert line.startswith("error: non-finite loss at or before step") and "last good checkpoint" in line
-    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert line.startswith("error: non-finite loss") and "last good checkpoint" in line
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept and kept[-1] in line and len(kept) < 40
-    state = load_file(run / "checkpoints" / kept[-1] / "model.safetensors")
-    assert all(torch.isfinite(v).all() for v in state.values())
-    assert all(np.isfinite(loss) for _, loss in losses(run))  # nothing non-finite was recorded
-    assert not (run / "model").exists()
+
+
+def test_a_checkpoint_swap_cut_short_by_a_crash_is_recovered_and_never_listed_twice(finished_run):
+    from diffexp.records import RunDir
+
+    run = RunDir(finished_run)
+    folder = run.checkpoints_dir
+    # The crash came between the two renames of a swap: the newest checkpoint is under its side name.
+    (folder / "step_0000004").rename(folder / ".step_0000004.old")
+    (folder / ".tmp_step_0000005").mkdir()  # a partial write
+    (folder / "step_0000002.old").mkdir()  # diffexp 0.1's side name, left by a swap that finished
+    assert [p.name for p in run.checkpoints()] == ["step_0000002", "step_0000004"]
+    assert not (folder / ".step_0000004.old").exists() and not (folder / "step_0000002.old").exists()
+    run.prune_checkpoints(1)
+    assert [p.name for p in run.checkpoints()] == ["step_0000004"]
+
+
+def test_bad_loss_weighting_is_refused_before_anything_is_recorded(train):
+    run, proc = train("trainer.loss_weighting=snr", check=False)
+    assert error_line(proc) == "error: trainer.loss_weighting=snr: expected one of uniform, min_snr"
+    assert not run.exists() or not any(run.iterdir())
 
 
 def test_bad_ema_update_interval_is_named(train):

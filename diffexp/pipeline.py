@@ -1,0 +1,108 @@
+"""``DiffexpPipeline``: generation from a diffexp run with any diffusers scheduler.
+
+This file depends only on torch and diffusers: the export copies it next to the weights as
+``model/pipeline.py``, so a plain diffusers install loads the folder with
+``DiffusionPipeline.from_pretrained(model_dir, trust_remote_code=True)``.
+
+It is diffusers' ``DDPMPipeline`` loop plus what that loop leaves out: the scheduler's
+``init_noise_sigma`` and ``scale_model_input`` (so Euler, Heun, LMS, EDM and flow-matching
+schedulers give right images), class labels with classifier-free guidance, a transformer or a
+U-Net as the denoiser, and an optional autoencoder for latent diffusion. With a DDPM, DDIM or
+DPM-Solver scheduler, an unconditional pixel-space run gives exactly ``DDPMPipeline``'s images.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+class DiffexpPipeline(DiffusionPipeline):
+    """``unet`` (a ``UNet2DModel`` or a DiT-style transformer), ``scheduler`` (any diffusers
+    scheduler) and, for latent diffusion, ``vae`` (an ``AutoencoderKL``).
+
+    Class-conditional models take labels ``0 .. num_classes - 1``; label ``num_classes`` is the
+    null class of classifier-free guidance (recorded as ``num_classes`` in the pipeline config).
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, unet, scheduler, vae=None, num_classes: int | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(num_classes=num_classes)
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """Shape of the tensor the denoiser works on (latents when there is a vae)."""
+        c = self.unet.config
+        size = c.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, c.in_channels, *size)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's raw output at timestep ``t`` (U-Nets and transformers name their inputs differently)."""
+        t = t.expand(x.shape[0]) if t.ndim else t.repeat(x.shape[0])
+        if "hidden_states" in inspect.signature(self.unet.forward).parameters:  # DiT-style transformers
+            out = self.unet(hidden_states=x, timestep=t, class_labels=labels).sample
+            return out[:, : x.shape[1]]  # a learned-variance half, if any, is not used by these samplers
+        return self.unet(x, t, class_labels=labels).sample
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int = 50,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 class_labels: torch.Tensor | list[int] | None = None, guidance_scale: float = 1.0,
+                 output_type: str = "pil", return_dict: bool = True):
+        """``batch_size`` images in ``num_inference_steps`` scheduler steps.
+
+        ``class_labels`` (one per image) asks a class-conditional model for those classes; with
+        ``guidance_scale`` != 1 the prediction is ``uncond + scale * (cond - uncond)``.
+        ``output_type``: ``"pil"``, ``"np"`` (floats in [0, 1], N x H x W x C) or ``"pt"``.
+        """
+        device = self._execution_device
+        conditional = self.config.num_classes is not None
+        labels = None
+        if conditional:
+            if class_labels is None:
+                raise ValueError("this model is class-conditional: pass class_labels")
+            labels = torch.as_tensor(class_labels, device=device).long().reshape(-1)
+            if labels.numel() != batch_size:
+                raise ValueError(f"{labels.numel()} class_labels for batch_size={batch_size}")
+            if bool((labels < 0).any() or (labels >= self.config.num_classes).any()):
+                raise ValueError(f"class_labels must be in 0..{self.config.num_classes - 1}")
+        elif class_labels is not None:
+            raise ValueError("this model is unconditional: class_labels cannot be used")
+        guided = conditional and guidance_scale != 1.0
+        if guided:
+            labels = torch.cat([torch.full_like(labels, self.config.num_classes), labels])
+
+        dtype = next(self.unet.parameters()).dtype
+        x = randn_tensor(self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
+        x = x * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = torch.cat([x, x]) if guided else x
+            x_in = self.scheduler.scale_model_input(x_in, t)
+            out = self.denoise(x_in, t, labels)
+            if guided:
+                uncond, cond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+
+        if self.vae is not None:
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        image = (x / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            images = image
+        else:
+            images = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
