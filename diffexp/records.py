@@ -236,7 +236,8 @@ class WandbRun:
     def info(self) -> dict[str, Any]:
         meta = getattr(self._run, "metadata", None) or {}
         summary = dict(self._run.summary)
-        return {"status": summary.get("status") or WANDB_STATES.get(self._run.state, self._run.state), "start": self._run.created_at, "end": None,
+        status = summary.get("status") or WANDB_STATES.get(self._run.state, self._run.state)
+        return {"status": status, "start": self._run.created_at, "end": None,
                 "wall_time_s": summary.get("_runtime"), "num_parameters": summary.get("num_parameters"),
                 "git": {"commit": (meta.get("git") or {}).get("commit"), "dirty": None}, "packages": {},
                 "wandb_run_id": self._run.id}

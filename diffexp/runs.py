@@ -93,7 +93,8 @@ def parse_removable(value: str) -> set[str]:
     wanted = parse_statuses(value)
     kept = sorted(wanted - set(REMOVABLE), key=STATUSES.index)
     if kept:
-        raise DiffexpError(f"remove={value}: only failed and empty runs can be removed ({', '.join(kept)} runs are kept)")
+        raise DiffexpError(f"remove={value}: only failed and empty runs can be removed "
+                           f"({', '.join(kept)} runs are kept)")
     return wanted
 
 

@@ -12,10 +12,11 @@ The same YAML file that ``wandb sweep`` takes runs here as one Hydra multirun of
   is not applied offline either.
 
 Overrides after the file go to every run; one that names a parameter replaces it and the
-definition's keys below it (``seed=0`` runs one seed; ``metric=none`` drops ``metric.num_samples``). A ``debug=`` config (``debug=tiny``) replaces the definition's fixed
-``value:`` parameters that it also sets (a line says which). Every run gets ``group=`` and
-``name=`` from the definition's ``command``, so the runs share a group in their run directories
-and in W&B, and their names carry the swept values.
+definition's keys below it (``seed=0`` runs one seed; ``metric=none`` drops ``metric.num_samples``).
+A ``debug=`` config (``debug=tiny``) replaces the definition's fixed ``value:`` parameters that it
+also sets (a line says which). Every run gets ``group=`` and ``name=`` from the definition's
+``command``, so the runs share a group in their run directories and in W&B, and their names carry
+the swept values.
 """
 
 from __future__ import annotations
