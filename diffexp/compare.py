@@ -127,11 +127,17 @@ def varying_keys(configs: list, skip: list[str]) -> list[str]:
 
 def expand_trials(axes: list[str], configs: list) -> list[str]:
     """``axes`` with an offline random sweep's ``sweep_trial`` (an opaque draw number) replaced by
-    the values the draws set: the keys that differ between runs besides the other axes."""
+    the values the draws set: the keys that differ between runs besides the other axes, each once
+    (a key that only repeats another, such as an interpolated copy of ``trainer.lr``, is left out)."""
     if TRIAL not in axes:
         return axes
     others = [a for a in axes if a != TRIAL]
-    return others + varying_keys(configs, others + [TRIAL]) or others or ["group"]
+    drawn: dict[str, tuple] = {}
+    for key in varying_keys(configs, others + [TRIAL]):
+        values = tuple(json.dumps(OmegaConf.select(c, key), default=str) for c in configs)
+        if values not in drawn.values():
+            drawn[key] = values
+    return others + list(drawn) or ["group"]
 
 
 def default_axes(configs: list) -> list[str]:
@@ -147,11 +153,13 @@ def mismatches(configs: list, axes: list[str], summaries: list[dict]) -> list[st
     flats = [flat_config(c) for c in configs]
     # A group compared by its option (model=...) may differ in all of its keys; so may a sweep's draws.
     covered = [*axes, *(f"choices.{a}" for a in axes), f"choices.{TRIAL}"]
+    per_run = lambda key: tuple(json.dumps(f.get(key, "(missing)"), default=str) for f in flats)  # noqa: E731
+    followers = {per_run(a) for a in axes}  # a key that moves with an axis (an interpolated copy) is that axis
     lines = []
     for key in sorted({k for f in flats for k in f}):
-        if covers(key, covered) or covers(key, IGNORED):
+        if covers(key, covered) or covers(key, IGNORED) or per_run(key) in followers:
             continue
-        values = sorted({json.dumps(f.get(key, "(missing)"), default=str) for f in flats})
+        values = sorted(set(per_run(key)))
         if len(values) > 1:
             lines.append(f"runs differ in {key} besides by={','.join(axes)}: {', '.join(values)}")
     steps = sorted({s["steps"] for s in summaries})
