@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         summaries = [summarize(r) for r in iter_runs(paths or ["outputs"], empty=True)]
         listed = [s for s in summaries if s["status"] in (removing or wanted)]
         print(table(listed) if listed else "no runs with status " + ",".join(sorted(removing or wanted)))
-        print(f"{len(listed)} of {len(summaries)} runs ({counted(s['status'] for s in summaries)})")
+        everything = f"{len(summaries)} runs: {counted(s['status'] for s in summaries)}"
+        print(everything if len(listed) == len(summaries) else f"{len(listed)} shown of {everything}")
         if removing is not None:
             remove(listed, confirmed == "true")
 
