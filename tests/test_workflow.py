@@ -175,9 +175,10 @@ def test_bayes_sweep_offline_samples_at_random_through_submitit_local(tmp_path, 
     assert len(lrs) == 2
     assert list((sweep_dir / ".submitit").iterdir())  # submitit's local executor ran the jobs
     # compare groups the draws by the values drawn, not by their opaque sweep_trial number.
-    run_cli("compare", str(sweep_dir), f"out={tmp_path / 'report'}")
+    proc = run_cli("compare", str(sweep_dir), f"out={tmp_path / 'report'}")
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert "trainer.lr" in summary["axes"] and "sweep_trial" not in summary["axes"]
+    assert "trainer.optimizer.lr" not in summary["axes"] and "warning" not in proc.stderr  # lr's interpolated copy
     assert sorted(r["axes"]["trainer.lr"] for r in summary["runs"]) == sorted(lrs)
 
 
@@ -315,7 +316,7 @@ def test_runs_lists_statuses_and_compare_takes_finished_runs(grid_sweep, train, 
     assert "| failed |" in md and "| running |" in md
 
     listing = run_cli("runs", str(outputs)).stdout
-    assert listing.splitlines()[-1] == "7 of 7 runs (4 finished, 1 failed, 1 empty, 1 running)"
+    assert listing.splitlines()[-1] == "7 runs: 4 finished, 1 failed, 1 empty, 1 running"
     status_of = {line.split()[0]: line.split()[2] for line in listing.splitlines()[1:-1]}
     assert status_of[str(failed)] == "failed" and status_of[str(empty)] == "empty"
     assert status_of[str(killed)] == "running" and list(status_of.values()).count("finished") == 4
