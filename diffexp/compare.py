@@ -1,12 +1,15 @@
-"""``python -m diffexp.compare RUN_DIR_OR_SWEEP_DIR... [by=model,scheduler] [out=DIR]``: compare runs.
+"""``python -m diffexp.compare RUN_DIR_OR_SWEEP_DIR... [by=AXES] [status=finished] [rank=KEY] [smooth=0.9] [out=DIR]``.
 
-Writes ``report.md``, ``report.html``, ``summary.json`` and PNG plots (loss and FID curves per
+Writes ``report.md``, ``report.html``, ``summary.json`` and PNG plots (loss and quality curves per
 group, the last sample grid of every run) into ``out`` (default: ``compare/`` inside the one
-folder given, else ``outputs/compare/DATE_TIME``). Rows are grouped by the ``by`` axes (a config
-group such as ``model``, or any config key such as ``scheduler.prediction_type``; default: the
-axes in which the runs differ, seeds aside); each group gets mean ± 95% confidence interval over
-its runs (Student t). Runs that differ in anything else (dataset, steps, metric sample count, ...)
-are reported, since that makes the comparison unfair.
+folder given, else ``outputs/compare/DATE_TIME``). Only finished runs are compared unless
+``status=`` says otherwise; one line says what was left out. Rows are grouped by the ``by`` axes (a
+config group such as ``model``, or any config key such as ``scheduler.prediction_type``; default:
+the groups whose option differs, with an offline random sweep's ``sweep_trial`` spelled out as the
+values it drew); each group gets mean ± 95% confidence interval over its runs (Student t), and the
+groups are ranked by a sample-quality metric when the runs logged one, else by the final loss.
+Runs that differ in anything else (dataset, steps, metric sample count, ...) are reported, and so
+is a ranking by loss across prediction types or objectives, whose losses measure different things.
 
 ``source=wandb project=ENTITY/PROJECT [sweep=ID]`` reads the runs from W&B instead, when W&B is
 reachable.
@@ -19,6 +22,7 @@ import json
 import math
 import shutil
 import sys
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,26 +31,61 @@ from omegaconf import OmegaConf
 
 from diffexp import DiffexpError
 from diffexp.cli import report_errors
-from diffexp.records import iter_runs, wandb_runs
+from diffexp.records import STATUSES, iter_runs, primary_quality, quality_goal, run_status, summarize, wandb_runs
 
-OPTIONS = ("by", "out", "source", "project", "sweep")
+OPTIONS = ("by", "out", "source", "project", "sweep", "status", "rank", "smooth")
 # Keys that never make runs incomparable: where they were written, what they were called, seeds.
-IGNORED = ("name", "seed", "group", "resume", "cache_dir", "output_root", "hydra", "choices.debug")
+IGNORED = ("name", "seed", "group", "resume", "cache_dir", "output_root", "hydra", "choices.debug", "logger.name")
 SCALARS = ("num_parameters", "steps", "wall_time_s", "img_per_s", "final_loss")
+# What defines the number a loss is: runs that differ here have losses that cannot be compared.
+LOSS_DEFINITION = ("scheduler._target_", "scheduler.prediction_type", "trainer.loss_weighting")
+TRIAL = "sweep_trial"  # the config group an offline random/bayes sweep draws its runs into (diffexp.sweep)
+SMOOTH = 0.9
+ARROW = {"min": "↓", "max": "↑"}
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+def parse_args(argv: list[str], options: tuple[str, ...] = OPTIONS) -> tuple[list[str], dict[str, str]]:
     """(run or sweep paths, options) from ``PATH... key=value...``."""
-    paths, options = [], {}
+    paths, found = [], {}
     for a in argv:
         key = a.split("=", 1)[0]
-        if "=" in a and key in OPTIONS:
-            options[key] = a.split("=", 1)[1]
+        if "=" in a and key in options:
+            found[key] = a.split("=", 1)[1]
         elif "=" in a and not Path(a).exists():
-            raise DiffexpError(f"{a}: unknown option (expected one of {', '.join(OPTIONS)}) and not a path")
+            raise DiffexpError(f"{a}: unknown option (expected one of {', '.join(options)}) and not a path")
         else:
             paths.append(a)
-    return paths, options
+    return paths, found
+
+
+def parse_statuses(value: str, allowed: tuple[str, ...] = STATUSES) -> set[str]:
+    """``{"finished", "failed"}`` from ``finished,failed``; ``all`` is every status."""
+    wanted = {v for v in value.split(",") if v}
+    if wanted == {"all"}:
+        return set(allowed)
+    unknown = sorted(wanted - set(allowed))
+    if unknown or not wanted:
+        raise DiffexpError(f"status={value}: expected all or a list of {', '.join(allowed)}")
+    return wanted
+
+
+def counted(statuses) -> str:
+    """``2 failed, 1 running`` (most common first)."""
+    return ", ".join(f"{n} {s}" for s, n in Counter(statuses).most_common())
+
+
+def select_status(runs: list, wanted: set[str], spelled: str) -> tuple[list, str | None]:
+    """(the runs whose status is wanted, one line saying what was skipped and why, or None)."""
+    statuses = [run_status(r) for r in runs]
+    kept = [r for r, s in zip(runs, statuses) if s in wanted]
+    skipped = [s for s in statuses if s not in wanted]
+    if not kept:
+        raise DiffexpError(f"no runs with status={spelled} among {len(runs)} ({counted(statuses)}); "
+                           "status=all includes them all")
+    if not skipped:
+        return kept, None
+    return kept, (f"skipped {len(skipped)} of {len(runs)} runs ({counted(skipped)}): compared status={spelled} only; "
+                  "status=all includes them")
 
 
 def axis_value(cfg, axis: str) -> Any:
@@ -73,32 +112,76 @@ def flat_config(cfg) -> dict[str, Any]:
     return out
 
 
-def duration_s(info: dict[str, Any]) -> float | None:
-    try:
-        return (datetime.fromisoformat(info["end"]) - datetime.fromisoformat(info["start"])).total_seconds()
-    except (KeyError, TypeError, ValueError):
-        return None
+def covers(key: str, prefixes) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or lies under one (``model.layers`` under ``model``)."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def summarize(run) -> dict[str, Any]:
-    """One table row for a run: its config, size, progress, speed, final loss, best/final metrics."""
-    cfg, info, rows = run.config(), run.info(), run.metrics()
-    train_rows = [r for r in rows if "train/loss" in r]
-    speeds = [r["train/img_per_s"] for r in train_rows if "train/img_per_s" in r]
-    out = {
-        "run": str(run.path), "name": cfg.get("name"), "status": info.get("status"),
-        "num_parameters": info.get("num_parameters"),
-        "steps": max((r["step"] for r in rows), default=0),
-        "wall_time_s": duration_s(info) if duration_s(info) is not None else info.get("wall_time_s"),
-        "img_per_s": sum(speeds) / len(speeds) if speeds else None,
-        "final_loss": train_rows[-1]["train/loss"] if train_rows else None,
-    }
-    for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
-        values = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
-        lower_is_better = not key.startswith("eval/is")
-        best = min(v for _, v in values) if lower_is_better else max(v for _, v in values)
-        out[f"final {key}"], out[f"best {key}"] = values[-1][1], best
-    return out
+def varying_keys(configs: list, skip: list[str]) -> list[str]:
+    """The config keys whose values differ between runs, besides ``skip`` and IGNORED."""
+    flats = [flat_config(c) for c in configs]
+    keys = sorted({k for f in flats for k in f})
+    return [k for k in keys if not covers(k, [*skip, *IGNORED, "choices"])
+            and len({json.dumps(f.get(k, "(missing)"), default=str) for f in flats}) > 1]
+
+
+def expand_trials(axes: list[str], configs: list) -> list[str]:
+    """``axes`` with an offline random sweep's ``sweep_trial`` (an opaque draw number) replaced by
+    the values the draws set: the keys that differ between runs besides the other axes, each once
+    (a key that only repeats another, such as an interpolated copy of ``trainer.lr``, is left out)."""
+    if TRIAL not in axes:
+        return axes
+    others = [a for a in axes if a != TRIAL]
+    drawn: dict[str, tuple] = {}
+    for key in varying_keys(configs, others + [TRIAL]):
+        values = tuple(json.dumps(OmegaConf.select(c, key), default=str) for c in configs)
+        if values not in drawn.values():
+            drawn[key] = values
+    return others + list(drawn) or ["group"]
+
+
+def default_axes(configs: list) -> list[str]:
+    """The config groups whose chosen option differs between runs (``model``, ``scheduler``, ...)."""
+    choices = [OmegaConf.to_container(c.get("choices") or {}) for c in configs]
+    keys = sorted({k for c in choices for k in c if k not in ("debug",)})
+    varying = [k for k in keys if len({str(c.get(k)) for c in choices}) > 1]
+    return varying or ["group"]
+
+
+def mismatches(configs: list, axes: list[str], summaries: list[dict]) -> list[str]:
+    """One line per config key (other than the compared axes) on which the runs disagree."""
+    flats = [flat_config(c) for c in configs]
+    # A group compared by its option (model=...) may differ in all of its keys; so may a sweep's draws.
+    covered = [*axes, *(f"choices.{a}" for a in axes), f"choices.{TRIAL}"]
+    per_run = lambda key: tuple(json.dumps(f.get(key, "(missing)"), default=str) for f in flats)  # noqa: E731
+    followers = {per_run(a) for a in axes}  # a key that moves with an axis (an interpolated copy) is that axis
+    lines = []
+    for key in sorted({k for f in flats for k in f}):
+        if covers(key, covered) or covers(key, IGNORED) or per_run(key) in followers:
+            continue
+        values = sorted(set(per_run(key)))
+        if len(values) > 1:
+            lines.append(f"runs differ in {key} besides by={','.join(axes)}: {', '.join(values)}")
+    steps = sorted({s["steps"] for s in summaries})
+    if len(steps) > 1:
+        lines.append(f"runs reached different steps: {', '.join(map(str, steps))}")
+    return lines
+
+
+def loss_warning(configs: list, rank: str) -> list[str]:
+    """A line when the ranking is by loss but the runs' losses measure different things."""
+    if rank != "train/loss":
+        return []
+    differ = []
+    for key in LOSS_DEFINITION:
+        values = sorted({str(OmegaConf.select(c, key, default="(missing)")) for c in configs})
+        if len(values) > 1:
+            differ.append(f"{key} ({', '.join(values)})")
+    if not differ:
+        return []
+    return [f"losses are not comparable: runs differ in {'; '.join(differ)}, so their losses measure different "
+            "targets; rank by a sample-quality metric instead (train with metric=... trainer.eval_every=N, then "
+            "rank=eval/...)"]
 
 
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
@@ -113,38 +196,9 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     return mean, float(sem * stats.t.ppf(0.975, n - 1))
 
 
-def default_axes(configs: list) -> list[str]:
-    """The config groups whose chosen option differs between runs (``model``, ``scheduler``, ...)."""
-    choices = [OmegaConf.to_container(c.get("choices") or {}) for c in configs]
-    keys = sorted({k for c in choices for k in c if k not in ("debug",)})
-    varying = [k for k in keys if len({str(c.get(k)) for c in choices}) > 1]
-    return varying or ["group"]
-
-
-def mismatches(configs: list, axes: list[str], summaries: list[dict]) -> list[str]:
-    """One line per config key (other than the compared axes) on which the runs disagree."""
-    flats = [flat_config(c) for c in configs]
-    # A group compared by its option (model=...) may differ in all of its keys.
-    covered = [a for a in axes] + [f"choices.{a}" for a in axes]
-    keys = sorted({k for f in flats for k in f})
-    lines = []
-    for key in keys:
-        if any(key == c or key.startswith(c + ".") for c in covered) or any(
-                key == i or key.startswith(i + ".") for i in IGNORED):
-            continue
-        values = sorted({json.dumps(f.get(key, "(missing)"), default=str) for f in flats})
-        if len(values) > 1:
-            lines.append(f"runs differ in {key} besides by={','.join(axes)}: {', '.join(values)}")
-    steps = sorted({s["steps"] for s in summaries})
-    if len(steps) > 1:
-        lines.append(f"runs reached different steps: {', '.join(map(str, steps))}")
-    return lines
-
-
 def group_rows(summaries: list[dict], keys: list[tuple]) -> list[dict]:
     """Per distinct axis tuple: n and mean ± CI of every numeric column."""
-    columns = [c for c in summaries[0] if c in SCALARS or c.startswith(("final eval/", "best eval/"))]
-    columns = sorted({c for s in summaries for c in s if c in columns or c.startswith(("final eval/", "best eval/"))},
+    columns = sorted({c for s in summaries for c in s if c in SCALARS or c.startswith(("final eval/", "best eval/"))},
                      key=lambda c: (c not in SCALARS, SCALARS.index(c) if c in SCALARS else c))
     groups = []
     for key in dict.fromkeys(keys):
@@ -157,6 +211,129 @@ def group_rows(summaries: list[dict], keys: list[tuple]) -> list[dict]:
                 row[c] = {"mean": mean, "ci95": half, "n": len(values)}
         groups.append(row)
     return groups
+
+
+def rank_groups(groups: list[dict], rank: str) -> tuple[list[dict], str]:
+    """The groups best first by the mean final value of ``rank`` (groups without it last), each with
+    its ``rank``; and one line saying what the order rests on."""
+    column = "final_loss" if rank == "train/loss" else f"final {rank}"
+    goal = "min" if rank == "train/loss" else quality_goal(rank)
+    sign = 1 if goal == "min" else -1
+    ordered = sorted(groups, key=lambda g: (column not in g, sign * g[column]["mean"] if column in g else 0))
+    for i, g in enumerate(ordered, 1):
+        g["rank"] = i if column in g else None
+    better = "lower" if goal == "min" else "higher"
+    line = f"groups ranked by the mean final {rank} ({better} is better)"
+    ranked = [g for g in ordered if column in g]
+    if len(ranked) > 1:
+        a, b = ranked[0][column], ranked[1][column]
+        if a["ci95"] is None or b["ci95"] is None:
+            line += "; the top groups have one run each, so no interval tells them apart"
+        elif abs(a["mean"] - b["mean"]) <= a["ci95"] + b["ci95"]:
+            line += "; the 95% intervals of the top two overlap"
+    return ordered, line
+
+
+def check_rank(rank: str | None, primary: str | None, summaries: list[dict]) -> str:
+    """The key to rank by: ``rank=`` if the runs logged it, else the primary quality metric, else loss."""
+    if rank is None:
+        return primary or "train/loss"
+    logged = sorted({c[len("final "):] for s in summaries for c in s if c.startswith("final eval/")})
+    if rank != "train/loss" and rank not in logged:
+        raise DiffexpError(f"rank={rank}: no compared run logged it (quality metrics logged: "
+                           f"{', '.join(logged) or 'none'}; train/loss always works)")
+    return rank
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """W&B's / TensorBoard's exponential moving average with the start-up bias removed: each point is
+    ``weight`` times the average so far plus ``1 - weight`` times itself (0 leaves the curve alone)."""
+    out, average, norm = [], 0.0, 0.0
+    for v in values:
+        average = weight * average + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(average / norm)
+    return out
+
+
+def label(axes: list[str], values) -> str:
+    return ", ".join(f"{a}={v}" for a, v in zip(axes, values))
+
+
+def plot_curves(runs, keys, axes, metric: str, path: Path, weight: float = 0.0) -> bool:
+    """Mean curve of ``metric`` per group against the step, thin lines for its single runs.
+
+    With ``weight`` > 0 the curves are smoothed (``smooth``) and the raw group mean stays faint behind.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, list[list[tuple[int, float]]]] = {}
+    for run, key in zip(runs, keys):
+        points = [(r["step"], r[metric]) for r in run.metrics() if isinstance(r.get(metric), (int, float))]
+        if points:
+            series.setdefault(key, []).append(points)
+    if not series:
+        return False
+    shown = (lambda ys: smooth(ys, weight)) if weight > 0 else (lambda ys: ys)
+    marker = "o" if metric != "train/loss" else None  # quality is measured a few times, loss every few steps
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (key, members) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        by_step: dict[int, list[float]] = {}
+        for points in members:
+            steps, ys = zip(*points)
+            if len(members) > 1:
+                ax.plot(steps, shown(list(ys)), color=color, alpha=0.3, linewidth=0.8)
+            for step, v in points:
+                by_step.setdefault(step, []).append(v)
+        steps = sorted(by_step)
+        mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+        if weight > 0:
+            ax.plot(steps, mean, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(steps, shown(mean), color=color, linewidth=2, marker=marker, markersize=4,
+                label=f"{label(axes, key)} (n={len(members)})")
+    ax.set_xlabel("step")
+    goal = quality_goal(metric)
+    ax.set_ylabel(metric + (f" ({'lower' if goal == 'min' else 'higher'} is better)" if goal else "")
+                  + (f", smoothed {weight:g}" if weight > 0 else ""))
+    if metric == "train/loss":
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_grids(runs, titles: list[str], path: Path) -> list[str]:
+    """The last sample grid of every run side by side, each titled with its compared values and
+    step; returns the titles shown (empty when no run has a grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    grids = [(f"{t}\n{r.sample_grids()[-1].stem.replace('_', ' ')}", r.sample_grids()[-1])
+             for r, t in zip(runs, titles) if r.sample_grids()]
+    if not grids:
+        return []
+    cols = min(4, len(grids))
+    nrows = math.ceil(len(grids) / cols)
+    fig, axs = plt.subplots(nrows, cols, figsize=(3 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axs.flat:
+        ax.axis("off")
+    for ax, (title, grid) in zip(axs.flat, grids):
+        ax.imshow(Image.open(grid), cmap="gray")
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [t for t, _ in grids]
 
 
 def fmt(v: Any) -> str:
@@ -173,69 +350,10 @@ def fmt_ci(cell: dict | None) -> str:
     return fmt(cell["mean"]) if cell["ci95"] is None else f"{fmt(cell['mean'])} ± {fmt(cell['ci95'])}"
 
 
-def plot_curves(runs, keys, axes, metric_prefix: str, ylabel: str, path: Path) -> bool:
-    """Mean curve per group (thin lines: its runs) of the first metric starting with ``metric_prefix``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {}
-    for run, key in zip(runs, keys):
-        rows = run.metrics()
-        names = sorted({k for r in rows for k in r if k.startswith(metric_prefix)})
-        if not names:
-            continue
-        points = [(r["step"], r[names[0]]) for r in rows if r.get(names[0]) is not None]
-        series.setdefault(key, []).append((names[0], points))
-    if not series:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (key, members) in enumerate(series.items()):
-        color = f"C{i % 10}"
-        by_step: dict[int, list[float]] = {}
-        for _, points in members:
-            ax.plot(*zip(*points), color=color, alpha=0.25, linewidth=0.8)
-            for step, v in points:
-                by_step.setdefault(step, []).append(v)
-        steps = sorted(by_step)
-        ax.plot(steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], color=color, linewidth=2,
-                label=f"{', '.join(f'{a}={v}' for a, v in zip(axes, key))} (n={len(members)})")
-    ax.set_xlabel("step")
-    ax.set_ylabel(members[0][0] if ylabel is None else ylabel)
-    if metric_prefix == "train/loss":
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_grids(runs, names: list[str], path: Path) -> bool:
-    """The last sample grid of every run, side by side, titled with the run's name and step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    grids = [(n, r.sample_grids()[-1]) for r, n in zip(runs, names) if r.sample_grids()]
-    if not grids:
-        return False
-    cols = min(4, len(grids))
-    nrows = math.ceil(len(grids) / cols)
-    fig, axs = plt.subplots(nrows, cols, figsize=(3 * cols, 3.6 * nrows), squeeze=False)
-    for ax in axs.flat:
-        ax.axis("off")
-    for ax, (name, grid) in zip(axs.flat, grids):
-        ax.imshow(Image.open(grid), cmap="gray")
-        ax.set_title(f"{name}\n{grid.stem}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+def heading(column: str) -> str:
+    """A column's title: ``best eval/fd_digits_1k ↓`` says which way is better."""
+    key = column.split(" ", 1)[-1]
+    return f"{column} {ARROW[quality_goal(key)]}" if quality_goal(key) else column.replace("_", " ")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -244,62 +362,78 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs, axes: list[str] | None, out: Path) -> dict[str, Any]:
+def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = None, weight: float = SMOOTH,
+                 notes: list[str] | None = None) -> dict[str, Any]:
     """Write the report files into ``out``; returns the summary (also in ``summary.json``)."""
     runs = list(runs)
     configs = [r.config() for r in runs]
-    axes = axes or default_axes(configs)
+    axes = expand_trials(axes or default_axes(configs), configs)
     summaries = [summarize(r) for r in runs]
     for s, c in zip(summaries, configs):
         s["axes"] = {a: axis_value(c, a) for a in axes}
         s["seed"] = c.get("seed")
+    primary = primary_quality([{k[len("final "):] for k in s if k.startswith("final eval/")} for s in summaries])
+    rank = check_rank(rank, primary, summaries)
     keys = [tuple(str(s["axes"][a]) for a in axes) for s in summaries]
-    warnings = mismatches(configs, axes, summaries)
-    groups = group_rows(summaries, keys)
+    warnings = mismatches(configs, axes, summaries) + loss_warning(configs, rank)
+    groups, rank_line = rank_groups(group_rows(summaries, keys), rank)
+    order = {tuple(g["axes"]): i for i, g in enumerate(groups)}
+    by_rank = sorted(range(len(runs)), key=lambda i: (order[keys[i]], summaries[i]["run"]))
     out.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "loss": plot_curves(runs, keys, axes, "train/loss", "train/loss", out / "loss.png"),
-        "fid": plot_curves(runs, keys, axes, "eval/fid", None, out / "fid.png"),
-        "grids": plot_grids(runs, [s["name"] for s in summaries], out / "grids.png"),
-    }
-    summary = {"axes": axes, "runs": summaries, "groups": groups, "warnings": warnings,
+    lead = rank if rank != "train/loss" else primary  # the quality metric the tables and the curve lead with
+    curves = {"loss": ("train/loss", weight), "quality": (lead, 0.0)}
+    plots = {name: bool(metric) and plot_curves(runs, keys, axes, metric, out / f"{name}.png", w)
+             for name, (metric, w) in curves.items()}
+    titles = plot_grids([runs[i] for i in by_rank], [f"{label(axes, keys[i])}, seed {summaries[i]['seed']}"
+                                                      for i in by_rank], out / "grids.png")
+    plots["grids"] = bool(titles)
+    notes = [*(notes or []), rank_line]
+    summary = {"axes": axes, "runs": [summaries[i] for i in by_rank], "groups": groups, "warnings": warnings,
+               "notes": notes, "rank": rank, "primary_quality": primary, "smooth": weight, "grid_titles": titles,
                "plots": [f"{k}.png" for k, ok in plots.items() if ok]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
-    metric_cols = sorted({c for s in summaries for c in s if c.startswith(("final eval/", "best eval/"))})
-    run_header = ["run", *axes, "seed", "parameters", "steps", "wall time (s)", "images/s", "final loss", *metric_cols]
-    run_rows = [[s["name"], *(fmt(s["axes"][a]) for a in axes), fmt(s["seed"]), fmt(s["num_parameters"]),
-                 fmt(s["steps"]), fmt(s["wall_time_s"]), fmt(s["img_per_s"]), fmt(s["final_loss"]),
-                 *(fmt(s.get(c)) for c in metric_cols)] for s in summaries]
-    group_cols = [c for c in ("num_parameters", "steps", "wall_time_s", "img_per_s", "final_loss", *metric_cols)
-                  if any(c in g for g in groups)]
-    group_header = [*axes, "n", *(c.replace("_", " ") for c in group_cols)]
-    group_table = [[*g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in group_cols)] for g in groups]
+    # The tables lead with one quality metric; every quality metric's final value has its own table.
+    headline = [f"best {lead}", f"final {lead}"] if lead else []
+    quality = sorted({c for s in summaries for c in s if c.startswith("final eval/")})
+    run_header = ["run", *axes, "seed", "status", "parameters", "steps", "wall time (s)", "images/s", "final loss",
+                  *map(heading, headline)]
+    run_rows = [[s["name"], *(fmt(s["axes"][a]) for a in axes), fmt(s["seed"]), s["status"],
+                 fmt(s["num_parameters"]), fmt(s["steps"]), fmt(s["wall_time_s"]), fmt(s["img_per_s"]),
+                 fmt(s["final_loss"]), *(fmt(s.get(c)) for c in headline)] for s in summary["runs"]]
+    group_cols = [c for c in (*SCALARS, *headline) if any(c in g for g in groups)]
+    group_header = ["rank", *axes, "n", *map(heading, group_cols)]
+    group_table = [[fmt(g["rank"]), *g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in group_cols)] for g in groups]
+    tables = [("Groups (mean ± 95% CI over runs, Student t)", group_header, group_table)]
+    if len(quality) > 1:
+        tables.append(("Quality metrics per group (final value, mean ± 95% CI)", [*axes, "n", *map(heading, quality)],
+                       [[*g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in quality)] for g in groups]))
+    tables.append(("Runs", run_header, run_rows))
+    titles_of = {"loss": "Training loss" + (f" (smoothed {weight:g}; faint: raw)" if weight > 0 else ""),
+                 "quality": f"Sample quality: {lead}", "grids": "Last sample grids"}
+    shown = [(titles_of[k], f"{k}.png") for k, ok in plots.items() if ok]
 
-    md = [f"# Comparison of {len(runs)} runs by {', '.join(axes)}", ""]
-    md += [f"> warning: {w}" for w in warnings] + ([""] if warnings else [])
-    md += ["## Groups (mean ± 95% CI over runs, Student t)", "", markdown_table(group_header, group_table), "",
-           "## Runs", "", markdown_table(run_header, run_rows), ""]
-    titles = {"loss": "Training loss", "fid": "FID", "grids": "Last sample grids"}
-    for name, ok in plots.items():
-        if ok:
-            md += [f"## {titles[name]}", "", f"![{titles[name]}]({name}.png)", ""]
+    title = f"Comparison of {len(runs)} runs by {', '.join(axes)}"
+    md = [f"# {title}", ""]
+    md += [f"> warning: {w}" for w in warnings] + [f"> {n}" for n in notes] + [""]
+    for name, header, rows in tables:
+        md += [f"## {name}", "", markdown_table(header, rows), ""]
+    for name, src in shown:
+        md += [f"## {name}", "", f"![{name}]({src})", ""]
     (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(to_html(md_title=md[0][2:], warnings=warnings, tables=[
-        ("Groups (mean ± 95% CI over runs, Student t)", group_header, group_table),
-        ("Runs", run_header, run_rows)], plots=[(titles[k], f"{k}.png") for k, ok in plots.items() if ok]))
+    (out / "report.html").write_text(to_html(title, warnings, notes, tables, shown))
     return summary
 
 
-def to_html(md_title: str, warnings: list[str], tables, plots) -> str:
+def to_html(title: str, warnings: list[str], notes: list[str], tables, plots) -> str:
     e = html.escape
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(md_title)}</title>",
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.warn{color:#a40}</style>",
-             f"<h1>{e(md_title)}</h1>"]
-    parts += [f"<p class='warn'>warning: {e(w)}</p>" for w in warnings]
-    for title, header, rows in tables:
-        parts.append(f"<h2>{e(title)}</h2><table><tr>{''.join(f'<th>{e(h)}</th>' for h in header)}</tr>")
+             f"<h1>{e(title)}</h1>"]
+    parts += [f"<p class='warn'>warning: {e(w)}</p>" for w in warnings] + [f"<p>{e(n)}</p>" for n in notes]
+    for name, header, rows in tables:
+        parts.append(f"<h2>{e(name)}</h2><table><tr>{''.join(f'<th>{e(h)}</th>' for h in header)}</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
     parts += [f"<h2>{e(t)}</h2><img src='{e(src)}' alt='{e(t)}'>" for t, src in plots]
@@ -312,11 +446,25 @@ def default_out(paths: list[str]) -> Path:
     return Path("outputs") / "compare" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
+def smoothing(value: str) -> float:
+    """``smooth=`` as a weight in [0, 1)."""
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not 0 <= weight < 1:
+        raise DiffexpError(f"smooth={value}: expected a number from 0 (raw curves) up to, not including, 1")
+    return weight
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Read the runs, print the warnings and where the report went."""
+    """Read the runs, print what was skipped, the warnings, and where the report went."""
     with report_errors():
         paths, options = parse_args(sys.argv[1:] if argv is None else argv)
         axes = [a for a in options.get("by", "").split(",") if a] or None
+        spelled = options.get("status", "finished")
+        wanted = parse_statuses(spelled)
+        weight = smoothing(options.get("smooth", str(SMOOTH)))
         if options.get("source", "dirs") == "wandb":
             if not options.get("project"):
                 raise DiffexpError("source=wandb needs project=ENTITY/PROJECT (and optionally sweep=ID)")
@@ -326,16 +474,21 @@ def main(argv: list[str] | None = None) -> None:
             raise DiffexpError(f"source={options['source']}: expected dirs or wandb")
         else:
             if not paths:
-                raise DiffexpError("usage: python -m diffexp.compare RUN_OR_SWEEP_DIR... [by=model,scheduler] [out=DIR]")
+                raise DiffexpError("usage: python -m diffexp.compare RUN_OR_SWEEP_DIR... [by=model,scheduler] "
+                                   "[status=finished] [rank=KEY] [smooth=0.9] [out=DIR]")
             runs = list(iter_runs(paths))
             out = Path(options.get("out") or default_out(paths))
+        runs, skipped = select_status(runs, wanted, spelled)
         if out.exists() and (out / "summary.json").exists():
             shutil.rmtree(out)  # a previous report of the same runs: replace it whole
-        summary = write_report(runs, axes, out)
+        summary = write_report(runs, axes, out, rank=options.get("rank"), weight=weight,
+                               notes=[skipped] if skipped else [])
+    if skipped:
+        print(skipped)
     for w in summary["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"compared {len(summary['runs'])} runs in {len(summary['groups'])} groups by {','.join(summary['axes'])}: "
-          f"{out / 'report.md'} (and report.html)")
+    print(f"compared {len(summary['runs'])} runs in {len(summary['groups'])} groups by {','.join(summary['axes'])}, "
+          f"ranked by {summary['rank']}: {out / 'report.md'} (and report.html)")
 
 
 if __name__ == "__main__":

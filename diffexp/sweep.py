@@ -11,9 +11,12 @@ The same YAML file that ``wandb sweep`` takes runs here as one Hydra multirun of
   Offline it is run as ``random`` over the same space, and a line says so; ``early_terminate``
   is not applied offline either.
 
-Overrides after the file go to every run; one that names a swept parameter replaces it
-(``seed=0`` runs one seed). Every run gets ``group=`` from the definition's ``command``, so the
-runs share a group in their run directories and in W&B.
+Overrides after the file go to every run; one that names a parameter replaces it and the
+definition's keys below it (``seed=0`` runs one seed; ``metric=none`` drops ``metric.num_samples``).
+A ``debug=`` config (``debug=tiny``) replaces the definition's fixed ``value:`` parameters that it
+also sets (a line says which). Every run gets ``group=`` and ``name=`` from the definition's
+``command``, so the runs share a group in their run directories and in W&B, and their names carry
+the swept values.
 """
 
 from __future__ import annotations
@@ -110,12 +113,13 @@ def draw(spec: dict[str, Any], rng: random.Random) -> Any:
     lo, hi = spec["min"], spec["max"]
     if dist == "int_uniform":
         return rng.randint(lo, hi)
+    # Three significant digits keep run names and tables readable (0.000312, not 0.00031234567891).
     if dist == "uniform":
-        return rng.uniform(lo, hi)
+        return float(f"{rng.uniform(lo, hi):.3g}")
     if dist == "log_uniform_values":
-        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        return float(f"{math.exp(rng.uniform(math.log(lo), math.log(hi))):.3g}")
     if dist == "log_uniform":  # W&B: min and max are natural logs
-        return math.exp(rng.uniform(lo, hi))
+        return float(f"{math.exp(rng.uniform(lo, hi)):.3g}")
     raise DiffexpError(f"distribution={dist}: offline sweeps draw from values, uniform, int_uniform, "
                        "log_uniform and log_uniform_values")
 
@@ -156,14 +160,55 @@ def _hydra_value(v: Any) -> str:
     return f"'{text}'" if any(c in text for c in ",[]{}()= ") else text
 
 
+def debug_settings(overrides: list[str]) -> tuple[str | None, set[str]]:
+    """The ``debug=`` option among ``overrides`` and the keys its config sets (``trainer.max_steps``;
+    ``model`` for its ``override /model``); (None, empty) without one."""
+    option = next((o.split("=", 1)[1] for o in overrides if override_key(o) == "debug"), None)
+    path = Path(CONFIG_PATH) / "debug" / f"{option}.yaml"
+    if option is None or not path.is_file():  # an unknown option is Hydra's to report
+        return option, set()
+    body = yaml.safe_load(path.read_text()) or {}
+    keys = {k.removeprefix("override").strip().lstrip("/") for entry in body.pop("defaults", None) or []
+            if isinstance(entry, dict) for k in entry}
+
+    def walk(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                keys.add(f"{prefix}{k}")
+
+    walk(body, "")
+    return option, keys
+
+
+def yield_to_debug(params: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``params`` without the fixed (``value:``) ones that the ``debug=`` config also sets, and a note.
+
+    A fixed value would reach the runs as a command-line override, which beats any config file, so
+    ``debug=tiny`` would train the sweep's 3000 steps. Swept values stay: they are the experiment.
+    """
+    option, keys = debug_settings(overrides)
+    dropped = {k: spec["value"] for k, spec in params.items()
+               if "value" in spec and any(k == d or k.startswith(d + ".") for d in keys)}
+    if not dropped:
+        return params, []
+    note = (f"note: debug={option} replaces the sweep's fixed "
+            f"{', '.join(f'{k}={v}' for k, v in dropped.items())} with its own settings")
+    return {k: v for k, v in params.items() if k not in dropped}, [note]
+
+
 def multirun_args(definition: dict[str, Any], overrides: list[str], sweep_dir: Path, runs: int | None,
                   sample_seed: int) -> tuple[list[str], list[str]]:
     """(arguments for ``python -m diffexp.train -m``, notes to print) running ``definition`` offline."""
     method = definition.get("method")
     user_keys = {override_key(o) for o in overrides}
-    params = {k: v for k, v in (definition.get("parameters") or {}).items() if k not in user_keys}
-    fixed = [a for a in train_args(definition) if override_key(a) not in user_keys]
-    notes = []
+    # An override replaces the definition's own setting of that key and of the keys below it:
+    # metric=none also drops the definition's metric.num_samples (metric=none has no such key).
+    mine = lambda key: any(key == u or key.startswith(u + ".") for u in user_keys)  # noqa: E731
+    params = {k: v for k, v in (definition.get("parameters") or {}).items() if not mine(k)}
+    params, notes = yield_to_debug(params, overrides)
+    fixed = [a for a in train_args(definition) if not mine(override_key(a))]
     args = [*fixed, f"hydra.sweep.dir={sweep_dir}"]
     if method == "grid":
         for k, spec in params.items():

@@ -100,6 +100,16 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
         wb.finish()
     except Exception as e:  # noqa: BLE001 - eval.json already holds the result
         _warn_off("wandb", "could not add the evaluation to the W&B run", e)
+    drop_latest_run_link(logger_cfg.get("dir") or str(run.path))
+
+
+def drop_latest_run_link(wandb_parent: str | os.PathLike) -> None:
+    """Remove the ``wandb/latest-run`` link wandb leaves beside a closed run: `wandb sync` and any
+    search of the run directory would take it for one more run. The run's own folder stays."""
+    link = os.path.join(wandb_parent, "wandb", "latest-run")
+    if os.path.islink(link):
+        with contextlib.suppress(OSError):
+            os.remove(link)
 
 
 def wandb_mode(mode: str | None) -> str:
@@ -186,6 +196,7 @@ class WandbTracker(_Guarded):
         self.run_dir = run
         self.last_step = 0
         wandb_dir = logger_cfg.dir or str(run.path)  # wandb puts its files in DIR/wandb
+        self.wandb_dir = wandb_dir
         os.makedirs(wandb_dir, exist_ok=True)
         # None lets wandb fall back to its own environment variables (WANDB_RUN_GROUP, WANDB_TAGS, ...).
         self.acc = AccelerateWandB(
@@ -238,7 +249,8 @@ class WandbTracker(_Guarded):
                                                        "train/step": step}))
 
     def finish(self, status: str) -> None:
-        """Upload model/ as a ``model`` artifact if finished, save run.json, close with the status's exit code."""
+        """Upload model/ as a ``model`` artifact if finished, save run.json, close with the status's exit
+        code, and remove wandb's ``latest-run`` link (see ``drop_latest_run_link``)."""
         import wandb
 
         if status == "finished" and self.run_dir.model_dir.is_dir():
@@ -258,6 +270,7 @@ class WandbTracker(_Guarded):
         except Exception as e:  # noqa: BLE001
             if not self.off:
                 _warn_off(self.kind, "finish", e)
+        drop_latest_run_link(self.wandb_dir)
 
 
 class TensorBoardTracker(_Guarded):
