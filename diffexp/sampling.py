@@ -94,13 +94,28 @@ class Samples:
     seed: int
 
 
+def class_names(run) -> list[str] | None:
+    """The class names of a class-conditional run (index = class id), None for an unconditional one."""
+    from diffexp.records import RunDir
+
+    cfg = (RunDir(run) if not isinstance(run, RunDir) else run).config()
+    conditioning = cfg.get("conditioning") or {}
+    if conditioning.get("kind", "none") != "class":
+        return None
+    names = cfg.dataset.get("class_names")
+    return [str(n) for n in names] if names else [str(i) for i in range(int(cfg.dataset.num_classes))]
+
+
 def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 256,
-               device: str | None = None, progress: bool = False) -> Samples:
+               class_label: int | None = None, guidance_scale: float | None = None, device: str | None = None,
+               progress: bool = False) -> Samples:
     """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``) with
     ``sampler_cfg`` (default: the run's own sampler) in ``steps`` steps (default: the sampler's).
 
     The one way the ``sample`` command (and the app) samples a finished run; the sampler is built
     as in training (``build_sampler``), so the same seed gives the training grid's images.
+    ``class_label`` and ``guidance_scale`` are for class-conditional runs (``class_names``) and
+    refused for unconditional ones.
     """
     from diffexp.build import build_sampler
     from diffexp.records import RunDir
@@ -109,6 +124,10 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     run_cfg = run.config()
     if n < 1:
         raise DiffexpError(f"n={n}: must be at least 1")
+    if class_names(run) is None and (class_label is not None or guidance_scale is not None):
+        what = "class_label" if class_label is not None else "guidance_scale"
+        raise DiffexpError(f"{what}={class_label if class_label is not None else guidance_scale}: {run.path} "
+                           "is an unconditional run (no classes to ask for)")
     sampler_cfg = sampler_cfg if sampler_cfg is not None and sampler_cfg.get("scheduler") else run_cfg.sampler
     steps = int(steps if steps is not None else sampler_cfg.steps)
     if steps < 1:
