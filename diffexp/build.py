@@ -45,6 +45,15 @@ def build_noise_scheduler(scheduler_cfg: DictConfig) -> DDPMScheduler:
 PORTABLE_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
+def compatible_samplers(trained_with: str) -> set[str]:
+    """Names of the diffusers schedulers that can sample a model trained with the schedule class
+    ``trained_with``: for DDPM, diffusers' compatibles of DDPMScheduler but the EDM ones (which
+    precondition the network's input and output as EDM trains it)."""
+    if trained_with == "DDPMScheduler":
+        return {name for name in DDPMScheduler._compatibles if not name.startswith("EDM")} - {"DPMSolverSDEScheduler"}
+    return set()
+
+
 def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> SchedulerMixin:
     """The inference scheduler of ``sampler_cfg`` for a model trained with ``scheduler_cfg``.
 
@@ -63,6 +72,10 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> Schedul
         cls = get_class(target)
     except Exception as e:  # noqa: BLE001 - Hydra raises ImportError or its own errors
         raise DiffexpError(f"sampler.scheduler._target_={target}: not a diffusers scheduler class ({e})") from None
+    trained_with = str(scheduler_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+    if cls.__name__ not in compatible_samplers(trained_with):
+        raise DiffexpError(f"sampler={cls.__name__}: cannot sample a model trained with {trained_with} "
+                           f"(compatible: {', '.join(sorted(compatible_samplers(trained_with)))})")
     accepted = inspect.signature(cls.__init__).parameters
     schedule = {k: v for k, v in OmegaConf.to_container(scheduler_cfg, resolve=True).items() if not k.startswith("_")}
     kwargs = {k: v for k, v in schedule.items() if k in accepted}

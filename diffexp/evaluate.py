@@ -1,16 +1,21 @@
-"""``python -m diffexp.evaluate run=RUN_DIR [overrides]``: FID/IS/KID of a finished run.
+"""``python -m diffexp.evaluate run=RUN_DIR [overrides]``: sample quality of a finished run.
 
 Examples::
 
-    python -m diffexp.evaluate run=outputs/2026-11-26/10-00-00_unet_small-linear-s0          # 50k, DDIM 50
-    python -m diffexp.evaluate run=RUN_DIR metric=fid_is_kid metric.num_samples=10000 sampler=ddpm sampler.steps=1000
-    accelerate launch -m diffexp.evaluate run=RUN_DIR                                          # several GPUs
+    python -m diffexp.evaluate run=outputs/2026-11-26/10-00-00_unet_small-linear-s0       # the dataset's metric
+    python -m diffexp.evaluate run=RUN_DIR metric=fid_is_kid metric.num_samples=50000 sampler=ddpm
+    python -m diffexp.evaluate -m run=RUN_DIR sampler=ddim,dpmpp sampler.steps=10,20,50   # several samplers
+    accelerate launch -m diffexp.evaluate run=RUN_DIR                                       # several GPUs
 
-Writes ``RUN_DIR/eval.json`` and prints the same result as JSON on its last stdout line.
+Every result is kept in ``RUN_DIR/eval.json``, keyed by metric, sample count, sampler, steps and
+seed (the same key again replaces its own entry: it is the same measurement); the result is also
+printed as JSON on the last line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 
@@ -23,36 +28,59 @@ from diffexp.records import RunDir, now, write_json_atomic
 from diffexp.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
+KEY = ("metric", "num_samples", "sampler", "sampler_steps", "seed")
+
+
+@contextlib.contextmanager
+def locked(run: RunDir):
+    """Exclusive use of the run's eval.json (several evaluations may run at once under a launcher)."""
+    with open(run.path / ".eval.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def record_result(run: RunDir, result: dict) -> list[dict]:
+    """Add ``result`` to the run's eval.json (replacing an entry with the same key); returns all results."""
+    with locked(run):
+        results = [r for r in run.eval_results() if tuple(r.get(k) for k in KEY) != tuple(result[k] for k in KEY)]
+        results.append(result)
+        results.sort(key=lambda r: tuple(str(r.get(k)) for k in KEY))
+        write_json_atomic(run.eval_file, {"results": results})
+    return results
 
 
 def evaluate(cfg: DictConfig) -> dict | None:
-    """Evaluate the EMA pipeline of ``cfg.run``; the main process writes eval.json and gets the result (others None)."""
+    """Evaluate the EMA weights of ``cfg.run``; the main process records the result in eval.json and gets it (others None)."""
     from accelerate import Accelerator
 
     from diffexp.build import build_sampler
     from diffexp.data import load_images
-    from diffexp.evaluation import build_evaluator
+    from diffexp.evaluation import Evaluator, resolve_metric
+    from diffexp.sampling import sampler_name
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
+    metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
+    sampler_cfg = cfg.sampler if cfg.sampler.get("scheduler") else run_cfg.sampler
+    steps = int(cfg.sampler.steps if cfg.sampler.get("steps") is not None else sampler_cfg.steps)
     accelerator = Accelerator()
     pipe = run.pipeline()
-    unet = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
-    sampler = build_sampler(cfg.sampler, run_cfg.scheduler)
+    denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
+    sampler = build_sampler(sampler_cfg, run_cfg.scheduler)
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
-    evaluator = build_evaluator(cfg, accelerator, real, run_cfg.dataset)
-    scores = evaluator(unet, sampler, cfg.sampler.steps)  # sampling and Inception run in inference mode
+    evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
+    scores = evaluator(denoiser, sampler, steps)
     choices = HydraConfig.get().runtime.choices
-    result = {**scores, "metric": choices.get("metric"), "num_samples": int(cfg.metric.num_samples),
-              "num_real": evaluator.num_real,
-              "sampler": choices.get("sampler"), "sampler_steps": int(cfg.sampler.steps), "seed": int(cfg.metric.seed),
-              "num_processes": accelerator.num_processes, "at": now()}
-    if accelerator.is_main_process:
-        write_json_atomic(run.eval_file, result)
+    result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
+              "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
+              "sampler": choices.get("sampler") or sampler_name(sampler_cfg), "sampler_steps": steps,
+              "seed": int(metric_cfg.seed), "num_processes": accelerator.num_processes, "at": now()}
+    main_process = accelerator.is_main_process
+    if main_process:
+        record_result(run, result)
         if cfg.wandb:
             add_to_wandb_summary(run, result)
-    main_process = accelerator.is_main_process
     accelerator.end_training()
     return result if main_process else None
 

@@ -1,12 +1,23 @@
-"""Sample-quality metrics (FID / IS / KID) during training and for finished runs.
+"""Sample quality during training and for finished runs.
 
-One InceptionV3 pass per image serves every metric: torch-fidelity's ``FeatureExtractorInceptionV3``
-(the reference network and resizing, ``pt_inception-2015-12-05`` weights, as pytorch-fid and the
-papers use) gives the 2048-d pool features (FID, KID) and the unbiased logits (IS), and torchmetrics'
-``FrechetInceptionDistance`` / ``InceptionScore`` / ``KernelInceptionDistance`` take those features
-through an identity extractor, keep the statistics and synchronize them over processes. Doing the
-Inception pass ourselves also lets the real-data features be cached on disk, and lets IS and KID use
-a local weights file (torchmetrics builds their extractors without one).
+A feature network turns images into features and class logits: InceptionV3 (``network:
+inception``, the papers' FID/IS/KID, weights not shipped) or the digits classifier shipped with
+diffexp (``network: digits``, for digit datasets, on any machine). On its features:
+
+- ``fd``: Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with our features);
+- ``cs``: classifier score, IS-style (torchmetrics ``InceptionScore`` on the logits);
+- ``kid``: kernel distance (torchmetrics ``KernelInceptionDistance``);
+- ``pr``: improved precision and recall (Kynkäänniemi et al. 2019, ``diffexp.quality``);
+- ``classes``: class coverage, balance and confidence of the samples (and, for class-conditional
+  runs, the accuracy of the class asked for).
+
+Names carry the network, so no number is mistaken for a paper's FID: Inception gives
+``eval/fid_2k``, ``eval/is_2k``, ``eval/kid_2k``; the digits network ``eval/fd_digits_1k``,
+``eval/cs_digits_1k``, ``eval/precision_digits_1k``, ...
+
+Under several processes, each generates whole chunks of the samples (``diffexp.sampling``: chunk
+``c`` has its own seed), the features are gathered in chunk order and the main process computes the
+metrics once: the numbers do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -14,36 +25,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+import math
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
-from omegaconf import DictConfig, OmegaConf
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from accelerate.utils import broadcast_object_list, gather_object
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics import Metric
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from diffexp import DiffexpError, first_line
+from diffexp import DiffexpError
+from diffexp.features.inception import WeightsMissing, how_to_get_weights, weights_available
+from diffexp.quality import class_accuracy, class_stats, precision_recall
 from diffexp.records import atomic_path
-from diffexp.sampling import generate
+from diffexp.sampling import chunk_seed, chunk_sizes, generate_chunk, make_pipeline
 
 log = logging.getLogger(__name__)
 
-# evaluate(ema_unet, sampler, sampler_steps) -> {"eval/fid_2k": ..., ...}; called on every process.
-Evaluator = Callable[..., dict]
-
-EXTRACTOR = "torch-fidelity/inception-v3-compat"
-POOL, LOGITS = "2048", "logits_unbiased"
-METRICS = ("fid", "is", "kid")
-
-
-class WeightsMissing(DiffexpError):
-    """No InceptionV3 weights file could be found or downloaded."""
+NETWORKS = ("digits", "inception")
+METRICS = ("fd", "cs", "kid", "pr", "classes")
+ALIASES = {"fid": "fd", "is": "cs"}  # the Inception names, as metric configs may list them
+DEFAULTS = {  # per network, what ``metric=auto`` (and null keys) use
+    "digits": {"metrics": ["fd", "cs", "kid", "pr", "classes"], "num_samples": 1000},
+    "inception": {"metrics": ["fd", "cs"], "num_samples": 2000},
+}
+DIGIT_DATASETS = ("digits", "mnist")  # what the digits classifier was made for
 
 
 def short_count(n: int) -> str:
@@ -53,40 +62,61 @@ def short_count(n: int) -> str:
     return str(n)
 
 
-def hub_weights_file() -> Path:
-    """Where torch hub caches the Inception weights (the file torch-fidelity downloads)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
+def metric_name(kind: str, network: str, n: int) -> str:
+    """``eval/<name>_<n>``: Inception keeps the papers' names (fid, is, kid); any other network's
+    name is part of the metric's (``fd_digits``)."""
+    base = {"fd": "fid", "cs": "is"}.get(kind, kind) if network == "inception" else f"{kind}_{network}"
+    return f"eval/{base}_{short_count(n)}"
 
 
-def inception_weights(metric_cfg: DictConfig) -> Path:
-    """The Inception weights file: ``metric.weights``, else the torch hub cache, else downloaded there.
+def resolve_metric(metric_cfg: DictConfig, dataset_cfg: DictConfig) -> DictConfig:
+    """A copy of ``metric_cfg`` with ``network: auto`` and null ``metrics``/``num_samples`` decided for
+    the dataset (the digits network on digit datasets, Inception on the others); DiffexpError when
+    the network does not fit the dataset or a setting is invalid."""
+    cfg = OmegaConf.create(OmegaConf.to_container(metric_cfg, resolve=True))
+    if cfg.name == "none":
+        return cfg
+    with open_dict(cfg):
+        if cfg.get("network", "inception") == "auto":
+            cfg.network = "digits" if dataset_cfg.name in DIGIT_DATASETS else "inception"
+        cfg.network = cfg.get("network", "inception")  # configs saved before digits: Inception
+        if cfg.network not in NETWORKS:
+            raise DiffexpError(f"metric.network={cfg.network}: expected one of auto, {', '.join(NETWORKS)}")
+        for key, value in DEFAULTS[cfg.network].items():
+            if cfg.get(key) is None:
+                cfg[key] = value
+        cfg.metrics = [ALIASES.get(m, m) for m in cfg.metrics]
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown:
+        raise DiffexpError(f"metric.metrics={list(cfg.metrics)}: unknown {unknown}; expected some of {METRICS} "
+                           "(fid and is name fd and cs on Inception)")
+    if cfg.network == "digits" and (dataset_cfg.name not in DIGIT_DATASETS or dataset_cfg.channels != 1):
+        raise DiffexpError(f"metric={cfg.name}: its feature network is a digit classifier, which does not fit "
+                           f"dataset={dataset_cfg.name} ({dataset_cfg.channels} channel(s)); use metric=fid_is "
+                           "(Inception) or metric=auto")
+    if "classes" in cfg.metrics and cfg.network != "digits":
+        raise DiffexpError(f"metric.metrics: classes needs a classifier of the dataset's classes (network: digits), "
+                           f"not {cfg.network}")
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 2:
+        raise DiffexpError(f"metric.num_samples={cfg.num_samples}: need an integer of at least 2 generated images")
+    return cfg
 
-    Raises WeightsMissing with one line that says how to provide the file.
+
+def load_feature_net(metric_cfg: DictConfig, accelerator: Accelerator) -> torch.nn.Module:
+    """The (frozen, eval-mode) feature network of a resolved metric config on the accelerator's device.
+
+    Inception weights are found (or downloaded) once by the main process; every process gets its
+    answer, so all raise the same WeightsMissing together and none waits on the others.
     """
-    how = (f"download {URL_INCEPTION_V3} once to {hub_weights_file()} (or to any file and pass "
-           f"metric.weights=FILE)")
-    if metric_cfg.get("weights"):
-        path = Path(str(metric_cfg.weights)).expanduser()
-        if not path.is_file():
-            raise WeightsMissing(f"metric.weights={metric_cfg.weights}: no such file; {how}")
-        return path
-    cached = hub_weights_file()
-    if cached.is_file():
-        return cached
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
-    except Exception as e:  # offline: urllib raises URLError, OSError, timeouts...
-        raise WeightsMissing(f"Inception weights not in {cached} and the download failed "
-                             f"({type(e).__name__}); {how}") from e
-    return cached
+    if metric_cfg.network == "digits":
+        from diffexp.features.digits import WEIGHTS, load_digits_net
+        from diffexp.features.inception import file_digest
 
+        net = load_digits_net(accelerator.device)
+        net.name, net.digest = "digits", file_digest(WEIGHTS)
+        return net
+    from diffexp.features.inception import InceptionNet, inception_weights
 
-def shared_weights(metric_cfg: DictConfig, accelerator: Accelerator) -> Path:
-    """``inception_weights`` found (or downloaded) once by the main process; every process gets its answer.
-
-    All processes raise the same WeightsMissing together, so none waits on the others.
-    """
     answer: list = [None]
     if accelerator.is_main_process:
         try:
@@ -96,51 +126,26 @@ def shared_weights(metric_cfg: DictConfig, accelerator: Accelerator) -> Path:
     found, value = broadcast_object_list(answer)[0]
     if found == "missing":
         raise WeightsMissing(value)
-    return Path(value)
-
-
-def load_inception(weights: Path, device: torch.device) -> FeatureExtractorInceptionV3:
-    """torch-fidelity's InceptionV3 (its TF1-compatible resize to 299 px) giving pool features and logits."""
-    try:
-        net = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS], feature_extractor_weights_path=str(weights))
-    except Exception as e:  # a truncated download or a file of the wrong network
-        raise DiffexpError(f"metric.weights={weights}: not an InceptionV3 weights file ({type(e).__name__}: "
-                           f"{first_line(e)[:200]})") from e
-    return net.to(device)
-
-
-def weights_digest(weights: Path) -> str:
-    """sha256 of the weights file (part of the reference-statistics cache key)."""
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return InceptionNet(Path(value)).to(accelerator.device).eval().requires_grad_(False)
 
 
 @torch.inference_mode()
-def inception_features(net: FeatureExtractorInceptionV3, images_u8: torch.Tensor, *, batch_size: int,
-                       progress: bool = False, desc: str = "inception") -> tuple[torch.Tensor, torch.Tensor]:
-    """(pool N x 2048, logits N x 1008) float32 features of uint8 N x C x H x W images.
-
-    Grayscale is repeated to 3 channels; the extractor resizes to 299 px as the reference does.
-    """
+def features_of(net: torch.nn.Module, images_u8: torch.Tensor, batch_size: int, progress: bool = False,
+                desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features, logits)`` (float32, CPU) of uint8 N x C x H x W images, in batches on the network's device."""
     device = next(net.parameters()).device
-    pools, logits = [], []
+    feats, logits = [], []
     with tqdm(total=len(images_u8), desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(images_u8), batch_size):
-            batch = images_u8[start:start + batch_size].to(device)
-            if batch.shape[1] == 1:
-                batch = batch.expand(-1, 3, -1, -1)
-            pool, logit = net(batch.contiguous())
-            pools.append(pool.float())
-            logits.append(logit.float())
-            bar.update(len(batch))
-    return torch.cat(pools), torch.cat(logits)
+            f, lg = net(images_u8[start:start + batch_size].to(device))
+            feats.append(f.float().cpu())
+            logits.append(lg.float().cpu())
+            bar.update(min(batch_size, len(images_u8) - start))
+    return torch.cat(feats), torch.cat(logits)
 
 
 class Features(torch.nn.Module):
-    """The feature extractor torchmetrics sees: features are computed once, by ``inception_features``."""
+    """The feature extractor torchmetrics sees: features are computed once, by ``features_of``."""
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -148,57 +153,6 @@ class Features(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
-
-
-def build_metrics(metric_cfg: DictConfig, num_fake: int, num_real: int) -> dict[str, Metric]:
-    """torchmetrics objects for ``metric.metrics`` (fid, is, kid), taking precomputed features.
-
-    Real features are kept across ``reset()`` (they are added once per run).
-    """
-    unknown = [m for m in metric_cfg.metrics if m not in METRICS]
-    if unknown:
-        raise DiffexpError(f"metric.metrics={list(metric_cfg.metrics)}: unknown {unknown}; expected some of {METRICS}")
-    built: dict[str, Metric] = {}
-    if "fid" in metric_cfg.metrics:
-        built["fid"] = FrechetInceptionDistance(feature=Features(2048), reset_real_features=False)
-    if "is" in metric_cfg.metrics:
-        built["is"] = InceptionScore(feature=Features(1008), splits=max(1, min(metric_cfg.is_splits, num_fake)))
-    if "kid" in metric_cfg.metrics:
-        subset = min(metric_cfg.kid_subset_size, num_fake, num_real)
-        built["kid"] = KernelInceptionDistance(feature=Features(2048), subsets=metric_cfg.kid_subsets,
-                                               subset_size=max(1, subset), reset_real_features=False)
-    return built
-
-
-def add_features(metrics: dict[str, Metric], pool: torch.Tensor, logits: torch.Tensor | None, *, real: bool) -> None:
-    """Feed features of real (reference) or generated images to every metric that uses them."""
-    for name, metric in metrics.items():
-        if name == "is":
-            if not real:
-                metric.update(logits)
-        else:
-            metric.update(pool, real=real)
-
-
-def compute_metrics(metrics: dict[str, Metric], num_samples: int, seed: int = 0) -> dict[str, float]:
-    """Synchronized values over all processes, named ``eval/<metric>_<n>``; resets the generated-image state.
-
-    IS and KID draw random splits and subsets: they use their own seeded RNG, so an evaluation
-    neither changes the training's random stream nor varies from call to call.
-    """
-    n = short_count(num_samples)
-    out = {}
-    for name, metric in metrics.items():
-        with training_rng_untouched():
-            torch.manual_seed(seed)
-            value = metric.compute()
-        if isinstance(value, tuple):  # IS and KID: (mean, std over subsets)
-            out[f"eval/{name}_{n}"] = float(value[0])
-            out[f"eval/{name}_std_{n}"] = float(value[1])
-        else:
-            out[f"eval/{name}_{n}"] = float(value)
-        metric.reset()
-    return out
 
 
 def training_rng_untouched():
@@ -209,120 +163,195 @@ def training_rng_untouched():
     return torch.random.fork_rng(devices=gpus)
 
 
-def reference_key(dataset_cfg: DictConfig, num_images: int, weights: Path) -> dict:
-    """What the reference statistics depend on: dataset config, resolution, image count, feature extractor."""
-    return {"dataset": OmegaConf.to_container(dataset_cfg, resolve=True), "resolution": dataset_cfg.resolution,
-            "num_images": num_images, "extractor": EXTRACTOR, "feature": POOL, "weights_sha256": weights_digest(weights)}
+def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor,
+          labels: torch.Tensor | None = None) -> dict[str, float]:
+    """Every metric of ``metric_cfg.metrics`` of the generated set (features ``fake``, logits) against the
+    real features, named ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from a
+    generator seeded with ``metric.seed``, inside ``training_rng_untouched``."""
+    n, net = len(fake), metric_cfg.network
+    out: dict[str, float] = {}
+    torchmetric: dict[str, Metric] = {}
+    if "fd" in metric_cfg.metrics:
+        torchmetric["fd"] = FrechetInceptionDistance(feature=Features(real.shape[1]), sync_on_compute=False)
+    if "kid" in metric_cfg.metrics:
+        subset = max(1, min(int(metric_cfg.get("kid_subset_size", 1000)), n, len(real)))
+        torchmetric["kid"] = KernelInceptionDistance(feature=Features(real.shape[1]), subset_size=subset,
+                                                     subsets=int(metric_cfg.get("kid_subsets", 100)),
+                                                     sync_on_compute=False)
+    for kind, metric in torchmetric.items():
+        metric.update(real.double() if kind == "fd" else real, real=True)
+        metric.update(fake.double() if kind == "fd" else fake, real=False)
+    if "cs" in metric_cfg.metrics:
+        splits = max(1, min(int(metric_cfg.get("is_splits", 10)), n))
+        torchmetric["cs"] = InceptionScore(feature=Features(fake_logits.shape[1]), splits=splits, sync_on_compute=False)
+        torchmetric["cs"].update(fake_logits)
+    with training_rng_untouched():
+        torch.manual_seed(int(metric_cfg.seed))
+        for kind, metric in torchmetric.items():
+            value = metric.compute()
+            if isinstance(value, tuple):  # IS and KID: (mean, std over splits or subsets)
+                out[metric_name(kind, net, n)] = float(value[0])
+                out[metric_name(kind, net, n).replace(f"_{short_count(n)}", f"_std_{short_count(n)}")] = float(value[1])
+            else:
+                out[metric_name(kind, net, n)] = float(value)
+    if "pr" in metric_cfg.metrics:
+        precision, recall = precision_recall(real, fake, k=int(metric_cfg.get("pr_k", 3)))
+        out[metric_name("precision", net, n)], out[metric_name("recall", net, n)] = precision, recall
+    if "classes" in metric_cfg.metrics:
+        for key, value in class_stats(fake_logits).items():
+            out[metric_name(key, net, n)] = value
+        if labels is not None:
+            out[metric_name("class_acc", net, n)] = class_accuracy(fake_logits, labels)
+    return out
 
 
-def reference_features(net: FeatureExtractorInceptionV3, real_images_u8: torch.Tensor, *, dataset_cfg: DictConfig,
-                       num_real: int | None, weights: Path, cache_dir: str | os.PathLike, batch_size: int,
-                       progress: bool = False) -> torch.Tensor:
-    """Pool features (N x 2048, float32, CPU) of the real images, computed once and cached on disk.
+def reference_features(net: torch.nn.Module, real_images_u8: torch.Tensor, *, metric_cfg: DictConfig,
+                       dataset_cfg: DictConfig, cache_dir: str | Path, progress: bool = False) -> torch.Tensor:
+    """Features (float32, CPU) of the real images, computed once and cached on disk under a key of
+    everything they depend on (dataset config, image count, network weights).
 
-    ``num_real`` images are a fixed random subset (all when None or larger than the dataset).
+    ``metric.num_real`` images are a fixed random subset (all when null or larger than the dataset).
     """
+    num_real = metric_cfg.get("num_real")
     n = len(real_images_u8) if not num_real else min(int(num_real), len(real_images_u8))
-    key = reference_key(dataset_cfg, n, weights)
+    key = {"dataset": OmegaConf.to_container(dataset_cfg, resolve=True), "num_images": n, "network": net.name,
+           "weights_sha256": net.digest}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "metrics" / f"reference-{dataset_cfg.name}-{dataset_cfg.resolution}px-{n}-{digest}.pt"
+    path = Path(cache_dir) / "metrics" / f"reference-{net.name}-{dataset_cfg.name}-{dataset_cfg.resolution}px-{n}-{digest}.pt"
     if path.is_file():
         log.info("reference statistics: cache hit %s", path)
         return torch.load(path)["features"]
     t0 = time.perf_counter()
     order = torch.randperm(len(real_images_u8), generator=torch.Generator().manual_seed(0))[:n]
-    pool, _ = inception_features(net, real_images_u8[order], batch_size=batch_size, progress=progress,
-                                 desc="reference images")
-    pool = pool.cpu()
+    features, _ = features_of(net, real_images_u8[order], int(metric_cfg.batch_size), progress, "reference images")
     with atomic_path(path) as tmp:
-        torch.save({"features": pool, "key": key}, tmp)
+        torch.save({"features": features, "key": key}, tmp)
     log.info("reference statistics: %d real images in %.1fs, cached in %s", n, time.perf_counter() - t0, path)
-    return pool
+    return features
 
 
-class SampleEvaluator:
-    """Generates ``metric.num_samples`` images (each process its share) and scores them against the reference."""
+class Evaluator:
+    """Scores a denoiser's samples: ``metric.num_samples`` images from the given sampler, against the
+    dataset's reference features. Call it on every process; every process gets the result."""
 
-    def __init__(self, metric_cfg: DictConfig, accelerator: Accelerator, net: FeatureExtractorInceptionV3,
-                 reference: torch.Tensor):
+    def __init__(self, metric_cfg: DictConfig, accelerator: Accelerator, real_images_u8: torch.Tensor,
+                 dataset_cfg: DictConfig, cache_dir: str | Path):
         self.cfg = metric_cfg
         self.accelerator = accelerator
-        self.net = net
         self.num_samples = int(metric_cfg.num_samples)
-        self.num_real = len(reference)
-        rank, world = accelerator.process_index, accelerator.num_processes
-        self.local_samples = self.num_samples // world + (rank < self.num_samples % world)
-        self.metrics = {k: m.to(accelerator.device)
-                        for k, m in build_metrics(metric_cfg, self.num_samples, len(reference)).items()}
-        # Each process holds a disjoint share of the reference; the synced states cover it exactly once.
-        add_features(self.metrics, reference[rank::world].to(accelerator.device), None, real=True)
+        self.net = load_feature_net(metric_cfg, accelerator)
+        self.reference = None
+        if accelerator.is_main_process:  # the metrics are computed there, once
+            self.reference = reference_features(self.net, real_images_u8, metric_cfg=metric_cfg,
+                                                dataset_cfg=dataset_cfg, cache_dir=cache_dir, progress=True)
+            if len(self.reference) < 2:
+                raise DiffexpError(f"metric.num_real={metric_cfg.get('num_real')}: need at least 2 real images")
+        self.num_real = broadcast_object_list([None if self.reference is None else len(self.reference)])[0]
 
-    def __call__(self, unet, sampler, steps: int) -> dict[str, float]:
-        """Scores of ``unet`` sampled with ``sampler`` in ``steps`` steps: ``{"eval/fid_2k": ..., "eval/seconds": ...}``."""
+    def names(self) -> list[str]:
+        """The metric names this evaluator logs (for W&B's summaries and the default comparison)."""
+        return [metric_name(k, self.cfg.network, self.num_samples) for k in ("fd", "cs", "kid") if k in self.cfg.metrics]
+
+    def __call__(self, denoiser, sampler, steps: int, *, vae=None, num_classes: int | None = None,
+                 guidance_scale: float = 1.0) -> dict[str, float]:
+        """Scores of ``denoiser`` sampled with ``sampler`` in ``steps`` steps, with ``eval/seconds``.
+
+        A class-conditional denoiser (``num_classes``) is asked for every class in turn (sample i
+        is of class i mod num_classes), with ``guidance_scale``.
+        """
         acc = self.accelerator
         t0 = time.perf_counter()
-        # bf16 autocast on GPU only: CPU autocast would be slower, and Inception stays in float32.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=acc.device.type == "cuda"):
-            images = generate(unet, sampler, n=self.local_samples, steps=steps,
-                              seed=int(self.cfg.seed) + acc.process_index, batch_size=int(self.cfg.batch_size),
-                              progress=acc.is_main_process)
+        pipe = make_pipeline(denoiser, sampler, vae, num_classes)
+        sizes = chunk_sizes(self.num_samples, int(self.cfg.batch_size))
+        starts = [sum(sizes[:c]) for c in range(len(sizes))]
+        mine = []
+        was_training = denoiser.training
+        denoiser.eval()
+        with tqdm(total=self.num_samples, desc="evaluation samples", unit="img", leave=False,
+                  disable=not acc.is_main_process) as bar:
+            for c in range(acc.process_index, len(sizes), acc.num_processes):
+                labels = None if not num_classes else torch.arange(starts[c], starts[c] + sizes[c]) % num_classes
+                # bf16 autocast on GPU only: CPU autocast would be slower; the feature network stays float32.
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=acc.device.type == "cuda"):
+                    images = generate_chunk(pipe, count=sizes[c], steps=steps, seed=chunk_seed(self.cfg.seed, c),
+                                            labels=labels, guidance_scale=guidance_scale)
+                feats, logits = features_of(self.net, torch.from_numpy(images).permute(0, 3, 1, 2),
+                                            int(self.cfg.batch_size))
+                mine.append((c, feats, logits, labels))
+                bar.update(sizes[c] * acc.num_processes)
+        denoiser.train(was_training)
         t_sampled = time.perf_counter()
-        pool, logits = inception_features(self.net, torch.from_numpy(images).permute(0, 3, 1, 2),
-                                          batch_size=int(self.cfg.batch_size), progress=acc.is_main_process,
-                                          desc="inception")
-        add_features(self.metrics, pool, logits, real=False)
-        results = compute_metrics(self.metrics, self.num_samples, int(self.cfg.seed))
+        gathered = sorted(gather_object(mine) if acc.num_processes > 1 else mine, key=lambda item: item[0])
+        results = None
+        if acc.is_main_process:
+            fake = torch.cat([f for _, f, _, _ in gathered])
+            logits = torch.cat([lg for _, _, lg, _ in gathered])
+            labels = torch.cat([lb for _, _, _, lb in gathered]) if num_classes else None
+            results = score(self.cfg, self.reference, fake, logits, labels)
+        results = broadcast_object_list([results])[0]
         elapsed = time.perf_counter() - t0
         results["eval/seconds"] = elapsed
         if acc.is_main_process:
-            log.info("evaluation of %d samples (%d steps) took %.1fs (sampling %.1fs, inception + metrics %.1fs): %s",
-                     self.num_samples, steps, elapsed, t_sampled - t0, elapsed - (t_sampled - t0),
+            log.info("evaluation of %d samples (%d steps) took %.1fs (sampling and features %.1fs): %s",
+                     self.num_samples, steps, elapsed, t_sampled - t0,
                      ", ".join(f"{k}={v:.4g}" for k, v in results.items() if k != "eval/seconds"))
         return results
 
 
-def build_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: torch.Tensor,
-                    dataset_cfg: DictConfig) -> SampleEvaluator:
-    """The evaluator for ``cfg.metric`` against ``real_images_u8`` (raises WeightsMissing without weights)."""
-    metric_cfg = cfg.metric
-    if int(metric_cfg.num_samples) < 2:
-        raise DiffexpError(f"metric.num_samples={metric_cfg.num_samples}: need at least 2 generated images")
-    weights = shared_weights(metric_cfg, accelerator)
-    net = load_inception(weights, accelerator.device)
-    with accelerator.main_process_first():  # one reference computation; the others read the cache
-        reference = reference_features(net, real_images_u8, dataset_cfg=dataset_cfg, num_real=metric_cfg.num_real,
-                                       weights=weights, cache_dir=cfg.cache_dir, batch_size=int(metric_cfg.batch_size),
-                                       progress=accelerator.is_main_process)
-    if len(reference) < 2:
-        raise DiffexpError(f"metric.num_real={metric_cfg.num_real}: need at least 2 real images")
-    return SampleEvaluator(metric_cfg, accelerator, net, reference)
-
-
 def make_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: torch.Tensor) -> Evaluator | None:
-    """The in-training evaluator for ``cfg.metric``, or None when no evaluation will run.
+    """The in-training evaluator for ``cfg.metric`` (resolved), or None when no evaluation will run.
 
-    None for ``metric=none``, for ``trainer.eval_every=0`` (nothing is loaded then; without weights one
-    line says what evaluating would need), and, with
+    None for ``metric=none``, for ``trainer.eval_every=0`` (nothing is loaded then; without
+    Inception weights one line says what evaluating would need), and, with
     ``metric.required=false``, when the Inception weights are missing: one warning line, and
     training goes on without metrics. ``metric.required=true`` raises that line instead.
     """
-    if cfg.metric.name == "none":
+    metric = cfg.metric
+    if metric.name == "none":
         return None
     if not cfg.trainer.eval_every:
         # Nothing is loaded; but an offline user should learn now, in one line, what evaluation will need.
-        if accelerator.is_main_process and not cfg.metric.get("weights") and not hub_weights_file().is_file():
-            log.warning("%s not evaluated during training (trainer.eval_every=0); to evaluate, download %s once "
-                        "to %s (or pass metric.weights=FILE), then set trainer.eval_every=N or run "
-                        "python -m diffexp.evaluate", "/".join(m.upper() for m in cfg.metric.metrics),
-                        URL_INCEPTION_V3, hub_weights_file())
+        if accelerator.is_main_process and metric.network == "inception" and not weights_available(metric):
+            log.warning("%s not evaluated during training (trainer.eval_every=0); to evaluate, %s, then set "
+                        "trainer.eval_every=N or run python -m diffexp.evaluate", metric_label(metric),
+                        how_to_get_weights())
         return None
     try:
-        return build_evaluator(cfg, accelerator, real_images_u8, cfg.dataset)
+        with training_rng_untouched():  # building a network draws its (then overwritten) initial weights
+            return Evaluator(metric, accelerator, real_images_u8, cfg.dataset, cfg.cache_dir)
     except WeightsMissing as e:
-        if cfg.metric.required:
+        if metric.get("required", False):
             raise
         if accelerator.is_main_process:
             log.warning("%s; training continues without %s (metric.required=true makes this an error)",
-                        e, "/".join(m.upper() for m in cfg.metric.metrics))
+                        e, metric_label(metric))
         return None
 
+
+def metric_label(metric_cfg: DictConfig) -> str:
+    """``FID/IS`` for the Inception metrics of a config, for messages."""
+    return "/".join({"fd": "FID", "cs": "IS", "kid": "KID", "pr": "precision/recall"}.get(m, m)
+                     for m in metric_cfg.metrics if m != "classes")
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of ``fn`` (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def auto_eval_every(*, max_steps: int, budget: float, train_flops_per_step: float, eval_flops: float,
+                    multiple_of: int = 1) -> int:
+    """The smallest evaluation interval (a multiple of ``multiple_of``, so evaluations land on log
+    steps) whose evaluations, every interval and at the last step, cost at most ``budget`` x the
+    training's floating-point operations; ``max_steps`` (only the final evaluation) when even one
+    costs more."""
+    affordable = math.floor(budget * max_steps * train_flops_per_step / eval_flops)
+    if affordable < 2:
+        return max_steps
+    every = math.ceil(max_steps / affordable)  # then ceil(max_steps / every) <= affordable evaluations
+    every = math.ceil(every / max(1, multiple_of)) * max(1, multiple_of)
+    return min(every, max_steps)

@@ -30,8 +30,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from diffexp import DiffexpError
 from diffexp.build import build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler, fused_adamw
 from diffexp.data import Batches, center_window, load_images
-from diffexp.evaluation import make_evaluator
+from diffexp.evaluation import auto_eval_every, count_flops, make_evaluator, training_rng_untouched
 from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
+from diffexp import pipeline as pipeline_module
 from diffexp.pipeline import DiffexpPipeline
 from diffexp.records import RunDir, atomic_path, replace_path
 from diffexp.sampling import generate, save_grid
@@ -208,22 +209,61 @@ def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) ->
     return changed
 
 
+def evaluation_interval(cfg: DictConfig, evaluator, net: torch.nn.Module, sampler, images: torch.Tensor) -> int:
+    """``trainer.eval_every``, with ``auto`` turned into the interval at which evaluations cost
+    ``metric.budget`` of the training's floating-point operations (counted on one image: the
+    denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
+    network evaluations plus the feature network)."""
+    t = cfg.trainer
+    if t.eval_every != "auto":
+        return int(t.eval_every)
+    x = center_window(images[:1], cfg.dataset.resolution).to(next(net.parameters()).device)
+    x, step_t = x.float() / 127.5 - 1, torch.tensor([1])
+    with training_rng_untouched():  # counting (dropout) must not draw from the training's random streams
+        train_flops = count_flops(lambda: net(x, step_t).sample.sum().backward()) * t.batch_size
+        net.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            forward = count_flops(lambda: net(x, step_t))
+            features = count_flops(lambda: evaluator.net(images[:1].to(x.device)))
+    sampler.set_timesteps(cfg.sampler.steps)
+    nfe = len(sampler.timesteps)
+    eval_flops = evaluator.num_samples * (nfe * forward + features)
+    every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
+                            eval_flops=eval_flops, multiple_of=t.log_every or 1)
+    evaluations = t.max_steps // every + (t.max_steps % every != 0)
+    log.info("evaluating every %d steps (trainer.eval_every=auto): %d evaluations of %d samples x %d network "
+             "evaluations = %.1f%% of the training's compute (metric.budget=%g)", every, evaluations,
+             evaluator.num_samples, nfe, 100 * evaluations * eval_flops / (t.max_steps * train_flops), cfg.metric.budget)
+    return every
+
+
+# Samplers whose initial noise is unscaled and whose network input is the sample itself: the
+# loop of diffusers' DDPMPipeline runs them as they are.
+DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                          "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+                          "PNDMScheduler")
+
+
 def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir) -> None:
     """``model/``: a diffusers pipeline of the EMA weights and the run's sampler (written atomically).
 
-    An unconditional pixel-space model with a DDPM-family sampler is a plain ``DDPMPipeline``
-    folder (``DDPMPipeline.from_pretrained`` gives the same images as ``diffexp.sample``); any other
-    is a ``DiffexpPipeline`` that diffusers loads with ``trust_remote_code=True`` (its code is
-    copied beside the weights as ``pipeline.py``).
+    An unconditional pixel-space model with a sampler that diffusers' ``DDPMPipeline`` runs as it
+    is, is a plain ``DDPMPipeline`` folder. Any other is a ``DiffexpPipeline``, whose code is copied
+    beside the weights as ``pipeline.py``, so plain diffusers loads it with
+    ``DiffusionPipeline.from_pretrained(model_dir, trust_remote_code=True)``. Either gives the images
+    of ``diffexp.sample`` for the same seed.
     """
     pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler)
     with atomic_path(run.model_dir) as tmp:
         pipe.save_pretrained(tmp)
         index_file = tmp / "model_index.json"
         index = json.loads(index_file.read_text())
-        index.pop("vae", None)
-        index.pop("num_classes", None)
-        index["_class_name"] = "DDPMPipeline"
+        if type(sampler).__name__ in DDPM_PIPELINE_SAMPLERS:
+            index = {k: v for k, v in index.items() if k not in ("vae", "num_classes")}
+            index["_class_name"] = "DDPMPipeline"
+        else:
+            shutil.copyfile(Path(pipeline_module.__file__), tmp / "pipeline.py")
+            index["_class_name"] = ["pipeline", "DiffexpPipeline"]
         index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -250,6 +290,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     if resume and checkpoint is None:
         raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
     check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
+    if not (t.eval_every == "auto" or (isinstance(t.eval_every, int) and t.eval_every >= 0)):
+        raise DiffexpError(f"trainer.eval_every={t.eval_every}: expected auto or a number of steps (0 = never)")
     ema_every = t.ema.get("update_every", 1)  # configs saved before the option existed: every step
     if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
         raise DiffexpError(f"trainer.ema.update_every={ema_every}: expected a positive integer")
@@ -282,17 +324,20 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
             log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
                      key, old, new)
     n_params = sum(p.numel() for p in net.parameters())
+    eval_every = evaluation_interval(cfg, evaluator, net, sampler, images) if evaluator is not None else 0
 
     # ---------------------------------------------------------------- train
     status, tracker, stop = "failed", None, StopRequest()
     max_norm = t.max_grad_norm or math.inf
     step, stopping, t_last, timed = state.step, False, time.perf_counter(), 0
+    t_start, eval_seconds = time.perf_counter(), 0.0
     try:
         if main:
             run.write_config(cfg)
             run.start(cfg, num_processes=accelerator.num_processes, resumed=resume,
                       extra={"num_parameters": n_params, "device": str(device),
-                             "mixed_precision": accelerator.mixed_precision, "fused_adamw": fused_adamw(t, device)})
+                             "mixed_precision": accelerator.mixed_precision, "fused_adamw": fused_adamw(t, device),
+                             "eval_every": eval_every})
             if resume:
                 run.truncate_metrics(state.step)
             tracker = make_tracker(cfg.logger, cfg, accelerator, run, run.info().get("wandb_run_id"))
@@ -318,7 +363,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
 
                 log_now = due(step, t.log_every, t.max_steps)
                 sample_now = due(step, t.sample_every, t.max_steps)
-                eval_now = evaluator is not None and t.eval_every > 0 and due(step, t.eval_every, t.max_steps)
+                eval_now = eval_every > 0 and due(step, eval_every, t.max_steps)
                 stopping = bool(stop.signum) and accelerator.num_processes == 1  # several: agreed at log steps
                 checkpoint_now = due(step, t.checkpoint_every, t.max_steps) or stopping
                 if not (log_now or sample_now or eval_now or checkpoint_now):
@@ -353,6 +398,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                     tracker.log_image("samples/grid", save_grid(grid_images, run.sample_grid_file(step)), step)
                 if eval_now:
                     results = evaluator(ema.model, sampler, cfg.sampler.steps)  # every process takes part
+                    eval_seconds += results["eval/seconds"]
                     if main:
                         run.append_metrics({"step": step, "train/step": step, **results})
                         tracker.log(results, step)
@@ -377,6 +423,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
             if main:
                 export_pipeline(ema.model, sampler, run)
                 log.info("finished %d steps; pipeline in %s", step, run.model_dir)
+        if main and eval_seconds:
+            wall = time.perf_counter() - t_start
+            run.update_info(eval_seconds=round(eval_seconds, 3), loop_seconds=round(wall, 3))
+            log.info("evaluation took %.1fs of this session's %.1fs (%.1f%%)", eval_seconds, wall, 100 * eval_seconds / wall)
             status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"

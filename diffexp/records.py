@@ -177,6 +177,14 @@ class RunDir:
     def info(self) -> dict[str, Any]:
         return json.loads(self.info_file.read_text()) if self.info_file.exists() else {}
 
+    def eval_results(self) -> list[dict[str, Any]]:
+        """The results ``diffexp.evaluate`` recorded in eval.json (one per metric, sample count, sampler,
+        steps and seed); an eval.json of diffexp 0.1 holds one result."""
+        if not self.eval_file.is_file():
+            return []
+        data = json.loads(self.eval_file.read_text())
+        return data["results"] if "results" in data else [data]
+
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""
         if not self.metrics_file.exists():
@@ -304,6 +312,14 @@ class WandbRun:
                 "git": {"commit": (meta.get("git") or {}).get("commit"), "dirty": None}, "packages": {},
                 "wandb_run_id": self._run.id}
 
+    def eval_results(self) -> list[dict[str, Any]]:
+        """The results ``diffexp.evaluate`` recorded in eval.json (one per metric, sample count, sampler,
+        steps and seed); an eval.json of diffexp 0.1 holds one result."""
+        if not self.eval_file.is_file():
+            return []
+        data = json.loads(self.eval_file.read_text())
+        return data["results"] if "results" in data else [data]
+
     def metrics(self) -> list[dict[str, Any]]:
         rows = []
         for row in self._run.scan_history():
@@ -349,7 +365,7 @@ RUN_JOBS = ("train", "reproduce")
 # Which way each quality metric is better: distances (Fréchet, kernel) lower, scores higher.
 # Keys are the first word of the name: eval/fd_digits_1k -> fd, eval/kid_2k -> kid.
 QUALITY_GOALS = {"fd": "min", "fid": "min", "kid": "min", "is": "max", "cs": "max", "precision": "max",
-                 "recall": "max", "coverage": "max", "balance": "max"}
+                 "recall": "max", "coverage": "max", "balance": "max", "confidence": "max", "class": "max"}
 # The metric a comparison leads with, in order of preference: the Fréchet distances first.
 PRIMARY_ORDER = ("fd", "fid", "kid", "cs", "is")
 

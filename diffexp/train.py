@@ -16,7 +16,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from diffexp.cli import CONFIG_PATH, apply_overrides, record_choices, report_errors
 from diffexp.records import RunDir
@@ -36,14 +36,18 @@ def resume_config(resume: str) -> DictConfig:
 def run(cfg: DictConfig, run_dir: str | None) -> str:
     """What ``python -m diffexp.train`` does with its composed config: train a new run into
     ``run_dir``, or continue ``cfg.resume``; returns the run's final status."""
+    from diffexp.evaluation import resolve_metric
     from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
 
-    if cfg.resume:
+    resume = bool(cfg.resume)
+    if resume:
         cfg = resume_config(cfg.resume)
-        return train(cfg, cfg.resume, resume=True)
-    if "choices" not in cfg:
+        run_dir = cfg.resume
+    elif "choices" not in cfg:
         record_choices(cfg)
-    return train(cfg, run_dir)
+    with open_dict(cfg):
+        cfg.metric = resolve_metric(cfg.metric, cfg.dataset)  # metric=auto: decided for the dataset, and recorded
+    return train(cfg, run_dir, resume=resume)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
