@@ -9,7 +9,6 @@ import os
 import shutil
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -34,23 +33,36 @@ def _scratch_dir(prefix: str) -> str:
     return path
 
 
+# Hydra sessions of this process: scratch folder -> the run directory it is for. Hydra writes its
+# record and log into the scratch folder; the run adopts them once it has started.
+SESSIONS: dict[str, str] = {}
+
+
 def _run_dir(resume, default):
+    """Hydra's output folder for a single run: a scratch folder, so a refused or failed start (bad
+    input, a refused resume) leaves nothing behind. The run directory it is for (``default``, or
+    the run being resumed) adopts the scratch folder's record when the run starts
+    (``RunDir.adopt_session``)."""
     if process_rank() > 0:  # one run directory per run: other ranks get theirs by broadcast
         return _scratch_dir(f"diffexp-rank{process_rank()}-")
-    if resume in (None, "", "None"):
-        return default
-    if not (Path(str(resume)).expanduser() / "config.yaml").is_file():
-        # Not a run: don't create it; the train command reports the bad value.
-        return _scratch_dir("diffexp-badresume-")
-    return str(Path(str(resume)).expanduser())
+    scratch = _scratch_dir("diffexp-session-")
+    SESSIONS[scratch] = str(default if resume in (None, "", "None") else Path(str(resume)).expanduser())
+    return scratch
+
+
+def session_dirs() -> tuple[str, str | None]:
+    """(the run directory of this command, the scratch folder holding Hydra's record of this session, or
+    None when Hydra wrote into the run directory itself: multirun jobs, an explicit hydra.run.dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = HydraConfig.get().runtime.output_dir
+    if out in SESSIONS:
+        return SESSIONS[out], out
+    return out, None
 
 
 def _hydra_subdir(resume):
-    if process_rank() > 0:
-        return None
-    if resume in (None, "", "None"):
-        return ".hydra"
-    return f".hydra/resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return None if process_rank() > 0 else ".hydra"
 
 
 def register_resolvers() -> None:

@@ -21,14 +21,14 @@ import logging
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffexp.cli import CONFIG_PATH, report_errors
 from diffexp.records import RunDir, now, write_json_atomic
 from diffexp.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
-KEY = ("metric", "num_samples", "sampler", "sampler_steps", "seed")
+KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed")
 
 
 @contextlib.contextmanager
@@ -39,12 +39,17 @@ def locked(run: RunDir):
         yield
 
 
+def key(result: dict) -> str:
+    """What makes two results the same measurement."""
+    return json.dumps([result.get(k) for k in KEY], sort_keys=True, default=str)
+
+
 def record_result(run: RunDir, result: dict) -> list[dict]:
     """Add ``result`` to the run's eval.json (replacing an entry with the same key); returns all results."""
     with locked(run):
-        results = [r for r in run.eval_results() if tuple(r.get(k) for k in KEY) != tuple(result[k] for k in KEY)]
+        results = [r for r in run.eval_results() if key(r) != key(result)]
         results.append(result)
-        results.sort(key=lambda r: tuple(str(r.get(k)) for k in KEY))
+        results.sort(key=key)
         write_json_atomic(run.eval_file, {"results": results})
     return results
 
@@ -74,7 +79,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
     choices = HydraConfig.get().runtime.choices
     result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
               "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
-              "sampler": choices.get("sampler") or sampler_name(sampler_cfg), "sampler_steps": steps,
+              "sampler": choices.get("sampler") or sampler_name(sampler_cfg),
+              "sampler_options": {k: v for k, v in OmegaConf.to_container(sampler_cfg.scheduler, resolve=True).items()
+                                  if k != "_target_"}, "sampler_steps": steps,
               "seed": int(metric_cfg.seed), "num_processes": accelerator.num_processes, "at": now()}
     main_process = accelerator.is_main_process
     if main_process:

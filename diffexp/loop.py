@@ -34,7 +34,7 @@ from diffexp.evaluation import auto_eval_every, count_flops, make_evaluator, tra
 from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
 from diffexp import pipeline as pipeline_module
 from diffexp.pipeline import DiffexpPipeline
-from diffexp.records import RunDir, atomic_path, replace_path
+from diffexp.records import RunDir, atomic_path, effective_config, replace_path
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
 
@@ -209,12 +209,12 @@ def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) ->
     return changed
 
 
-def evaluation_interval(cfg: DictConfig, evaluator, net: torch.nn.Module, sampler, images: torch.Tensor) -> int:
+def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator, net: torch.nn.Module, sampler,
+                        images: torch.Tensor) -> int:
     """``trainer.eval_every``, with ``auto`` turned into the interval at which evaluations cost
     ``metric.budget`` of the training's floating-point operations (counted on one image: the
     denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
-    network evaluations plus the feature network)."""
-    t = cfg.trainer
+    network evaluations plus the feature network). ``t``: the trainer settings in force."""
     if t.eval_every != "auto":
         return int(t.eval_every)
     x = center_window(images[:1], cfg.dataset.resolution).to(next(net.parameters()).device)
@@ -267,10 +267,24 @@ def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir) -> None:
         index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
-def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
+def apply_settings(t: DictConfig, optimizer, lr_scheduler, ema: EMA) -> dict:
+    """Make the optimizer, the learning-rate schedule and the EMA follow trainer settings ``t`` from
+    here on (after a resume, or at a recorded change): the schedule takes the new shape at its
+    current position, the Adam moments stay. Returns what changed, as ``{key: (old, new)}``."""
+    position = lr_scheduler.last_epoch
+    lr_scheduler.lr_lambdas = build_lr_scheduler(t, optimizer).lr_lambdas  # the registered object stays
+    lr_scheduler.last_epoch = position
+    changed = follow_optimizer_config(optimizer, lr_scheduler, t)
+    ema.cfg = t.ema
+    return changed
+
+
+def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_dir: str | None = None) -> str:
     """Train as ``cfg`` says, writing the run directory; returns the final status.
 
-    ``run_dir`` is only read on the main process (the others get it broadcast). Raises
+    ``run_dir`` is only read on the main process (the others get it broadcast). The ``changes``
+    a resume recorded in the config apply at their steps (``records.effective_config``).
+    ``session_dir`` is Hydra's scratch record of this command, adopted when the run starts. Raises
     DiffexpError for bad input and on non-finite losses or weights (the last checkpoint, which was
     checked to be finite when it was written, is kept).
     """
@@ -289,6 +303,9 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None:
         raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
+    start = int(checkpoint.name.split("_")[1]) if checkpoint is not None else 0
+    t = effective_config(cfg, start).trainer  # the settings in force from here
+    change_steps = {c["step"] for c in cfg.get("changes") or [] if c["step"] > start}
     check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
     if not (t.eval_every == "auto" or (isinstance(t.eval_every, int) and t.eval_every >= 0)):
         raise DiffexpError(f"trainer.eval_every={t.eval_every}: expected auto or a number of steps (0 = never)")
@@ -320,11 +337,11 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         log.info("resumed from %s (step %d)", checkpoint, state.step)
-        for key, (old, new) in follow_optimizer_config(optimizer, lr_scheduler, t).items():
+        for key, (old, new) in apply_settings(t, optimizer, lr_scheduler, ema).items():
             log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
                      key, old, new)
     n_params = sum(p.numel() for p in net.parameters())
-    eval_every = evaluation_interval(cfg, evaluator, net, sampler, images) if evaluator is not None else 0
+    eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, images) if evaluator is not None else 0
 
     # ---------------------------------------------------------------- train
     status, tracker, stop = "failed", None, StopRequest()
@@ -333,6 +350,9 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
     t_start, eval_seconds = time.perf_counter(), 0.0
     try:
         if main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            if session_dir:
+                run.adopt_session(Path(session_dir), resumed=resume)
             run.write_config(cfg)
             run.start(cfg, num_processes=accelerator.num_processes, resumed=resume,
                       extra={"num_parameters": n_params, "device": str(device),
@@ -348,7 +368,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                      batches.per_micro)
         with logging_redirect_tqdm(), tqdm(total=t.max_steps, initial=state.step, unit="step", disable=not main,
                                            dynamic_ncols=True, desc=cfg.name) as bar:
-            for step in range(state.step + 1, t.max_steps + 1):
+            while step < t.max_steps:
+                step += 1
                 model.train()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm = train_step(model, objective, batches, step, optimizer, accelerator, max_norm,
@@ -366,7 +387,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                 eval_now = eval_every > 0 and due(step, eval_every, t.max_steps)
                 stopping = bool(stop.signum) and accelerator.num_processes == 1  # several: agreed at log steps
                 checkpoint_now = due(step, t.checkpoint_every, t.max_steps) or stopping
-                if not (log_now or sample_now or eval_now or checkpoint_now):
+                change_now = step in change_steps
+                if not (log_now or sample_now or eval_now or checkpoint_now or change_now):
                     continue
                 # ---------------------------------------- maintenance: only when something is due
                 with phase("logging"):
@@ -408,6 +430,13 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False) -> str:
                         raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
                                            f"last good checkpoint {run.latest_checkpoint() or '(none)'} kept")
                     save_checkpoint(accelerator, run, step, t.keep_checkpoints)
+                if change_now:  # settings a resume changed at this step (replayed by reproduce)
+                    t = effective_config(cfg, step).trainer
+                    for key, (old, new) in apply_settings(t, optimizer, lr_scheduler, ema).items():
+                        log.info("step %d: trainer.%s %s -> %s (recorded change)", step, key, old, new)
+                    max_norm, ema_every, bar.total = t.max_grad_norm or math.inf, t.ema.get("update_every", 1), t.max_steps
+                    if evaluator is not None:
+                        eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, images)
                 t_last += time.perf_counter() - t_pause
                 if stopping:
                     break

@@ -107,6 +107,35 @@ def reachable(url: str, timeout: float = 3.0) -> str | None:
         return f"{parsed.hostname}: {e.strerror or first_line(e)}"
 
 
+def effective_config(cfg: DictConfig, step: float) -> DictConfig:
+    """The settings in force after optimizer step ``step``: the run's config with the ``changes`` a
+    resume recorded at steps <= ``step`` applied (``changes: [{step: 4, set: {trainer.lr: 2e-4}}]``).
+    ``step=math.inf`` gives the latest settings."""
+    out = cfg.copy()
+    for change in sorted(cfg.get("changes") or [], key=lambda c: c["step"]):
+        if change["step"] <= step:
+            for key, value in change["set"].items():
+                OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def retarget_file_logs(old: Path, new: Path) -> None:
+    """Logging handlers that write to ``old`` go on writing to ``new`` (appending)."""
+    import logging
+
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == old.resolve():
+            handler.acquire()
+            try:
+                handler.close()
+                handler.baseFilename, handler.mode = str(new.resolve()), "a"
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+
+
 class RunDir:
     """A run directory: paths, writers used by training, readers used by every other CLI."""
 
@@ -162,7 +191,13 @@ class RunDir:
         return self
 
     def config(self) -> DictConfig:
-        return OmegaConf.load(self.require().config_file)
+        """The run's saved config; a one-line DiffexpError when it cannot be read."""
+        try:
+            return OmegaConf.load(self.require().config_file)
+        except DiffexpError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt YAML file raises the parser's own errors
+            raise DiffexpError(f"{self.config_file}: cannot be read as a saved config ({type(e).__name__})") from None
 
     def pipeline(self):
         """The run's exported diffusers pipeline (EMA weights), loaded as diffusers loads it, or a
@@ -175,7 +210,12 @@ class RunDir:
         return DiffusionPipeline.from_pretrained(str(self.model_dir), trust_remote_code=True)
 
     def info(self) -> dict[str, Any]:
-        return json.loads(self.info_file.read_text()) if self.info_file.exists() else {}
+        if not self.info_file.exists():
+            return {}
+        try:
+            return json.loads(self.info_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DiffexpError(f"{self.info_file}: cannot be read as JSON ({type(e).__name__})") from None
 
     def eval_results(self) -> list[dict[str, Any]]:
         """The results ``diffexp.evaluate`` recorded in eval.json (one per metric, sample count, sampler,
@@ -224,6 +264,23 @@ class RunDir:
         return sorted(self.samples_dir.glob("step_*.png")) if self.samples_dir.is_dir() else []
 
     # --- writers (main process only)
+    def adopt_session(self, session: Path, *, resumed: bool) -> None:
+        """Take over what Hydra recorded of this command in its scratch folder ``session``: its
+        ``.hydra/`` (a resume's goes to ``.hydra/resume_TIME/``, beside the run's own) and its log,
+        which is appended to the run's and goes on there."""
+        session = Path(session)
+        target = self.path / ".hydra"
+        if resumed:
+            target = target / f"resume_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+        if (session / ".hydra").is_dir():
+            shutil.copytree(session / ".hydra", target, dirs_exist_ok=True)
+        for log_file in session.glob("*.log"):
+            dest = self.path / log_file.name
+            with open(dest, "a") as out:
+                out.write(log_file.read_text())
+            retarget_file_logs(log_file, dest)
+
+
     def write_config(self, cfg: DictConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.config_file, resolve=True)

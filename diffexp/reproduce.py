@@ -19,16 +19,16 @@ Examples::
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, apply_overrides, report_errors
-from diffexp.records import RunDir, git_state, package_versions, wandb_run
+from diffexp.cli import CONFIG_PATH, apply_overrides, report_errors, session_dirs
+from diffexp.records import RunDir, effective_config, git_state, package_versions, wandb_run
 
 OWN_KEYS = ("run", "check", "check_tol")
 
@@ -82,17 +82,22 @@ def loss_check(original: list[dict], new: list[dict]) -> tuple[int, float, int |
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="reproduce")
 def main(cfg: DictConfig) -> None:
-    from diffexp.loop import train  # heavy imports after Hydra has parsed the command line
+    from diffexp.evaluation import resolve_metric
+    from diffexp.loop import train
+    from diffexp.validate import check_train_config  # heavy imports after Hydra has parsed the command line
 
     with report_errors():
         source = open_source(str(cfg.run))
         new_cfg = reproduced_config(source.config(), cfg)
         for w in provenance_warnings(source.info()):
             print(f"warning: {w}", file=sys.stderr, flush=True)
-        out = HydraConfig.get().runtime.output_dir
+        out, session = session_dirs()
         if RunDir(out).path == getattr(source, "path", None):
             raise DiffexpError(f"hydra.run.dir={out}: that is the run being reproduced; choose a new directory")
-        status = train(new_cfg, out, resume=False)
+        for w in check_train_config(effective_config(new_cfg, math.inf)):
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        new_cfg.metric = resolve_metric(new_cfg.metric, new_cfg.dataset)
+        status = train(new_cfg, out, resume=False, session_dir=session)
         print(f"reproduced {source.path} into {out} ({status})", flush=True)
         if cfg.check and status == "finished":
             n, largest, first = loss_check(source.metrics(), RunDir(out).metrics())

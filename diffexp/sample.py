@@ -39,7 +39,8 @@ def main(cfg: DictConfig) -> None:
         run = RunDir(cfg.run).require()
         out_path(cfg, run, "", 0)  # a bad out= is refused before any sampling
         samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler, steps=cfg.sampler.steps,
-                             batch_size=int(cfg.batch_size), progress=True)
+                             batch_size=int(cfg.batch_size), class_label=cfg.class_label,
+                             guidance_scale=cfg.guidance_scale, progress=True)
         out = out_path(cfg, run, samples.sampler, samples.steps)
         arrays = {"images": samples.images} | ({"labels": samples.labels} if samples.labels is not None else {})
         with atomic_path(out) as tmp:

@@ -107,6 +107,32 @@ def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True) 
     return result
 
 
+def run_main(module: str, *args: str) -> Result:
+    """``python -m diffexp.<module> args...`` through the command's real Hydra ``main`` in this
+    process (Hydra parses the arguments, makes its output folder, configures logging), with its
+    exit status: the command line without a new interpreter."""
+    import importlib
+
+    command = importlib.import_module(f"diffexp.{module}")
+    saved_argv, code = sys.argv, 0
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    sys.argv = [f"diffexp.{module}", *args]
+    with captured() as (out, err):
+        try:
+            command.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            sys.argv = saved_argv
+            reset_accelerate()
+            for handler in root.handlers:  # Hydra's logging of that command ends with it
+                if handler not in saved_handlers:
+                    handler.close()
+            root.handlers[:], root.level = saved_handlers, saved_level
+    return Result(code, out.getvalue(), err.getvalue())
+
+
 def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Path:
     """A copy of the finished run ``full`` as if it had died after logging step ``logged``: only
     checkpoints up to step ``checkpoint`` remain, no exported model, metrics up to ``logged``."""

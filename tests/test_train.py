@@ -18,7 +18,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_train
+from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_main, run_train
 
 
 def losses(run_dir):
@@ -48,6 +48,8 @@ def test_tiny_run_writes_the_whole_run_directory(train):
     assert {"git", "packages", "command", "host", "start", "end"} <= set(info)
     assert info["packages"]["diffusers"] and info["packages"]["torch"] and info["fused_adamw"] is True
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/fd_digits_50" in r] == [5]  # the default metric, at the end
+    rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for r in rows:
         assert {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "train/step"} <= set(r)
@@ -161,7 +163,8 @@ def test_resume_can_extend_max_steps(finished_run):
     run = finished_run
     run_train(f"resume={run}", "trainer.max_steps=6")
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
-    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_steps"] == 6
+    cfg = yaml.safe_load((run / "config.yaml").read_text())  # what the run started with, and what changed when
+    assert cfg["trainer"]["max_steps"] == 4 and cfg["changes"] == [{"step": 4, "set": {"trainer.max_steps": 6}}]
 
 
 def test_resume_takes_a_new_learning_rate_from_the_command_line(train):
@@ -179,6 +182,29 @@ def test_resume_takes_a_new_learning_rate_from_the_command_line(train):
     assert lrs(run)[4:] == lrs(reference)[4:] and lrs(run)[4] < lrs(run)[3]
     state = torch.load(run / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=True)
     assert [tuple(g["betas"]) for g in state["param_groups"]] == [(0.9, 0.99)]
+
+
+def test_what_a_resume_changed_is_recorded_and_reproduced_exactly(train, tmp_path):
+    """lr, EMA decay, max_steps and the log interval changed on resume apply from the checkpoint's
+    step, are recorded there, and `reproduce check=true` replays them: identical losses and weights."""
+    run, _ = train("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10", name="resumed")
+    for later in ("step_0000006",):
+        shutil.rmtree(run / "checkpoints" / later)  # continue from step 4
+    run_train(f"resume={run}", "trainer.lr=2e-4", "trainer.ema.decay=0.5", "trainer.max_steps=8",
+              "trainer.log_every=2")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["trainer"]["lr"] == 0.001 and cfg["changes"] == [
+        {"step": 4, "set": {"trainer.lr": 0.0002, "trainer.ema.decay": 0.5, "trainer.max_steps": 8,
+                            "trainer.log_every": 2}}]
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 6, 8]
+    again = tmp_path / "again"
+    result = run_main("reproduce", f"run={run}", "check=true", f"hydra.run.dir={again}")
+    assert "check: 6 logged losses compared; largest difference 0 (identical)" in result.stdout, result.stderr[-2000:]
+    assert same_weights(run, again)
+    # the EMA decay did apply: without the change the exported average is another
+    other, _ = train("trainer.max_steps=6", "trainer.checkpoint_every=2", "+changes=[{step: 4, set: {trainer.lr: 2e-4, "
+                     "trainer.max_steps: 8, trainer.log_every: 2}}]", name="other")
+    assert losses(other) == losses(run) and not same_weights(other, run)
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
@@ -350,7 +376,7 @@ def test_bad_loss_weighting_is_refused_before_anything_is_recorded(train):
 
 def test_bad_ema_update_interval_is_named(train):
     _, proc = train("trainer.ema.update_every=0", check=False)
-    assert error_line(proc) == "error: trainer.ema.update_every=0: expected a positive integer"
+    assert error_line(proc) == "error: trainer.ema.update_every=0: expected an integer >= 1"
 
 
 def test_batch_that_does_not_split_is_named(train):
