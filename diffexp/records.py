@@ -33,6 +33,14 @@ STEP_DIR = "step_{:07d}"
 STEP_DIR_RE = re.compile(r"step_(\d{7})")
 
 
+def step_of(path: str | os.PathLike) -> int:
+    """The training step a ``step_XXXXXXX`` checkpoint folder or sample grid belongs to."""
+    found = STEP_DIR_RE.fullmatch(Path(path).stem)
+    if not found:
+        raise DiffexpError(f"{path}: not a step_XXXXXXX checkpoint or sample grid")
+    return int(found.group(1))
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

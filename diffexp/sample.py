@@ -11,12 +11,11 @@ import logging
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH, report_errors
-from diffexp.records import RunDir, atomic_path
+from diffexp.records import RunDir
 
 log = logging.getLogger("diffexp.sample")
 
@@ -33,7 +32,7 @@ def out_path(cfg: DictConfig, run: RunDir, sampler: str, steps: int) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from diffexp.sampling import sample_run, save_grid
+    from diffexp.sampling import sample_run, save_samples
 
     with report_errors():
         run = RunDir(cfg.run).require()
@@ -42,12 +41,7 @@ def main(cfg: DictConfig) -> None:
                              batch_size=int(cfg.batch_size), class_label=cfg.class_label,
                              guidance_scale=cfg.guidance_scale, progress=True)
         out = out_path(cfg, run, samples.sampler, samples.steps)
-        arrays = {"images": samples.images} | ({"labels": samples.labels} if samples.labels is not None else {})
-        with atomic_path(out) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-        grid_file = out.with_suffix(".png")
-        save_grid(samples.images, grid_file)
+        grid_file = save_samples(samples, out)
         print(f"{len(samples.images)} images {samples.images.shape[1:]} -> {out} (grid {grid_file})", flush=True)
 
 

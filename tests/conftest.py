@@ -23,7 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["debug=tiny"]
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
 # In-process runs: offline like the subprocesses, and on one thread like them, so both give the
 # same floating-point sums (before torch is first imported).
 for key, value in {**OFFLINE, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "OMP_NUM_THREADS": "1"}.items():

@@ -1,0 +1,217 @@
+"""``python -m diffexp.app`` as a user meets it: the real server on 127.0.0.1 over a folder of runs,
+called through ``gradio_client`` and driven in a real headless Chromium (Debian's ``chromium``
+through Playwright's Python package). The browser test writes the README's screenshot, docs/app.png.
+
+One server for the module: ``digits16`` (a 16 px run trained long enough to draw strokes), ``tiny``
+(the module's tiny run, with quality rows as the loop logs them), ``broken`` (config.yaml is not
+YAML) and ``unfinished`` (still running, no ``model/`` yet).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_train
+from diffexp.records import RunDir
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+SCREENSHOT = REPO / "docs" / "app.png"
+# Without the background-networking flags Chromium's own connections are refused on a closed network.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_run, dataset_cache) -> Path:
+    """The runs folder the server shows (see the module docstring)."""
+    root = tmp_path_factory.mktemp("app") / "outputs"
+    root.mkdir()
+    cache = root.parent / "cache"
+    cache.mkdir()
+    (cache / "datasets").symlink_to(dataset_cache, target_is_directory=True)
+    run_train(*TINY, f"cache_dir={cache}", "logger=none", "metric=none", "name=digits16", "dataset.resolution=16",
+              "trainer.max_steps=300", "trainer.batch_size=32", "trainer.lr=2e-3", "trainer.log_every=10",
+              "trainer.sample_every=100", "trainer.checkpoint_every=300", "sampler.steps=20", run_dir=root / "digits16")
+    tiny = RunDir(shutil.copytree(tiny_run, root / "tiny", symlinks=True))
+    for step, fd in ((2, 40.0), (4, 31.5)):
+        tiny.append_metrics({"step": step, "eval/fd_digits_1k": fd})
+    broken = shutil.copytree(tiny_run, root / "broken", symlinks=True)
+    (broken / "config.yaml").write_text("model: [unclosed\n")
+    RunDir(crashed_copy(tiny_run, root / "unfinished", checkpoint=2, logged=2)).update_info(status="running", end=None)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """``python -m diffexp.app app.runs=outputs app.port=PORT`` in a subprocess, beside the runs
+    folder; yields its URL, then stops it with Ctrl-C (SIGINT) as a user would."""
+    port = free_port()
+    logs = tmp_path_factory.mktemp("app") / "server.log"
+    env = cli_env(GRADIO_TEMP_DIR=str(logs.parent / "gradio"))
+    with logs.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "diffexp.app", "app.runs=outputs", f"app.port={port}",
+                                 "app.refresh_s=1"], cwd=runs.parent, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the app did not start (exit {proc.poll()}):\n{logs.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.3)
+    yield url
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the app did not stop on Ctrl-C")
+    assert "Traceback" not in logs.read_text(), logs.read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def sample(client, run, *, sampler="ddim", steps=5, seed=3, n=6):
+    """The page's Sample button through the API: (grid file, line, [npz, png])."""
+    return client.predict(run, sampler, steps, seed, n, None, 1.0, api_name="/sample")
+
+
+def test_lists_runs_with_their_summary_and_says_which_folder_cannot_be_read(client, runs):
+    listed = client.predict(api_name="/list_runs")
+    rows = {r["run"]: r for r in listed["runs"]}
+    assert listed["root"] == str(runs.resolve())
+    assert {"digits16", "tiny", "broken", "unfinished"} <= set(rows)
+    d16 = rows["digits16"]
+    assert (d16["name"], d16["status"], d16["steps"], d16["dataset"], d16["model"], d16["objective"]) == (
+        "digits16", "finished", "300", "digits", "unet_tiny", "linear, epsilon")
+    assert float(d16["final loss"]) < 0.5
+    assert rows["tiny"]["best eval/fd_digits_1k ↓"] == "31.5" and rows["unfinished"]["status"] == "running"
+    assert rows["broken"]["status"] == "unreadable"
+    assert any(p.startswith("`broken`: cannot be read: config.yaml:") for p in listed["problems"]), listed["problems"]
+
+
+def test_samples_as_the_cli_does_for_the_same_seed(client, runs, tmp_path):
+    grid_file, line, (npz, png) = sample(client, "digits16")
+    assert line.startswith("6 images of 16×16 px, ddim in 5 steps, seed 3: ") and line.endswith(" s on cpu")
+    assert Path(npz).name == "digits16_ddim_5steps_s3.npz" and Path(png).suffix == ".png"
+    run_cli("sample", f"run={runs / 'digits16'}", "n=6", "sampler=ddim", "sampler.steps=5", "seed=3",
+            f"out={tmp_path / 'cli.npz'}")
+    ours, theirs = np.load(npz), np.load(tmp_path / "cli.npz")
+    assert ours.files == theirs.files == ["images"]
+    assert ours["images"].dtype == np.uint8 and ours["images"].shape == (6, 16, 16, 1)
+    assert np.array_equal(ours["images"], theirs["images"])
+    assert np.array_equal(np.asarray(Image.open(grid_file)), np.asarray(Image.open(tmp_path / "cli.png")))
+    # The run's own sampler (sampler= left out on the command line), and another seed.
+    from diffexp.sampling import sample_run
+
+    _, line, (own, _) = sample(client, "digits16", sampler="own", steps=4, seed=7, n=3)
+    assert "ddim in 4 steps, seed 7" in line
+    assert np.array_equal(np.load(own)["images"], sample_run(runs / "digits16", n=3, seed=7, steps=4).images)
+    assert not np.array_equal(np.load(own)["images"], ours["images"][:3])
+
+
+def test_compares_runs_side_by_side_with_the_same_settings(client):
+    gallery, lines = client.predict(["digits16", "tiny", "unfinished"], "dpmpp", 3, 1, 4, None, 1.0,
+                                    api_name="/compare")
+    assert [g["caption"] for g in gallery] == ["digits16", "tiny"]
+    for item in gallery:  # each grid is the one that run gives alone with these settings
+        alone, _, _ = sample(client, item["caption"], sampler="dpmpp", steps=3, seed=1, n=4)
+        assert np.array_equal(np.asarray(Image.open(item["image"])), np.asarray(Image.open(alone)))
+    assert "- `digits16`: 4 images of 16×16 px, dpmsolvermultistep in 3 steps, seed 1: " in lines
+    assert "- `tiny`: 4 images of 8×8 px, dpmsolvermultistep in 3 steps, seed 1: " in lines
+    assert "- ⚠ `unfinished`: " in lines and "no model/ yet" in lines
+
+
+def test_a_bad_run_is_a_clear_message_never_a_traceback(client):
+    from gradio_client.exceptions import AppError
+
+    for run, says in (("unfinished", "no model/ yet (the run has not finished)"),
+                      ("broken", "config.yaml: "),
+                      ("../..", "not below"),
+                      ("", "no run selected")):
+        with pytest.raises(AppError) as refused:
+            sample(client, run)
+        assert says in str(refused.value) and "Traceback" not in str(refused.value)
+    with pytest.raises(AppError, match="pick two or more runs"):
+        client.predict(["digits16"], "ddim", 2, 0, 1, None, 1.0, api_name="/compare")
+    status, *_ = client.predict("broken", api_name="/show_run")
+    assert status.startswith("⚠ **broken**: config.yaml: ") and "Traceback" not in status
+    missing = run_cli("app", "app.runs=no/such/folder", check=False)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == "error: app.runs=no/such/folder: no such folder"
+
+
+@pytest.fixture(scope="module")
+def browser_page(request):
+    """One headless Chromium page for the module, on the app's URL (skipped, before any server
+    starts, where Chromium or Playwright is missing)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does) to run the browser test")
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="no playwright: pip install -e '.[test]'")
+    server = request.getfixturevalue("server")
+    with playwright_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="diffexp-chromium-"), executable_path=str(CHROMIUM), headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(server)
+        yield page
+        context.close()
+
+
+def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tiny_run):
+    page = browser_page
+    table = page.locator("#runs-table")
+    table.get_by_text("digits16", exact=True).filter(visible=True).first.click()
+    page.locator("#run-status").get_by_text("finished").wait_for()
+    assert "digits16" in page.locator("#run-status").inner_text()
+    assert "cannot be read: config.yaml:" in page.locator("#runs-note").inner_text()
+    page.get_by_role("tab", name="Sample").click()
+    page.locator("#sample-button").click()
+    page.locator("#sampled img").wait_for()
+    page.locator("#sampled-info").get_by_text("16 images of 16×16 px").wait_for()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=SCREENSHOT, full_page=True)
+    assert Image.open(SCREENSHOT).size[0] == 1400
+
+    # A run that appears while the page is open shows up at the next refresh (app.refresh_s=1).
+    shutil.copytree(tiny_run, runs / "later", symlinks=True)
+    try:
+        table.get_by_text("later", exact=True).filter(visible=True).first.wait_for(timeout=15_000)
+    finally:
+        shutil.rmtree(runs / "later")
+    # A run with no model yet: a message on the page, not a traceback.
+    page.locator("#run-menu input").fill("unfinished")
+    page.locator("#run-menu input").press("Enter")
+    page.locator("#run-status").get_by_text("running").wait_for()
+    page.locator("#sample-button").click()
+    page.get_by_text("no model/ yet").first.wait_for()
+    assert "Traceback" not in page.content()
