@@ -79,15 +79,7 @@ def refusal(message: str) -> gr.Error:
 
 def read_run(run: RunDir) -> tuple[DictConfig, dict]:
     """A run's config and run.json; a DiffexpError that names the file when one cannot be read."""
-    read = {}
-    for name, reader in (("config.yaml", run.config), ("run.json", run.info)):
-        try:
-            read[name] = reader()
-        except DiffexpError:
-            raise
-        except Exception as e:  # noqa: BLE001 - whatever the YAML or JSON parser raises
-            raise DiffexpError(f"{name}: {shown(e)}") from e
-    return read["config.yaml"], read["run.json"]
+    return run.config(), run.info()
 
 
 def objective(cfg: DictConfig) -> str:
@@ -124,7 +116,7 @@ def runs_table(root: Path) -> tuple[pd.DataFrame, list[str]]:
             cfg, _ = read_run(run)
             read.append((run, summarize(run), cfg))
         except Exception as e:  # noqa: BLE001 - one bad folder must not take the table down
-            problems.append(f"`{run_key(run, root)}`: cannot be read: {shown(e)}")
+            problems.append(f"`{run_key(run, root)}`: {shown(e)}")
             read.append((run, None, None))
     primary = primary_quality([{k[len("best "):] for k in s if k.startswith("best eval/")} for _, s, _ in read if s])
     rows = [table_row(run_key(run, root), s, cfg, primary) if s else {"run": run_key(run, root), "status": "unreadable"}

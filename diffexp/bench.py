@@ -284,15 +284,16 @@ def time_evaluation(cfg: DictConfig, unet, images_u8) -> dict:
     from accelerate import Accelerator
 
     from diffexp.build import build_sampler
-    from diffexp.evaluation import WeightsMissing, build_evaluator
+    from diffexp.evaluation import Evaluator, WeightsMissing, resolve_metric
 
     if cfg.metric.name == "none":
         return {"measured": False, "note": "metric=none: no evaluation; its cost is sampling (above) plus the metric"}
     cfg = cfg.copy()
     with open_dict(cfg):
+        cfg.metric = resolve_metric(cfg.metric, cfg.dataset)
         cfg.metric.num_samples = int(cfg.bench.eval_samples)
     try:
-        evaluator = build_evaluator(cfg, Accelerator(), images_u8, cfg.dataset)
+        evaluator = Evaluator(cfg.metric, Accelerator(), images_u8, cfg.dataset, cfg.cache_dir)
     except WeightsMissing as e:
         return {"measured": False, "note": f"{e}"}
     sampler = build_sampler(cfg.sampler, cfg.scheduler)

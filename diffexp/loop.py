@@ -452,11 +452,11 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
             if main:
                 export_pipeline(ema.model, sampler, run)
                 log.info("finished %d steps; pipeline in %s", step, run.model_dir)
+            status = "finished"
         if main and eval_seconds:
             wall = time.perf_counter() - t_start
             run.update_info(eval_seconds=round(eval_seconds, 3), loop_seconds=round(wall, 3))
             log.info("evaluation took %.1fs of this session's %.1fs (%.1f%%)", eval_seconds, wall, 100 * eval_seconds / wall)
-            status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
         raise

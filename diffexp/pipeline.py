@@ -81,12 +81,14 @@ class DiffexpPipeline(DiffusionPipeline):
 
         dtype = next(self.unet.parameters()).dtype
         x = randn_tensor(self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
-        x = x * self.scheduler.init_noise_sigma
+        # Flow-matching schedulers start from unit noise and feed the sample as it is (they have neither).
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = torch.cat([x, x]) if guided else x
-            x_in = self.scheduler.scale_model_input(x_in, t)
+            x_in = scale(x_in, t)
             out = self.denoise(x_in, t, labels)
             if guided:
                 uncond, cond = out.chunk(2)

@@ -114,7 +114,8 @@ def test_lists_runs_with_their_summary_and_says_which_folder_cannot_be_read(clie
     assert float(d16["final loss"]) < 0.5
     assert rows["tiny"]["best eval/fd_digits_1k ↓"] == "31.5" and rows["unfinished"]["status"] == "running"
     assert rows["broken"]["status"] == "unreadable"
-    assert any(p.startswith("`broken`: cannot be read: config.yaml:") for p in listed["problems"]), listed["problems"]
+    assert any(p.startswith("`broken`: ") and "config.yaml: cannot be read as a saved config" in p
+               for p in listed["problems"]), listed["problems"]
 
 
 def test_samples_as_the_cli_does_for_the_same_seed(client, runs, tmp_path):
@@ -162,7 +163,8 @@ def test_a_bad_run_is_a_clear_message_never_a_traceback(client):
     with pytest.raises(AppError, match="pick two or more runs"):
         client.predict(["digits16"], "ddim", 2, 0, 1, None, 1.0, api_name="/compare")
     status, *_ = client.predict("broken", api_name="/show_run")
-    assert status.startswith("⚠ **broken**: config.yaml: ") and "Traceback" not in status
+    assert status.startswith("⚠ **broken**: ") and "config.yaml: cannot be read as a saved config" in status \
+        and "Traceback" not in status
     missing = run_cli("app", "app.runs=no/such/folder", check=False)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1] == "error: app.runs=no/such/folder: no such folder"
@@ -193,7 +195,7 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     table.get_by_text("digits16", exact=True).filter(visible=True).first.click()
     page.locator("#run-status").get_by_text("finished").wait_for()
     assert "digits16" in page.locator("#run-status").inner_text()
-    assert "cannot be read: config.yaml:" in page.locator("#runs-note").inner_text()
+    assert "config.yaml: cannot be read as a saved config" in page.locator("#runs-note").inner_text()
     page.get_by_role("tab", name="Sample").click()
     page.locator("#sample-button").click()
     page.locator("#sampled img").wait_for()

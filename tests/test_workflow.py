@@ -32,8 +32,8 @@ NO_METRIC = [] if (CONF / "metric" / "digits.yaml").exists() else ["metric=none"
 
 
 def rows(run_dir: Path) -> list[dict]:
-    """metrics.jsonl read directly (not through diffexp), to check diffexp's numbers against."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The training rows of metrics.jsonl, read directly (not through diffexp), to check diffexp's numbers against."""
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
 
 
 # ---------------------------------------------------------------------------- sweep definitions
@@ -283,9 +283,12 @@ def test_compare_ranks_groups_by_sample_quality(grid_sweep, train, tmp_path):
     assert [g["axes"] for g in ranked] == [["unet_tiny"], ["unet_small"]]
 
     # Losses of different prediction targets are not comparable: said when the ranking would use them.
-    v_run, _ = train("scheduler.prediction_type=v_prediction", "trainer.max_steps=3", "trainer.log_every=1")
+    v_run, _ = train("scheduler.prediction_type=v_prediction", "trainer.max_steps=3", "trainer.log_every=1",
+                     "metric=none")
     tiny = [r for r in runs if OmegaConf.load(r / "config.yaml").choices.model == "unet_tiny"]
-    plain = copy_runs([sweep_dir / r.name for r in tiny], tmp_path / "plain")  # without quality metrics
+    plain = copy_runs([sweep_dir / r.name for r in tiny], tmp_path / "plain")
+    for run in plain:  # as runs that measured no quality
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(run)))
     proc = run_cli("compare", *map(str, plain), str(v_run), "by=scheduler.prediction_type", f"out={tmp_path / 'loss'}")
     assert ("warning: losses are not comparable: runs differ in scheduler.prediction_type (epsilon, v_prediction)"
             in proc.stderr)
