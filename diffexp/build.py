@@ -45,13 +45,42 @@ def build_noise_scheduler(scheduler_cfg: DictConfig) -> DDPMScheduler:
 PORTABLE_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-def compatible_samplers(trained_with: str) -> set[str]:
-    """Names of the diffusers schedulers that can sample a model trained with the schedule class
-    ``trained_with``: for DDPM, diffusers' compatibles of DDPMScheduler but the EDM ones (which
-    precondition the network's input and output as EDM trains it)."""
-    if trained_with == "DDPMScheduler":
-        return {name for name in DDPMScheduler._compatibles if not name.startswith("EDM")} - {"DPMSolverSDEScheduler"}
-    return set()
+def objective_class(scheduler_cfg: DictConfig) -> type:
+    """The objective class a ``scheduler`` config trains with: ``DDPMObjective`` for a diffusers
+    ``DDPMScheduler`` node (the DDPM family), else the node's ``_target_`` (flow matching, EDM)."""
+    from diffexp.objectives.ddpm import DDPMObjective
+
+    target = str(scheduler_cfg.get("_target_", ""))
+    if target.rsplit(".", 1)[-1] == "DDPMScheduler":
+        return DDPMObjective
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - Hydra raises ImportError or its own errors
+        raise DiffexpError(f"scheduler._target_={target}: not an objective class ({first_line(e)})") from None
+    if not hasattr(cls, "noise") or not hasattr(cls, "compatible_samplers"):
+        raise DiffexpError(f"scheduler._target_={target}: not an objective (see diffexp/objectives)")
+    return cls
+
+
+def compatible_samplers(scheduler_cfg: DictConfig) -> tuple[str, ...]:
+    """Names of the scheduler classes that can sample what ``scheduler_cfg`` trains."""
+    return tuple(objective_class(scheduler_cfg).compatible_samplers)
+
+
+def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictConfig:
+    """``sampler=auto`` (the default) as the objective's own sampler config (``conf/sampler/<name>.yaml``),
+    keeping a ``sampler.steps`` given on the command line; any other sampler config as it is."""
+    from pathlib import Path
+
+    from diffexp.cli import CONFIG_PATH
+
+    if sampler_cfg.get("name") != "auto":
+        return sampler_cfg
+    name = objective_class(scheduler_cfg).default_sampler
+    resolved = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / f"{name}.yaml")
+    if sampler_cfg.get("steps") is not None:
+        resolved.steps = sampler_cfg.steps
+    return resolved
 
 
 def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> SchedulerMixin:
@@ -64,7 +93,7 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> Schedul
     (``sampler.scheduler.*``); a schedule the sampler cannot compute (e.g. ``sigmoid``) is handed
     over as ``trained_betas``.
     """
-    own = {k: v for k, v in OmegaConf.to_container(sampler_cfg.scheduler, resolve=True).items()}
+    own = dict(OmegaConf.to_container(resolve_sampler(sampler_cfg, scheduler_cfg).scheduler, resolve=True))
     target = str(own.pop("_target_", ""))
     own.pop("_partial_", None)
     target = target.removesuffix(".from_config")  # sampler configs saved before this function
@@ -72,12 +101,14 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> Schedul
         cls = get_class(target)
     except Exception as e:  # noqa: BLE001 - Hydra raises ImportError or its own errors
         raise DiffexpError(f"sampler.scheduler._target_={target}: not a diffusers scheduler class ({e})") from None
-    trained_with = str(scheduler_cfg.get("_target_", "")).rsplit(".", 1)[-1]
-    if cls.__name__ not in compatible_samplers(trained_with):
-        raise DiffexpError(f"sampler={cls.__name__}: cannot sample a model trained with {trained_with} "
-                           f"(compatible: {', '.join(sorted(compatible_samplers(trained_with)))})")
+    trained_with = objective_class(scheduler_cfg)
+    if cls.__name__ not in trained_with.compatible_samplers:
+        name = "DDPMScheduler" if trained_with.__name__ == "DDPMObjective" else trained_with.__name__
+        raise DiffexpError(f"sampler={cls.__name__}: cannot sample a model trained with {name} "
+                           f"(compatible: {', '.join(sorted(trained_with.compatible_samplers))})")
     accepted = inspect.signature(cls.__init__).parameters
-    schedule = {k: v for k, v in OmegaConf.to_container(scheduler_cfg, resolve=True).items() if not k.startswith("_")}
+    schedule = {k: v for k, v in OmegaConf.to_container(scheduler_cfg, resolve=True).items()
+                if not k.startswith("_") and v is not None}
     kwargs = {k: v for k, v in schedule.items() if k in accepted}
     if schedule.get("beta_schedule") not in (None, *PORTABLE_BETA_SCHEDULES) and "trained_betas" in accepted:
         kwargs["trained_betas"] = build_noise_scheduler(scheduler_cfg).betas.tolist()
@@ -110,12 +141,24 @@ def build_optimizer(trainer_cfg: DictConfig, params, device: torch.device) -> to
 
 
 def build_objective(cfg: DictConfig):
-    """The training objective of ``cfg.scheduler`` (see ``diffexp.objectives``)."""
-    from diffexp.objectives import DDPMObjective
+    """The training objective of ``cfg.scheduler`` (see ``diffexp.objectives``): the DDPM family with
+    the trainer's loss weighting (uniform or min-SNR), or the node's own objective class."""
+    from diffexp.objectives.ddpm import DDPMObjective
 
     t = cfg.trainer
-    return DDPMObjective(build_noise_scheduler(cfg.scheduler), t.get("loss_weighting", "uniform"),
-                         t.get("snr_gamma", 5.0))
+    cls = objective_class(cfg.scheduler)
+    if cls is DDPMObjective:
+        return DDPMObjective(build_noise_scheduler(cfg.scheduler), t.get("loss_weighting", "uniform"),
+                             t.get("snr_gamma", 5.0))
+    if t.get("loss_weighting", "uniform") != "uniform":
+        raise DiffexpError(f"trainer.loss_weighting={t.loss_weighting}: min-SNR weighting is for the DDPM family; "
+                           f"{cls.__name__} weights its loss as its paper does")
+    try:
+        return instantiate(cfg.scheduler, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DiffexpError):
+            raise e.__cause__ from None
+        raise DiffexpError(f"scheduler: {first_line(e.__cause__ or e)}") from e
 
 
 def build_lr_scheduler(trainer_cfg: DictConfig, optimizer: torch.optim.Optimizer):

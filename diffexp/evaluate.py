@@ -20,7 +20,6 @@ import json
 import logging
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp.cli import CONFIG_PATH, report_errors
@@ -58,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     """Evaluate the EMA weights of ``cfg.run``; the main process records the result in eval.json and gets it (others None)."""
     from accelerate import Accelerator
 
-    from diffexp.build import build_sampler
+    from diffexp.build import build_sampler, resolve_sampler
     from diffexp.data import load_images
     from diffexp.evaluation import Evaluator, resolve_metric
     from diffexp.sampling import sampler_name
@@ -66,7 +65,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
     metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
-    sampler_cfg = cfg.sampler if cfg.sampler.get("scheduler") else run_cfg.sampler
+    sampler_cfg = resolve_sampler(cfg.sampler if cfg.sampler.get("scheduler") else run_cfg.sampler, run_cfg.scheduler)
     steps = int(cfg.sampler.steps if cfg.sampler.get("steps") is not None else sampler_cfg.steps)
     accelerator = Accelerator()
     pipe = run.pipeline()
@@ -76,10 +75,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
     scores = evaluator(denoiser, sampler, steps)
-    choices = HydraConfig.get().runtime.choices
     result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
               "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
-              "sampler": choices.get("sampler") or sampler_name(sampler_cfg),
+              "sampler": sampler_name(sampler_cfg),
               "sampler_options": {k: v for k, v in OmegaConf.to_container(sampler_cfg.scheduler, resolve=True).items()
                                   if k != "_target_"}, "sampler_steps": steps,
               "seed": int(metric_cfg.seed), "num_processes": accelerator.num_processes, "at": now()}

@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffexp import DiffexpError
-from diffexp.build import build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler, fused_adamw
+from diffexp.build import (build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler,
+                           fused_adamw, resolve_sampler)
 from diffexp.data import Batches, center_window, load_images
 from diffexp.evaluation import auto_eval_every, count_flops, make_evaluator, training_rng_untouched
 from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
 from diffexp import pipeline as pipeline_module
+from diffexp import schedulers as schedulers_module
 from diffexp.pipeline import DiffexpPipeline
 from diffexp.records import RunDir, atomic_path, effective_config, replace_path
 from diffexp.sampling import generate, save_grid
@@ -225,7 +227,7 @@ def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator, net: torch.nn
         with torch.no_grad():
             forward = count_flops(lambda: net(x, step_t))
             features = count_flops(lambda: evaluator.net(images[:1].to(x.device)))
-    sampler.set_timesteps(cfg.sampler.steps)
+    sampler.set_timesteps(resolve_sampler(cfg.sampler, cfg.scheduler).steps)
     nfe = len(sampler.timesteps)
     eval_flops = evaluator.num_samples * (nfe * forward + features)
     every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
@@ -264,6 +266,9 @@ def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir) -> None:
         else:
             shutil.copyfile(Path(pipeline_module.__file__), tmp / "pipeline.py")
             index["_class_name"] = ["pipeline", "DiffexpPipeline"]
+        if type(sampler).__module__ == schedulers_module.__name__:  # a scheduler of diffexp's own
+            shutil.copyfile(Path(schedulers_module.__file__), tmp / "scheduler" / "schedulers.py")
+            index["scheduler"] = ["schedulers", type(sampler).__name__]
         index_file.write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -315,7 +320,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
 
     model = optimize_model(build_model(cfg.model), t)
     objective = build_objective(cfg)
-    sampler = build_sampler(cfg.sampler, cfg.scheduler)
+    sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
+    sampler = build_sampler(sampler_cfg, cfg.scheduler)
     with accelerator.main_process_first():
         images = load_images(cfg.dataset, cfg.cache_dir, crop_margin=True)
     batches = Batches(images, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -416,10 +422,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
                 if sample_now or eval_now:
                     ema.update(net, step)  # every process, so the averages stay one
                 if sample_now and main:
-                    grid_images = generate(ema.model, sampler, n=t.grid_size, steps=cfg.sampler.steps, seed=cfg.seed)
+                    grid_images = generate(ema.model, sampler, n=t.grid_size, steps=sampler_cfg.steps, seed=cfg.seed)
                     tracker.log_image("samples/grid", save_grid(grid_images, run.sample_grid_file(step)), step)
                 if eval_now:
-                    results = evaluator(ema.model, sampler, cfg.sampler.steps)  # every process takes part
+                    results = evaluator(ema.model, sampler, sampler_cfg.steps)  # every process takes part
                     eval_seconds += results["eval/seconds"]
                     if main:
                         run.append_metrics({"step": step, "train/step": step, **results})

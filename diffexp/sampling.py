@@ -117,7 +117,7 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     ``class_label`` and ``guidance_scale`` are for class-conditional runs (``class_names``) and
     refused for unconditional ones.
     """
-    from diffexp.build import build_sampler
+    from diffexp.build import build_sampler, resolve_sampler
     from diffexp.records import RunDir
 
     run = RunDir(run) if not isinstance(run, RunDir) else run
@@ -129,6 +129,7 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
         raise DiffexpError(f"{what}={class_label if class_label is not None else guidance_scale}: {run.path} "
                            "is an unconditional run (no classes to ask for)")
     sampler_cfg = sampler_cfg if sampler_cfg is not None and sampler_cfg.get("scheduler") else run_cfg.sampler
+    sampler_cfg = resolve_sampler(sampler_cfg, run_cfg.scheduler)
     steps = int(steps if steps is not None else sampler_cfg.steps)
     if steps < 1:
         raise DiffexpError(f"sampler.steps={steps}: must be at least 1")
@@ -142,7 +143,10 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
 
 
 def sampler_name(sampler_cfg) -> str:
-    """A short name of a sampler config: its scheduler class without ``Scheduler`` (``ddim``, ``dpmsolvermultistep``)."""
+    """A short name of a sampler config: its ``name`` (``ddim``, ``edm_heun``), or for configs saved
+    before names its scheduler class without ``Scheduler`` (``dpmsolvermultistep``)."""
+    if sampler_cfg.get("name"):
+        return str(sampler_cfg.name)
     target = str(sampler_cfg.scheduler._target_).removesuffix(".from_config")
     return target.rsplit(".", 1)[-1].replace("Scheduler", "").lower()
 

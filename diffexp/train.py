@@ -112,6 +112,7 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
     into ``run_dir`` or continue ``cfg.resume``; returns the run's final status. Nothing is written
     before every check has passed; ``session_dir`` (Hydra's scratch record of this command) is
     adopted by the run when it starts."""
+    from diffexp.build import resolve_sampler
     from diffexp.evaluation import resolve_metric
     from diffexp.validate import check_train_config
 
@@ -125,8 +126,9 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
         log.warning(warning)
     if unchanged and nothing_to_do(cfg):
         return "finished"
-    with open_dict(cfg):
-        cfg.metric = resolve_metric(cfg.metric, cfg.dataset)  # metric=auto: decided for the dataset, and recorded
+    with open_dict(cfg):  # auto choices: decided here, and recorded
+        cfg.metric = resolve_metric(cfg.metric, cfg.dataset)
+        cfg.sampler = resolve_sampler(cfg.sampler, cfg.scheduler)
     from diffexp.loop import train  # heavy imports after the checks
 
     return train(cfg, run_dir, resume=resume, session_dir=session_dir)

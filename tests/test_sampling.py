@@ -57,6 +57,60 @@ class GaussianDenoiser(ModelMixin, ConfigMixin):
         return Output(sample=out.float())
 
 
+class GaussianFlow(ModelMixin, ConfigMixin):
+    """The exact velocity E[eps - x_0 | x_t] of the Gaussian data on the flow-matching path
+    x_t = (1 - t) x_0 + t eps; the network's timestep is t x 1000."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, sample_size: int = 8, in_channels: int = 1):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, class_labels=None):
+        t = (torch.as_tensor(t, dtype=torch.float64).reshape(-1) / 1000).reshape(-1, 1, 1, 1).to(x.device)
+        x = x.double()
+        a, b = 1 - t, t
+        x0 = MEAN + a * STD**2 * (x - a * MEAN) / (a**2 * STD**2 + b**2)
+        eps = (x - a * x0) / b
+        return Output(sample=(eps - x0).float())
+
+
+class GaussianEDM(ModelMixin, ConfigMixin):
+    """The exact EDM network output F for the Gaussian data: it sees c_in x and c_noise = ln(sigma) / 4,
+    and c_skip x + c_out F is E[x_0 | x] for x = x_0 + sigma n."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, sample_size: int = 8, in_channels: int = 1, sigma_data: float = 0.5):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x_in, c_noise, class_labels=None):
+        sd = self.config.sigma_data
+        sigma = torch.exp(4 * torch.as_tensor(c_noise, dtype=torch.float64).reshape(-1)).reshape(-1, 1, 1, 1)
+        sigma = sigma.to(x_in.device)
+        x = x_in.double() * (sigma**2 + sd**2).sqrt()
+        x0 = MEAN + STD**2 * (x - MEAN) / (STD**2 + sigma**2)
+        c_skip, c_out = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+        return Output(sample=((x0 - c_skip * x) / c_out).float())
+
+
+@pytest.mark.parametrize("scheduler,sampler,steps", [("flow_matching", "fm_euler", 200), ("flow_matching", "fm_heun", 50),
+                                                     ("edm", "edm_euler", 200), ("edm", "edm_heun", 50),
+                                                     ("edm", "edm_dpmpp", 100)])
+def test_flow_matching_and_edm_samplers_draw_from_the_trained_distribution(scheduler, sampler, steps):
+    model = GaussianFlow() if scheduler == "flow_matching" else GaussianEDM()
+    scheduler_cfg = compose_config([f"scheduler={scheduler}"]).scheduler
+    sampler_cfg = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / f"{sampler}.yaml")
+    images = generate(model, build_sampler(sampler_cfg, scheduler_cfg), n=64, steps=steps, seed=0)
+    x = images.astype(np.float64) / 127.5 - 1
+    assert x.mean() == pytest.approx(MEAN, abs=0.01)
+    assert x.std() == pytest.approx(STD, abs=0.012)
+
+
 def gaussian_model(scheduler: str, prediction_type: str) -> tuple[GaussianDenoiser, object]:
     cfg = compose_config([f"scheduler={scheduler}", f"scheduler.prediction_type={prediction_type}",
                           "scheduler.clip_sample=false"])

@@ -1,32 +1,14 @@
-"""Training objectives: what the loop asks of a noise schedule for one batch of clean images.
-
-An objective turns clean images into the network's input, its noise-level conditioning, the
-target it must output and a per-sample loss weight (``Noised``); the loop does the rest
-(``loss = weight * |net(input, timestep) - target|^2``). Sampling is the diffusers scheduler's
-job, built from the same config node by ``diffexp.build.build_sampler``.
-"""
+"""The DDPM family: a diffusers ``DDPMScheduler``'s betas (linear, scaled_linear, cosine, sigmoid),
+with an epsilon, v or x_0 target (``scheduler.prediction_type``)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from diffexp import DiffexpError
-
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-
-
-@dataclass
-class Noised:
-    """One batch as the network sees it: input, noise-level conditioning, target, per-sample weight."""
-
-    model_input: torch.Tensor
-    timestep: torch.Tensor
-    target: torch.Tensor
-    weight: torch.Tensor | None  # None: uniform
+from diffexp.objectives import LOSS_WEIGHTINGS, Noised
 
 
 class DDPMObjective:
@@ -34,6 +16,12 @@ class DDPMObjective:
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, and the scheduler's ``prediction_type`` as
     target (epsilon, v = sqrt(abar) eps - sqrt(1 - abar) x_0, or x_0 itself), with uniform or
     min-SNR-gamma weights (Hang et al. 2023)."""
+
+    # diffusers' compatibles of DDPMScheduler, but the EDM ones (which precondition the network's input
+    # and output as EDM trains it) and the SDE one (which needs torchsde)
+    compatible_samplers = tuple(n for n in DDPMScheduler._compatibles
+                                if not n.startswith("EDM") and n != "DPMSolverSDEScheduler")
+    default_sampler = "dpmpp"
 
     def __init__(self, scheduler: DDPMScheduler, loss_weighting: str = "uniform", snr_gamma: float = 5.0):
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -44,10 +32,14 @@ class DDPMObjective:
         self.loss_weighting = loss_weighting
         self.snr_gamma = float(snr_gamma)
 
-    def noise(self, clean: torch.Tensor) -> Noised:
-        """A noised batch; draws its noise and timesteps from the global RNG (saved in checkpoints)."""
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    def noise(self, clean: torch.Tensor, noise: torch.Tensor | None = None,
+              timesteps: torch.Tensor | None = None) -> Noised:
+        """A noised batch; draws its noise and timesteps (unless given) from the global RNG, which
+        checkpoints save."""
+        noise = torch.randn_like(clean) if noise is None else noise
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],),
+                                      device=clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":

@@ -1,0 +1,31 @@
+"""Training objectives: what the loop asks of a noise schedule for one batch of clean images.
+
+An objective turns clean images into the network's input, its noise-level conditioning, the
+target it must output and a per-sample loss weight (``Noised``); the loop does the rest
+(``loss = weight * |net(input, timestep) - target|^2``). Sampling is a diffusers scheduler's job,
+built from the same config node by ``diffexp.build.build_sampler``; an objective names the
+sampler classes that can integrate what it trains (``compatible_samplers``) and its default
+(``default_sampler``, a ``conf/sampler`` option).
+
+The three peers: ``ddpm.DDPMObjective`` (the DDPM family on diffusers' ``DDPMScheduler``),
+``flow_matching.FlowMatching`` and ``edm.EDM``. A new objective is one file here and one
+``conf/scheduler`` config whose ``_target_`` is its class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+
+
+@dataclass
+class Noised:
+    """One batch as the network sees it: input, noise-level conditioning, target, per-sample weight."""
+
+    model_input: torch.Tensor
+    timestep: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None  # None: uniform
