@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from diffexp.build import build_model, build_noise_scheduler, build_optimizer, build_lr_scheduler, build_sampler
+from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH
 
 CONF = Path(CONFIG_PATH)
@@ -56,9 +57,12 @@ def test_unet_base_is_the_ddpm_cifar10_network():
     assert cfg.dataset.random_flip and cfg.scheduler.beta_schedule == "linear"
 
 
-@pytest.mark.parametrize("scheduler", options("scheduler"))
+DDPM_FAMILY = [o for o in options("scheduler") if o not in ("flow_matching", "edm")]
+
+
+@pytest.mark.parametrize("scheduler", DDPM_FAMILY)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_schedulers_and_samplers_instantiate(scheduler, prediction_type):
+def test_ddpm_schedules_and_their_samplers_instantiate(scheduler, prediction_type):
     cfg = composed(f"scheduler={scheduler}", f"scheduler.prediction_type={prediction_type}",
                    "scheduler.rescale_betas_zero_snr=true")
     noise_scheduler = build_noise_scheduler(cfg.scheduler)
@@ -66,11 +70,29 @@ def test_schedulers_and_samplers_instantiate(scheduler, prediction_type):
     assert noise_scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR
     for sampler in options("sampler"):
         sampler_cfg = composed(f"sampler={sampler}").sampler
+        if sampler.startswith(("fm_", "edm_")):
+            with pytest.raises(DiffexpError, match="cannot sample a model trained with DDPMScheduler"):
+                build_sampler(sampler_cfg, cfg.scheduler)
+            continue
         inference = build_sampler(sampler_cfg, cfg.scheduler)
-        inference.set_timesteps(sampler_cfg.steps)
+        inference.set_timesteps(sampler_cfg.steps or 10)
         assert inference.config.prediction_type == prediction_type
         # the sampler integrates the schedule the model was trained on, whatever it can compute itself
         torch.testing.assert_close(inference.alphas_cumprod, noise_scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("scheduler,prefix", [("flow_matching", "fm_"), ("edm", "edm_")])
+def test_flow_matching_and_edm_take_their_own_samplers_only(scheduler, prefix):
+    cfg = composed(f"scheduler={scheduler}")
+    for sampler in options("sampler"):
+        sampler_cfg = composed(f"sampler={sampler}").sampler
+        if sampler.startswith(prefix) or sampler == "auto":
+            inference = build_sampler(sampler_cfg, cfg.scheduler)
+            inference.set_timesteps(sampler_cfg.steps or 10)
+            assert len(inference.timesteps) >= (sampler_cfg.steps or 10)
+        else:
+            with pytest.raises(DiffexpError, match="cannot sample a model trained with"):
+                build_sampler(sampler_cfg, cfg.scheduler)
 
 
 def test_linear_schedule_is_the_ddpm_papers():
