@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import DDPMScheduler, SchedulerMixin
 from diffusers.optimization import get_scheduler
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -16,14 +16,50 @@ from diffexp import DiffexpError, first_line
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def build_model(model_cfg: DictConfig) -> UNet2DModel:
-    """The denoiser; checks that the resolution survives the U-Net's downsampling."""
+def is_transformer(model) -> bool:
+    """Whether a denoiser takes its input as ``hidden_states`` (diffusers' DiT-style transformers)."""
+    return "hidden_states" in inspect.signature(model.forward).parameters
+
+
+def build_model(model_cfg: DictConfig, *, channels: int | None = None, size: int | None = None,
+                num_classes: int | None = None) -> torch.nn.Module:
+    """The denoiser of ``model_cfg`` for inputs of ``channels`` x ``size`` x ``size`` (the dataset's
+    pixels, or an autoencoder's latents; default: as the config says) and, for class-conditional
+    training, ``num_classes`` classes plus the null class of classifier-free guidance (label
+    ``num_classes``). Checks that the size survives the network's downsampling or patching.
+
+    A ``UNet2DModel`` gets a class embedding (``num_class_embeds``); a ``DiTTransformer2DModel`` its
+    adaLN label embedding (``num_embeds_ada_norm``; one constant "class" when unconditional), with
+    diffusers' built-in label dropout switched off: the loop's ``conditioning.p_uncond`` is the one
+    label dropout.
+    """
+    target = str(model_cfg.get("_target_", ""))
+    dit = target.rsplit(".", 1)[-1] in ("DiTTransformer2DModel", "Transformer2DModel")
+    overrides = {}
+    if channels is not None:
+        overrides.update(in_channels=channels, out_channels=channels)
+    if size is not None:
+        overrides["sample_size"] = size
+    if dit:
+        overrides["num_embeds_ada_norm"] = num_classes or 1
+    elif num_classes:
+        overrides["num_class_embeds"] = num_classes + 1
     try:
-        model = instantiate(model_cfg, _convert_="all")
+        model = instantiate(model_cfg, _convert_="all", **overrides)
     except InstantiationException as e:
-        raise DiffexpError(f"model: cannot build {model_cfg.get('_target_')}: {e.__cause__ or e}") from e
-    levels = len(model.config.block_out_channels)
+        raise DiffexpError(f"model: cannot build {target}: {first_line(e.__cause__ or e)}") from e
     size = model.config.sample_size
+    if dit:
+        from diffusers.models.embeddings import LabelEmbedding
+
+        for module in model.modules():
+            if isinstance(module, LabelEmbedding):
+                module.dropout_prob = 0.0
+        if isinstance(size, int) and size % model.config.patch_size:
+            raise DiffexpError(f"dataset.resolution={size} (as the model sees it) is not divisible by the patch size "
+                               f"{model.config.patch_size}")
+        return model
+    levels = len(model.config.block_out_channels)
     if isinstance(size, int) and size % 2 ** (levels - 1):
         raise DiffexpError(
             f"dataset.resolution={size} is not divisible by {2 ** (levels - 1)}, which this {levels}-level U-Net needs"

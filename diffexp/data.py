@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
@@ -45,17 +47,22 @@ OFFLINE_HINT = "dataset=imagefolder dataset.path=DIR and dataset=digits work off
 
 
 def load_digits():
-    """scikit-learn's 1,797 8x8 handwritten digits as a grayscale image Dataset (no network)."""
+    """scikit-learn's 1,797 8x8 handwritten digits as a grayscale image Dataset with their labels
+    0-9 (no network)."""
     import datasets
     from sklearn.datasets import load_digits as sklearn_digits
 
-    pixels = np.round(sklearn_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    digits = sklearn_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     images = [Image.fromarray(p, mode="L") for p in pixels]
-    return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
 
 
 def load_imagefolder(path: str):
-    """Every image under ``path`` (subfolders included), read with the 🤗 datasets ``imagefolder`` builder."""
+    """Every image under ``path`` (subfolders included), read with the 🤗 datasets ``imagefolder``
+    builder; when the images sit in one subfolder per class, the subfolders are the labels."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DiffexpError(f"dataset.path={path}: no such directory (dataset=imagefolder needs a folder of images)")
@@ -65,11 +72,13 @@ def load_imagefolder(path: str):
         ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     except (FileNotFoundError, ValueError) as e:
         raise DiffexpError(f"dataset.path={path}: no images could be read there ({first_line(e)})") from e
-    return ds.select_columns(["image"])
+    return ds.select_columns([c for c in ("image", "label") if c in ds.column_names])
 
 
-def load_hub(repo: str, split: str = "train", image_column: str = "image", subset: str | None = None):
-    """The ``image_column`` of a 🤗 hub dataset's ``split`` (renamed ``image``).
+def load_hub(repo: str, split: str = "train", image_column: str = "image", subset: str | None = None,
+             label_column: str | None = None):
+    """The ``image_column`` of a 🤗 hub dataset's ``split`` (renamed ``image``), and its class labels
+    from ``label_column`` (renamed ``label``) when one is named.
 
     ``repo`` is a hub name (read from the hub cache when offline or when the hub is unreachable),
     a local dataset repository folder (parquet/image files, read like the hub's), or a folder
@@ -97,10 +106,12 @@ def load_hub(repo: str, split: str = "train", image_column: str = "image", subse
                 f"python -c \"import datasets; datasets.load_dataset('{repo}', split='{split}')\", "
                 f"or point dataset=hf dataset.repo= at a save_to_disk folder; {OFFLINE_HINT}"
             ) from e
-    if image_column not in ds.column_names:
-        raise DiffexpError(f"dataset.loader.image_column={image_column}: {repo} has columns {ds.column_names}")
-    ds = ds.select_columns([image_column])
-    return ds.rename_column(image_column, "image") if image_column != "image" else ds
+    for key, column in (("image_column", image_column), ("label_column", label_column)):
+        if column is not None and column not in ds.column_names:
+            raise DiffexpError(f"dataset.loader.{key}={column}: {repo} has columns {ds.column_names}")
+    ds = ds.select_columns([image_column] + ([label_column] if label_column else []))
+    ds = ds.rename_column(image_column, "image") if image_column != "image" else ds
+    return ds.rename_column(label_column, "label") if label_column and label_column != "label" else ds
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -169,8 +180,10 @@ def stored_size(dataset_cfg: DictConfig) -> int:
 
 def cache_key(dataset_cfg: DictConfig) -> str:
     """Hash of exactly what determines the cached pixels (not augmentations, not the dataset's name)."""
+    loader = OmegaConf.to_container(dataset_cfg.loader, resolve=True)
+    loader.pop("label_column", None)  # labels are cached beside the pixels, not in them
     spec = {
-        "loader": OmegaConf.to_container(dataset_cfg.loader, resolve=True),
+        "loader": loader,
         "size": stored_size(dataset_cfg),
         "channels": int(dataset_cfg.channels),
         "precrop": dataset_cfg.get("precrop"),
@@ -196,8 +209,22 @@ def cache_path(dataset_cfg: DictConfig, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "datasets" / f"{dataset_cfg.name}-{stored_size(dataset_cfg)}px-{cache_key(dataset_cfg)}.pt"
 
 
+def decode(item) -> Image.Image:
+    """A datasets image cell (decoded, or ``{"path", "bytes"}``) as a PIL image; a file that cannot
+    be read is a one-line DiffexpError naming it."""
+    if isinstance(item, Image.Image):
+        return item
+    try:
+        image = Image.open(io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"])
+        image.load()
+        return image
+    except Exception as e:  # noqa: BLE001 - PIL raises its own and OSError alike
+        raise DiffexpError(f"{item.get('path') or 'an image of the dataset'}: cannot be read as an image "
+                           f"({type(e).__name__})") from None
+
+
 def _preprocess_batch(batch: dict, size: int, channels: int, precrop: int | None) -> dict:
-    return {"pixels": np.stack([preprocess(im, size, channels, precrop) for im in batch["image"]])}
+    return {"pixels": np.stack([preprocess(decode(im), size, channels, precrop) for im in batch["image"]])}
 
 
 def preprocess_dataset(raw, size: int, channels: int, precrop: int | None = None,
@@ -213,6 +240,7 @@ def preprocess_dataset(raw, size: int, channels: int, precrop: int | None = None
         raw = datasets.Dataset.from_dict({"image": list(raw)}, features=datasets.Features({"image": datasets.Image()}))
     if len(raw) == 0:
         raise DiffexpError("the dataset has no images")
+    raw = raw.cast_column("image", datasets.Image(decode=False))  # decoded in _preprocess_batch, naming bad files
     if num_proc is None and len(raw) >= 20_000 and (os.cpu_count() or 1) >= 4:
         num_proc = min(os.cpu_count(), 8)
     features = datasets.Features({"pixels": datasets.Array3D((size, size, channels), "uint8")})
@@ -230,16 +258,44 @@ def center_window(images_u8: torch.Tensor, size: int) -> torch.Tensor:
     return images_u8[..., top : top + size, top : top + size]
 
 
-def load_images(dataset_cfg: DictConfig, cache_dir: str | os.PathLike | None = None, *,
-                crop_margin: bool = False, num_proc: int | None = None) -> torch.Tensor:
-    """The dataset as a uint8 tensor N x C x H x W, preprocessed once and cached on disk.
+@dataclass
+class ImageData:
+    """A dataset as tensors: uint8 images N x C x H x W and, when asked for, int64 class labels and
+    the class names (label i is ``class_names[i]``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None = None
+    class_names: list[str] | None = None
+
+
+def labels_of(raw, name: str) -> tuple[torch.Tensor, list[str]]:
+    """The ``label`` column of a loader's Dataset as ids and names (a ClassLabel's names, else the
+    sorted distinct values); a one-line DiffexpError when the dataset has none."""
+    import datasets
+
+    if not isinstance(raw, datasets.Dataset) or "label" not in raw.column_names:
+        raise DiffexpError(f"dataset {name} has no class labels (conditioning=class needs them): name the column "
+                           "with dataset.label_column=..., or use an imagefolder with one subfolder per class")
+    feature, values = raw.features["label"], raw["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return torch.tensor(list(values), dtype=torch.int64), [str(n) for n in feature.names]
+    names = sorted({str(v) for v in values})
+    index = {n: i for i, n in enumerate(names)}
+    return torch.tensor([index[str(v)] for v in values], dtype=torch.int64), names
+
+
+def load_data(dataset_cfg: DictConfig, cache_dir: str | os.PathLike | None = None, *, crop_margin: bool = False,
+              labels: bool = False, num_proc: int | None = None) -> ImageData:
+    """The dataset as tensors, preprocessed once and cached on disk (the labels beside the pixels).
 
     H = W = ``dataset.resolution``: the images the model learns and the real set for FID. With
     ``crop_margin`` and ``crop: random``, the larger cached images that ``Batches(crop_to=...)``
-    crops at random instead. A second call with the same pixel settings only reads the cache file.
+    crops at random instead. A second call with the same settings only reads the cache files.
     """
     size = stored_size(dataset_cfg)
     cache_file = cache_path(dataset_cfg, cache_dir) if cache_dir is not None else None
+    labels_file = cache_file.with_suffix(".labels.pt") if cache_file is not None else None
+    raw = images = classes = None
     if cache_file is not None and cache_file.exists():
         log.info("dataset %s: cached at %s", dataset_cfg.name, cache_file)
         images = torch.load(cache_file, mmap=True, weights_only=True)
@@ -253,9 +309,24 @@ def load_images(dataset_cfg: DictConfig, cache_dir: str | os.PathLike | None = N
             with atomic_path(cache_file) as tmp:  # concurrent runs never read half a file
                 torch.save(images, tmp)
         log.info("dataset %s: %d images %s", dataset_cfg.name, len(images), tuple(images.shape[1:]))
-    if crop_margin or size == dataset_cfg.resolution:
-        return images
-    return center_window(images, int(dataset_cfg.resolution)).contiguous()
+    if labels:
+        if labels_file is not None and labels_file.exists():
+            classes = torch.load(labels_file, weights_only=True)
+        else:
+            ids, names = labels_of(raw if raw is not None else build_image_source(dataset_cfg.loader), dataset_cfg.name)
+            classes = {"labels": ids, "class_names": names}
+            if labels_file is not None:
+                with atomic_path(labels_file) as tmp:
+                    torch.save(classes, tmp)
+    if not crop_margin and size != dataset_cfg.resolution:
+        images = center_window(images, int(dataset_cfg.resolution)).contiguous()
+    return ImageData(images, classes["labels"] if classes else None, classes["class_names"] if classes else None)
+
+
+def load_images(dataset_cfg: DictConfig, cache_dir: str | os.PathLike | None = None, *,
+                crop_margin: bool = False, num_proc: int | None = None) -> torch.Tensor:
+    """``load_data(...).images``: the dataset's images alone."""
+    return load_data(dataset_cfg, cache_dir, crop_margin=crop_margin, num_proc=num_proc).images
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -286,7 +357,7 @@ class Batches:
 
     def __init__(self, images_u8: torch.Tensor, *, batch_size: int, grad_accum: int, num_processes: int,
                  process_index: int, seed: int, random_flip: bool, device: torch.device,
-                 crop_to: int | None = None):
+                 crop_to: int | None = None, labels: torch.Tensor | None = None):
         per_micro = batch_size // (grad_accum * num_processes)
         if per_micro * grad_accum * num_processes != batch_size:
             raise DiffexpError(
@@ -296,6 +367,7 @@ class Batches:
         if batch_size > len(images_u8):
             raise DiffexpError(f"trainer.batch_size={batch_size} is larger than the dataset ({len(images_u8)} images)")
         self.images = images_u8.to(device)
+        self.labels = labels.to(device) if labels is not None else None
         self.batch_size, self.per_micro = batch_size, per_micro
         self.num_processes, self.process_index = num_processes, process_index
         self.seed, self.random_flip, self.device = seed, random_flip, device
@@ -317,18 +389,30 @@ class Batches:
             self._offsets = torch.randint(0, span, (len(self.images), 2), generator=g).to(self.device)
         self._epoch = epoch
 
-    def get(self, step: int, micro: int = 0) -> torch.Tensor:
-        """This process's micro-batch ``micro`` of optimizer step ``step``, float in [-1, 1]."""
+    def indices(self, step: int, micro: int = 0) -> torch.Tensor:
+        """Which images make this process's micro-batch ``micro`` of optimizer step ``step``."""
         epoch = self.epoch_of(step)
         if epoch != self._epoch:
             self._load_epoch(epoch)
         start = (step % self.steps_per_epoch) * self.batch_size
         start += (micro * self.num_processes + self.process_index) * self.per_micro
-        idx = self._perm[start : start + self.per_micro]
+        return self._perm[start : start + self.per_micro]
+
+    def materialize(self, idx: torch.Tensor) -> torch.Tensor:
+        """The training tensors of images ``idx``: their crop windows, as floats in [-1, 1]."""
         x = self.images[idx]
         if self.crop_to is not None:
             x = crop_windows(x, self._offsets[idx], self.crop_to)
-        x = to_float(x)
+        return to_float(x)
+
+    def get_labels(self, step: int, micro: int = 0) -> torch.Tensor:
+        """The class labels of the images ``get(step, micro)`` returns."""
+        return self.labels[self.indices(step, micro)]
+
+    def get(self, step: int, micro: int = 0) -> torch.Tensor:
+        """This process's micro-batch ``micro`` of optimizer step ``step`` (images: float in [-1, 1])."""
+        idx = self.indices(step, micro)
+        x = self.materialize(idx)
         if self.random_flip:
             x = torch.where(self._flip[idx, None, None, None], x.flip(-1), x)
         return x

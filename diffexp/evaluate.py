@@ -78,8 +78,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
               "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
-              "sampler_options": {k: v for k, v in OmegaConf.to_container(sampler_cfg.scheduler, resolve=True).items()
-                                  if k != "_target_"}, "sampler_steps": steps,
+              "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
               "seed": int(metric_cfg.seed), "num_processes": accelerator.num_processes, "at": now()}
     main_process = accelerator.is_main_process
     if main_process:

@@ -16,6 +16,7 @@ import math
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,15 +28,15 @@ from torch.profiler import record_function as phase
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diffexp import DiffexpError
-from diffexp.build import (build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler,
-                           fused_adamw, resolve_sampler)
-from diffexp.data import Batches, center_window, load_images
-from diffexp.evaluation import auto_eval_every, count_flops, make_evaluator, training_rng_untouched
-from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
+from diffexp import DiffexpError, latents
 from diffexp import pipeline as pipeline_module
 from diffexp import schedulers as schedulers_module
-from diffexp.pipeline import DiffexpPipeline
+from diffexp.build import (build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler,
+                           fused_adamw, is_transformer, resolve_sampler)
+from diffexp.data import Batches, center_window, load_data
+from diffexp.evaluation import auto_eval_every, count_flops, make_evaluator, training_rng_untouched
+from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
+from diffexp.pipeline import DiffexpPipeline, call_denoiser
 from diffexp.records import RunDir, atomic_path, effective_config, replace_path
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
@@ -146,17 +147,24 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def train_step(model, objective, batches: Batches, step: int, optimizer, accelerator: Accelerator,
-               max_norm: float, grad_accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+               max_norm: float, grad_accum: int, null_class: int | None = None,
+               p_uncond: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: for each micro-batch, noise it, predict, weighted MSE, backward; then clip
-    and step. Returns the mean loss and the gradient norm as device tensors (no host sync)."""
+    and step. Class-conditional (``null_class`` set): the batch's labels condition the network, each
+    replaced by the null class with probability ``p_uncond`` (classifier-free guidance). Returns the
+    mean loss and the gradient norm as device tensors (no host sync)."""
     loss_sum = torch.zeros((), device=accelerator.device)
     for micro in range(grad_accum):
         # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
         with phase("data"):
             batch = objective.noise(batches.get(step - 1, micro))
+            labels = None
+            if null_class is not None:
+                labels = batches.get_labels(step - 1, micro)
+                labels = torch.where(torch.rand(labels.shape, device=labels.device) < p_uncond, null_class, labels)
         with accelerator.accumulate(model):
             with phase("forward_backward"):
-                pred = model(batch.model_input, batch.timestep).sample
+                pred = call_denoiser(model, batch.model_input, batch.timestep, labels)
                 per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
                 loss = (per_sample * batch.weight).mean() if batch.weight is not None else per_sample.mean()
                 accelerator.backward(loss)
@@ -212,24 +220,28 @@ def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) ->
 
 
 def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator, net: torch.nn.Module, sampler,
-                        images: torch.Tensor) -> int:
+                        data: "TrainingData") -> int:
     """``trainer.eval_every``, with ``auto`` turned into the interval at which evaluations cost
     ``metric.budget`` of the training's floating-point operations (counted on one image: the
     denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
-    network evaluations plus the feature network). ``t``: the trainer settings in force."""
+    network evaluations (twice with guidance), the decoder of latents and the feature network).
+    ``t``: the trainer settings in force."""
     if t.eval_every != "auto":
         return int(t.eval_every)
-    x = center_window(images[:1], cfg.dataset.resolution).to(next(net.parameters()).device)
-    x, step_t = x.float() / 127.5 - 1, torch.tensor([1])
+    device = next(net.parameters()).device
+    x = torch.zeros(1, data.channels, data.size, data.size, device=device)
+    step_t = torch.tensor([1], device=device)
+    labels = torch.zeros(1, dtype=torch.long, device=device) if data.num_classes else None
     with training_rng_untouched():  # counting (dropout) must not draw from the training's random streams
-        train_flops = count_flops(lambda: net(x, step_t).sample.sum().backward()) * t.batch_size
+        train_flops = count_flops(lambda: call_denoiser(net, x, step_t, labels).sum().backward()) * t.batch_size
         net.zero_grad(set_to_none=True)
         with torch.no_grad():
-            forward = count_flops(lambda: net(x, step_t))
-            features = count_flops(lambda: evaluator.net(images[:1].to(x.device)))
+            forward = count_flops(lambda: call_denoiser(net, x, step_t, labels)) * (2 if data.num_classes else 1)
+            decode = count_flops(lambda: data.vae.decode(x)) if data.vae is not None else 0
+            features = count_flops(lambda: evaluator.net(data.real[:1].to(device)))
     sampler.set_timesteps(resolve_sampler(cfg.sampler, cfg.scheduler).steps)
     nfe = len(sampler.timesteps)
-    eval_flops = evaluator.num_samples * (nfe * forward + features)
+    eval_flops = evaluator.num_samples * (nfe * forward + decode + features)
     every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
                             eval_flops=eval_flops, multiple_of=t.log_every or 1)
     evaluations = t.max_steps // every + (t.max_steps % every != 0)
@@ -239,6 +251,60 @@ def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator, net: torch.nn
     return every
 
 
+@dataclass
+class TrainingData:
+    """What the loop trains on: the batches (of images or latents), the real images evaluation
+    compares with, the shape the denoiser sees, the classes (None: unconditional) and the autoencoder
+    (None: pixel space)."""
+
+    batches: Batches
+    real: torch.Tensor
+    channels: int
+    size: int
+    num_classes: int | None
+    class_names: list[str] | None
+    vae: torch.nn.Module | None
+
+
+def prepare_data(cfg: DictConfig, t: DictConfig, accelerator: Accelerator) -> TrainingData:
+    """The dataset (with labels for ``conditioning=class``), encoded to latents with ``autoencoder``,
+    as deterministic batches; the main process fills the caches first."""
+    conditional = (cfg.get("conditioning") or {}).get("kind", "none") == "class"
+    resolution = int(cfg.dataset.resolution)
+    ae_cfg = cfg.get("autoencoder")
+    latents.check_config(ae_cfg)
+    common = dict(batch_size=t.batch_size, grad_accum=t.grad_accum, num_processes=accelerator.num_processes,
+                  process_index=accelerator.process_index, seed=cfg.seed, random_flip=cfg.dataset.random_flip,
+                  device=accelerator.device)
+    with accelerator.main_process_first():
+        data = load_data(cfg.dataset, cfg.cache_dir, crop_margin=True, labels=conditional)
+        real = center_window(data.images, resolution)  # what the model learns, whatever the crop margin
+        vae = encoded = None
+        if latents.wanted(ae_cfg):
+            vae = latents.load_autoencoder(ae_cfg, cfg.dataset, accelerator.device)
+            encoded = latents.encoded_dataset(vae, real, ae_cfg, cfg.dataset, cfg.cache_dir,
+                                              progress=accelerator.is_main_process)
+    if vae is None:
+        batches = Batches(data.images, crop_to=resolution, labels=data.labels, **common)
+        channels, size = int(cfg.dataset.channels), resolution
+    else:
+        scale = latents.scaling_factor(ae_cfg, vae, encoded["mean"])
+        vae.register_to_config(scaling_factor=scale)  # what decoding divides by, and what the export records
+        batches = latents.LatentBatches(encoded["mean"], encoded["std"], scale, labels=data.labels, **common)
+        channels, size = int(encoded["mean"].shape[1]), int(encoded["mean"].shape[-1])
+    num_classes = len(data.class_names) if conditional else None
+    return TrainingData(batches, real.contiguous(), channels, size, num_classes, data.class_names, vae)
+
+
+def grid_labels(grid_size: int, num_classes: int | None) -> tuple[torch.Tensor | None, int | None]:
+    """The class of each image of a sample grid (one row per class, ``grid_size // num_classes`` a row)
+    and the images per row; (None, None) for an unconditional run (a near-square grid)."""
+    if not num_classes:
+        return None, None
+    per_class = max(1, grid_size // num_classes)
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
 # Samplers whose initial noise is unscaled and whose network input is the sample itself: the
 # loop of diffusers' DDPMPipeline runs them as they are.
 DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
@@ -246,22 +312,27 @@ DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepS
                           "PNDMScheduler")
 
 
-def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir) -> None:
-    """``model/``: a diffusers pipeline of the EMA weights and the run's sampler (written atomically).
+def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
+                    class_names: list[str] | None = None) -> None:
+    """``model/``: a diffusers pipeline of the EMA weights, the run's sampler and, for latent
+    diffusion, the autoencoder (written atomically).
 
     An unconditional pixel-space model with a sampler that diffusers' ``DDPMPipeline`` runs as it
-    is, is a plain ``DDPMPipeline`` folder. Any other is a ``DiffexpPipeline``, whose code is copied
-    beside the weights as ``pipeline.py``, so plain diffusers loads it with
-    ``DiffusionPipeline.from_pretrained(model_dir, trust_remote_code=True)``. Either gives the images
-    of ``diffexp.sample`` for the same seed.
+    is, is a plain ``DDPMPipeline`` folder. Any other is a ``DiffexpPipeline`` (class names in its
+    config), whose code is copied beside the weights as ``pipeline.py``, so plain diffusers loads it
+    with ``DiffusionPipeline.from_pretrained(model_dir, trust_remote_code=True)``. (diffusers'
+    ``DiTPipeline`` is not used for class-conditional DiTs: it hard-codes ImageNet's null class,
+    label 1000.) Either gives the images of ``diffexp.sample`` for the same seed.
     """
-    pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler)
+    num_classes = len(class_names) if class_names else None
+    pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler, vae=vae, num_classes=num_classes, class_names=class_names)
+    plain_loop = type(sampler).__name__ in DDPM_PIPELINE_SAMPLERS
     with atomic_path(run.model_dir) as tmp:
         pipe.save_pretrained(tmp)
         index_file = tmp / "model_index.json"
         index = json.loads(index_file.read_text())
-        if type(sampler).__name__ in DDPM_PIPELINE_SAMPLERS:
-            index = {k: v for k, v in index.items() if k not in ("vae", "num_classes")}
+        if plain_loop and vae is None and num_classes is None and not is_transformer(denoiser):
+            index = {k: v for k, v in index.items() if k not in ("vae", "num_classes", "class_names")}
             index["_class_name"] = "DDPMPipeline"
         else:
             shutil.copyfile(Path(pipeline_module.__file__), tmp / "pipeline.py")
@@ -318,16 +389,13 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
     if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
         raise DiffexpError(f"trainer.ema.update_every={ema_every}: expected a positive integer")
 
-    model = optimize_model(build_model(cfg.model), t)
     objective = build_objective(cfg)
     sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
     sampler = build_sampler(sampler_cfg, cfg.scheduler)
-    with accelerator.main_process_first():
-        images = load_images(cfg.dataset, cfg.cache_dir, crop_margin=True)
-    batches = Batches(images, batch_size=t.batch_size, grad_accum=t.grad_accum,
-                      num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                      seed=cfg.seed, random_flip=cfg.dataset.random_flip, device=device,
-                      crop_to=cfg.dataset.resolution)
+    data = prepare_data(cfg, t, accelerator)
+    model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
+    batches, vae, conditional = data.batches, data.vae, data.num_classes is not None
+    guidance = float(cfg.conditioning.get("guidance_scale", 1.0)) if conditional else 1.0
     optimizer = build_optimizer(t, model.parameters(), device)
     lr_scheduler = build_lr_scheduler(t, optimizer)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -338,8 +406,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
     ema = EMA(net, t.ema)
     state = TrainState(device)
     accelerator.register_for_checkpointing(lr_scheduler, ema, state)
-    # The real set for FID is the center window, whatever random-crop margin training uses.
-    evaluator = make_evaluator(cfg, accelerator, center_window(images, cfg.dataset.resolution))
+    evaluator = make_evaluator(cfg, accelerator, data.real)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         log.info("resumed from %s (step %d)", checkpoint, state.step)
@@ -347,7 +414,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
             log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
                      key, old, new)
     n_params = sum(p.numel() for p in net.parameters())
-    eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, images) if evaluator is not None else 0
+    eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
 
     # ---------------------------------------------------------------- train
     status, tracker, stop = "failed", None, StopRequest()
@@ -363,7 +430,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
             run.start(cfg, num_processes=accelerator.num_processes, resumed=resume,
                       extra={"num_parameters": n_params, "device": str(device),
                              "mixed_precision": accelerator.mixed_precision, "fused_adamw": fused_adamw(t, device),
-                             "eval_every": eval_every})
+                             "eval_every": eval_every, "class_names": data.class_names})
             if resume:
                 run.truncate_metrics(state.step)
             tracker = make_tracker(cfg.logger, cfg, accelerator, run, run.info().get("wandb_run_id"))
@@ -379,7 +446,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
                 model.train()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm = train_step(model, objective, batches, step, optimizer, accelerator, max_norm,
-                                             t.grad_accum)
+                                             t.grad_accum, data.num_classes, float(cfg.conditioning.get("p_uncond", 0)))
                 lr_scheduler.step()
                 state.add(loss, grad_norm)
                 with phase("ema"):
@@ -422,10 +489,15 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
                 if sample_now or eval_now:
                     ema.update(net, step)  # every process, so the averages stay one
                 if sample_now and main:
-                    grid_images = generate(ema.model, sampler, n=t.grid_size, steps=sampler_cfg.steps, seed=cfg.seed)
-                    tracker.log_image("samples/grid", save_grid(grid_images, run.sample_grid_file(step)), step)
+                    labels, per_row = grid_labels(t.grid_size, data.num_classes)
+                    grid_images = generate(ema.model, sampler, n=len(labels) if conditional else t.grid_size,
+                                           steps=sampler_cfg.steps, seed=cfg.seed, vae=vae, num_classes=data.num_classes,
+                                           labels=labels, guidance_scale=guidance)
+                    image = save_grid(grid_images, run.sample_grid_file(step), nrow=per_row)
+                    tracker.log_image("samples/grid", image, step)
                 if eval_now:
-                    results = evaluator(ema.model, sampler, sampler_cfg.steps)  # every process takes part
+                    results = evaluator(ema.model, sampler, sampler_cfg.steps, vae=vae, num_classes=data.num_classes,
+                                        guidance_scale=guidance)  # every process takes part
                     eval_seconds += results["eval/seconds"]
                     if main:
                         run.append_metrics({"step": step, "train/step": step, **results})
@@ -442,7 +514,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
                         log.info("step %d: trainer.%s %s -> %s (recorded change)", step, key, old, new)
                     max_norm, ema_every, bar.total = t.max_grad_norm or math.inf, t.ema.get("update_every", 1), t.max_steps
                     if evaluator is not None:
-                        eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, images)
+                        eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data)
                 t_last += time.perf_counter() - t_pause
                 if stopping:
                     break
@@ -456,7 +528,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
         else:
             ema.update(net, step)
             if main:
-                export_pipeline(ema.model, sampler, run)
+                export_pipeline(ema.model, sampler, run, vae=vae, class_names=data.class_names)
                 log.info("finished %d steps; pipeline in %s", step, run.model_dir)
             status = "finished"
         if main and eval_seconds:

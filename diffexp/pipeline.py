@@ -20,6 +20,16 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def call_denoiser(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """``model(x, t, class_labels=labels).sample`` for a ``UNet2DModel`` or a DiT-style transformer
+    (which needs labels even unconditional: its one constant class, 0)."""
+    base = getattr(model, "module", model)  # through DistributedDataParallel and torch.compile wrappers
+    base = getattr(base, "_orig_mod", base)
+    if labels is None and "hidden_states" in inspect.signature(base.forward).parameters:
+        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    return model(x, t, class_labels=labels).sample[:, : x.shape[1]]
+
+
 class DiffexpPipeline(DiffusionPipeline):
     """``unet`` (a ``UNet2DModel`` or a DiT-style transformer), ``scheduler`` (any diffusers
     scheduler) and, for latent diffusion, ``vae`` (an ``AutoencoderKL``).
@@ -31,10 +41,23 @@ class DiffexpPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, unet, scheduler, vae=None, num_classes: int | None = None):
+    def __init__(self, unet, scheduler, vae=None, num_classes: int | None = None, class_names: list[str] | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(num_classes=num_classes)
+        self.register_to_config(num_classes=num_classes, class_names=class_names)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Class name -> class id (as diffusers' DiTPipeline offers its ImageNet labels)."""
+        return {name: i for i, name in enumerate(self.config.class_names or [])}
+
+    def get_label_ids(self, names: str | list[str]) -> list[int]:
+        """The class ids of class names (``pipe(class_labels=pipe.get_label_ids(["3", "7"]))``)."""
+        names = [names] if isinstance(names, str) else names
+        missing = [n for n in names if n not in self.labels]
+        if missing:
+            raise ValueError(f"{missing} are not among the classes: {sorted(self.labels)}")
+        return [self.labels[n] for n in names]
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """Shape of the tensor the denoiser works on (latents when there is a vae)."""
@@ -44,12 +67,8 @@ class DiffexpPipeline(DiffusionPipeline):
         return (batch_size, c.in_channels, *size)
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """The denoiser's raw output at timestep ``t`` (U-Nets and transformers name their inputs differently)."""
-        t = t.expand(x.shape[0]) if t.ndim else t.repeat(x.shape[0])
-        if "hidden_states" in inspect.signature(self.unet.forward).parameters:  # DiT-style transformers
-            out = self.unet(hidden_states=x, timestep=t, class_labels=labels).sample
-            return out[:, : x.shape[1]]  # a learned-variance half, if any, is not used by these samplers
-        return self.unet(x, t, class_labels=labels).sample
+        """The denoiser's raw output at timestep ``t`` (U-Nets and DiT-style transformers alike)."""
+        return call_denoiser(self.unet, x, t.expand(x.shape[0]) if t.ndim else t.repeat(x.shape[0]), labels)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50,

@@ -98,12 +98,23 @@ def class_names(run) -> list[str] | None:
     """The class names of a class-conditional run (index = class id), None for an unconditional one."""
     from diffexp.records import RunDir
 
-    cfg = (RunDir(run) if not isinstance(run, RunDir) else run).config()
-    conditioning = cfg.get("conditioning") or {}
-    if conditioning.get("kind", "none") != "class":
+    run = RunDir(run) if not isinstance(run, RunDir) else run
+    if (run.config().get("conditioning") or {}).get("kind", "none") != "class":
         return None
-    names = cfg.dataset.get("class_names")
-    return [str(n) for n in names] if names else [str(i) for i in range(int(cfg.dataset.num_classes))]
+    return [str(n) for n in run.info().get("class_names") or []]
+
+
+def requested_labels(names: list[str] | None, n: int, class_label: int | None) -> np.ndarray | None:
+    """The class of each of ``n`` images: ``class_label`` for all, else every class in turn (i mod
+    the number of classes); None for an unconditional run. A class id out of range is refused."""
+    if names is None:
+        return None
+    if class_label is None:
+        return np.arange(n) % len(names)
+    if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < len(names):
+        raise DiffexpError(f"class_label={class_label}: expected a class id from 0 to {len(names) - 1} "
+                           f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    return np.full(n, class_label)
 
 
 def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 256,
@@ -114,8 +125,9 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
 
     The one way the ``sample`` command (and the app) samples a finished run; the sampler is built
     as in training (``build_sampler``), so the same seed gives the training grid's images.
-    ``class_label`` and ``guidance_scale`` are for class-conditional runs (``class_names``) and
-    refused for unconditional ones.
+    Class-conditional runs (``class_names``) sample ``class_label`` (default: every class in turn)
+    with classifier-free guidance ``guidance_scale`` (default: the run's ``conditioning.guidance_scale``);
+    both are refused for unconditional runs.
     """
     from diffexp.build import build_sampler, resolve_sampler
     from diffexp.records import RunDir
@@ -124,10 +136,14 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     run_cfg = run.config()
     if n < 1:
         raise DiffexpError(f"n={n}: must be at least 1")
-    if class_names(run) is None and (class_label is not None or guidance_scale is not None):
+    names = class_names(run)
+    if names is None and (class_label is not None or guidance_scale is not None):
         what = "class_label" if class_label is not None else "guidance_scale"
         raise DiffexpError(f"{what}={class_label if class_label is not None else guidance_scale}: {run.path} "
                            "is an unconditional run (no classes to ask for)")
+    labels = requested_labels(names, n, class_label)
+    if names is not None and guidance_scale is None:
+        guidance_scale = float(run_cfg.conditioning.get("guidance_scale", 1.0))
     sampler_cfg = sampler_cfg if sampler_cfg is not None and sampler_cfg.get("scheduler") else run_cfg.sampler
     sampler_cfg = resolve_sampler(sampler_cfg, run_cfg.scheduler)
     steps = int(steps if steps is not None else sampler_cfg.steps)
@@ -135,11 +151,14 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
         raise DiffexpError(f"sampler.steps={steps}: must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = run.pipeline()
-    denoiser = pipe.unet.to(device)
-    images = generate(denoiser, build_sampler(sampler_cfg, run_cfg.scheduler), n=n, steps=steps, seed=seed,
-                      batch_size=batch_size, progress=progress)
-    name = sampler_name(sampler_cfg)
-    return Samples(images=images, labels=None, sampler=name, steps=steps, seed=seed)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # DiTPipeline names its denoiser transformer
+    vae = getattr(pipe, "vae", None)
+    images = generate(denoiser.to(device), build_sampler(sampler_cfg, run_cfg.scheduler), n=n, steps=steps, seed=seed,
+                      batch_size=batch_size, vae=vae.to(device) if vae is not None else None,
+                      num_classes=len(names) if names else None,
+                      labels=torch.from_numpy(labels) if labels is not None else None,
+                      guidance_scale=guidance_scale or 1.0, progress=progress)
+    return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed)
 
 
 def sampler_name(sampler_cfg) -> str:
