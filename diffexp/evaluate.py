@@ -27,7 +27,7 @@ from diffexp.records import RunDir, now, write_json_atomic
 from diffexp.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
-KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed")
+KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale")
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from diffexp.build import build_sampler, resolve_sampler
     from diffexp.data import load_images
     from diffexp.evaluation import Evaluator, resolve_metric
-    from diffexp.sampling import sampler_name
+    from diffexp.sampling import class_names, sampler_name
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
@@ -70,16 +70,22 @@ def evaluate(cfg: DictConfig) -> dict | None:
     accelerator = Accelerator()
     pipe = run.pipeline()
     denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
+    vae = pipe.vae.to(accelerator.device) if getattr(pipe, "vae", None) is not None else None
+    names = class_names(run)
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (
+        run_cfg.conditioning.get("guidance_scale", 1.0) if names else 1.0)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler)
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
-    scores = evaluator(denoiser, sampler, steps)
+    scores = evaluator(denoiser, sampler, steps, vae=vae, num_classes=len(names) if names else None,
+                       guidance_scale=float(guidance))
     result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
               "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
-              "seed": int(metric_cfg.seed), "num_processes": accelerator.num_processes, "at": now()}
+              "seed": int(metric_cfg.seed), "guidance_scale": float(guidance) if names else None,
+              "num_processes": accelerator.num_processes, "at": now()}
     main_process = accelerator.is_main_process
     if main_process:
         record_result(run, result)

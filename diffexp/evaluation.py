@@ -78,7 +78,8 @@ def resolve_metric(metric_cfg: DictConfig, dataset_cfg: DictConfig) -> DictConfi
         return cfg
     with open_dict(cfg):
         if cfg.get("network", "inception") == "auto":
-            cfg.network = "digits" if dataset_cfg.name in DIGIT_DATASETS else "inception"
+            digits = dataset_cfg.name in DIGIT_DATASETS and dataset_cfg.channels == 1
+            cfg.network = "digits" if digits else "inception"
         cfg.network = cfg.get("network", "inception")  # configs saved before digits: Inception
         if cfg.network not in NETWORKS:
             raise DiffexpError(f"metric.network={cfg.network}: expected one of auto, {', '.join(NETWORKS)}")

@@ -245,7 +245,7 @@ def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator, net: torch.nn
     every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
                             eval_flops=eval_flops, multiple_of=t.log_every or 1)
     evaluations = t.max_steps // every + (t.max_steps % every != 0)
-    log.info("evaluating every %d steps (trainer.eval_every=auto): %d evaluations of %d samples x %d network "
+    (log.info if evaluator.accelerator.is_main_process else log.debug)("evaluating every %d steps (trainer.eval_every=auto): %d evaluations of %d samples x %d network "
              "evaluations = %.1f%% of the training's compute (metric.budget=%g)", every, evaluations,
              evaluator.num_samples, nfe, 100 * evaluations * eval_flops / (t.max_steps * train_flops), cfg.metric.budget)
     return every
@@ -276,12 +276,13 @@ def prepare_data(cfg: DictConfig, t: DictConfig, accelerator: Accelerator) -> Tr
     common = dict(batch_size=t.batch_size, grad_accum=t.grad_accum, num_processes=accelerator.num_processes,
                   process_index=accelerator.process_index, seed=cfg.seed, random_flip=cfg.dataset.random_flip,
                   device=accelerator.device)
+    vae = encoded = None
+    if latents.wanted(ae_cfg):  # an autoencoder that does not fit is refused before the data is read
+        vae = latents.load_autoencoder(ae_cfg, cfg.dataset, accelerator.device)
     with accelerator.main_process_first():
         data = load_data(cfg.dataset, cfg.cache_dir, crop_margin=True, labels=conditional)
         real = center_window(data.images, resolution)  # what the model learns, whatever the crop margin
-        vae = encoded = None
-        if latents.wanted(ae_cfg):
-            vae = latents.load_autoencoder(ae_cfg, cfg.dataset, accelerator.device)
+        if vae is not None:
             encoded = latents.encoded_dataset(vae, real, ae_cfg, cfg.dataset, cfg.cache_dir,
                                               progress=accelerator.is_main_process)
     if vae is None:
