@@ -119,7 +119,11 @@ def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictC
     return resolved
 
 
-def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> SchedulerMixin:
+# Sampler options that bound x_0 predictions to pixel values [-1, 1]: wrong for latents.
+PIXEL_ONLY = {"clip_sample": False, "thresholding": False}
+
+
+def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig, latent: bool = False) -> SchedulerMixin:
     """The inference scheduler of ``sampler_cfg`` for a model trained with ``scheduler_cfg``.
 
     The one way every part of diffexp gets its sampler (grids, in-training evaluation, ``sample``,
@@ -127,7 +131,7 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> Schedul
     the same scheduler and the same images. The sampler's class takes the training schedule's
     settings it accepts (betas, prediction type, ...) and then the sampler's own
     (``sampler.scheduler.*``); a schedule the sampler cannot compute (e.g. ``sigmoid``) is handed
-    over as ``trained_betas``.
+    over as ``trained_betas``. For a ``latent`` model, clipping to pixel values is switched off.
     """
     own = dict(OmegaConf.to_container(resolve_sampler(sampler_cfg, scheduler_cfg).scheduler, resolve=True))
     target = str(own.pop("_target_", ""))
@@ -152,6 +156,8 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> Schedul
     if unknown:
         raise DiffexpError(f"sampler.scheduler.{unknown[0]}: not an option of {cls.__name__}")
     kwargs.update(own)
+    if latent:
+        kwargs.update({k: v for k, v in PIXEL_ONLY.items() if k in accepted})
     try:
         return cls(**kwargs)
     except (ValueError, NotImplementedError) as e:

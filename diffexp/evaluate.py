@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     names = class_names(run)
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (
         run_cfg.conditioning.get("guidance_scale", 1.0) if names else 1.0)
-    sampler = build_sampler(sampler_cfg, run_cfg.scheduler)
+    sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=getattr(pipe, "vae", None) is not None)
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)

@@ -392,8 +392,8 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
 
     objective = build_objective(cfg)
     sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
-    sampler = build_sampler(sampler_cfg, cfg.scheduler)
     data = prepare_data(cfg, t, accelerator)
+    sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
     model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
     batches, vae, conditional = data.batches, data.vae, data.num_classes is not None
     guidance = float(cfg.conditioning.get("guidance_scale", 1.0)) if conditional else 1.0

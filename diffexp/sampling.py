@@ -153,7 +153,8 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     pipe = run.pipeline()
     denoiser = getattr(pipe, "unet", None) or pipe.transformer  # DiTPipeline names its denoiser transformer
     vae = getattr(pipe, "vae", None)
-    images = generate(denoiser.to(device), build_sampler(sampler_cfg, run_cfg.scheduler), n=n, steps=steps, seed=seed,
+    sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=vae is not None)
+    images = generate(denoiser.to(device), sampler, n=n, steps=steps, seed=seed,
                       batch_size=batch_size, vae=vae.to(device) if vae is not None else None,
                       num_classes=len(names) if names else None,
                       labels=torch.from_numpy(labels) if labels is not None else None,

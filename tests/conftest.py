@@ -29,6 +29,10 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "t
 # same floating-point sums (before torch is first imported).
 for key, value in {**OFFLINE, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "OMP_NUM_THREADS": "1"}.items():
     os.environ.setdefault(key, value)
+# diffusers copies a pipeline's own code (model/pipeline.py) into this cache when it loads one: one
+# per test worker, so two workers never write the same file at once.
+os.environ.setdefault("HF_MODULES_CACHE", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"diffexp-hf-modules-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"))
 
 
 def cli_env(**extra: str) -> dict[str, str]:

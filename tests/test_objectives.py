@@ -125,7 +125,7 @@ def test_each_objective_trains_resumes_exactly_exports_and_samples(scheduler, tr
     assert images.shape == (4, 8, 8, 1)
     assert np.array_equal(images, sample_run(full, n=4, seed=0).images)  # the same images as `sample`
     assert np.array_equal(images, sample_run(crashed, n=4, seed=0).images)  # and the resumed run's weights are the same
-    assert cfg.sampler.name == {"linear": "dpmpp", "flow_matching": "fm_euler", "edm": "edm_heun"}[scheduler]
+    assert cfg.sampler.name == {"linear": "dpmpp_sde", "flow_matching": "fm_euler", "edm": "edm_heun"}[scheduler]
 
 
 def test_an_objective_is_a_peer_of_the_others_in_the_loop():

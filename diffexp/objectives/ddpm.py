@@ -21,7 +21,7 @@ class DDPMObjective:
     # and output as EDM trains it) and the SDE one (which needs torchsde)
     compatible_samplers = tuple(n for n in DDPMScheduler._compatibles
                                 if not n.startswith("EDM") and n != "DPMSolverSDEScheduler")
-    default_sampler = "dpmpp"
+    default_sampler = "dpmpp_sde"
 
     def __init__(self, scheduler: DDPMScheduler, loss_weighting: str = "uniform", snr_gamma: float = 5.0):
         if loss_weighting not in LOSS_WEIGHTINGS:
