@@ -122,13 +122,14 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
         run_dir = cfg.resume
     elif "choices" not in cfg:
         record_choices(cfg)
+    with open_dict(cfg):  # auto choices: decided here, and recorded
+        cfg.sampler = resolve_sampler(cfg.sampler, cfg.scheduler)
     for warning in check_train_config(effective_config(cfg, math.inf)):
         log.warning(warning)
     if unchanged and nothing_to_do(cfg):
         return "finished"
-    with open_dict(cfg):  # auto choices: decided here, and recorded
+    with open_dict(cfg):
         cfg.metric = resolve_metric(cfg.metric, cfg.dataset)
-        cfg.sampler = resolve_sampler(cfg.sampler, cfg.scheduler)
     from diffexp.loop import train  # heavy imports after the checks
 
     return train(cfg, run_dir, resume=resume, session_dir=session_dir)

@@ -74,6 +74,18 @@ def test_a_wrong_training_input_is_one_line_and_creates_nothing(overrides, expec
     assert not outputs.exists() or not any(outputs.iterdir())
 
 
+def test_the_default_config_passes_its_checks_and_trains(tmp_path, cache_dir):
+    """The main command's config as it is (only shortened): every automatic choice resolves."""
+    result = run_main("train", "logger=none", f"output_root={tmp_path / 'outputs'}", f"cache_dir={cache_dir}",
+                      "trainer.max_steps=2", "metric.num_samples=10", "trainer.grid_size=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    [config] = [p for p in (tmp_path / "outputs").rglob("config.yaml") if p.parent.name != ".hydra"]
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    assert (cfg["sampler"]["name"], cfg["sampler"]["steps"], cfg["metric"]["network"]) == ("dpmpp_sde", 20, "digits")
+
+
 def test_surprising_but_valid_values_get_one_warning_each(tmp_path, cache_dir):
     result = run_main("train", *TINY, "logger=none", f"output_root={tmp_path}", f"cache_dir={cache_dir}",
                       "trainer.warmup_steps=10", "trainer.max_steps=2", "trainer.ema.use_warmup=false")
