@@ -206,6 +206,15 @@ def test_missing_image_folder_is_one_line(tmp_path, train):
                                                    "(dataset=imagefolder needs a folder of images)"
 
 
+def test_a_corrupt_image_is_one_line_naming_the_file(image_folder, train):
+    (image_folder / "broken.png").write_bytes(b"not a png at all")
+    run, result = train("dataset=imagefolder", f"dataset.path={image_folder}", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: dataset imagefolder: {image_folder / 'broken.png'}: cannot be read as an image (UnidentifiedImageError)")
+    assert not (run / "run.json").exists()
+
+
 def test_prepare_caches_a_dataset_and_prints_the_file(image_folder, tmp_path, cache_dir):
     proc = run_cli("prepare", "dataset=imagefolder", f"dataset.path={image_folder}", "dataset.resolution=8",
                    f"cache_dir={cache_dir}")
