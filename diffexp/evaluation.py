@@ -356,3 +356,38 @@ def auto_eval_every(*, max_steps: int, budget: float, train_flops_per_step: floa
     every = math.ceil(max_steps / affordable)  # then ceil(max_steps / every) <= affordable evaluations
     every = math.ceil(every / max(1, multiple_of)) * max(1, multiple_of)
     return min(every, max_steps)
+
+
+def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator: Evaluator, net: torch.nn.Module, sampler,
+                        data) -> int:
+    """``trainer.eval_every``, with ``auto`` turned into the interval at which evaluations cost
+    ``metric.budget`` of the training's floating-point operations (counted on one image: the
+    denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
+    network evaluations (twice with guidance), the decoder of latents and the feature network).
+    ``t``: the trainer settings in force; ``data``: the loop's ``TrainingData``."""
+    from diffexp.build import resolve_sampler
+    from diffexp.pipeline import call_denoiser
+
+    if t.eval_every != "auto":
+        return int(t.eval_every)
+    device = next(net.parameters()).device
+    x = torch.zeros(1, data.channels, data.size, data.size, device=device)
+    step_t = torch.tensor([1], device=device)
+    labels = torch.zeros(1, dtype=torch.long, device=device) if data.num_classes else None
+    with training_rng_untouched():  # counting (dropout) must not draw from the training's random streams
+        train_flops = count_flops(lambda: call_denoiser(net, x, step_t, labels).sum().backward()) * t.batch_size
+        net.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            forward = count_flops(lambda: call_denoiser(net, x, step_t, labels)) * (2 if data.num_classes else 1)
+            decode = count_flops(lambda: data.vae.decode(x)) if data.vae is not None else 0
+            features = count_flops(lambda: evaluator.net(data.real[:1].to(device)))
+    sampler.set_timesteps(resolve_sampler(cfg.sampler, cfg.scheduler).steps)
+    nfe = len(sampler.timesteps)
+    eval_flops = evaluator.num_samples * (nfe * forward + decode + features)
+    every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
+                            eval_flops=eval_flops, multiple_of=t.log_every or 1)
+    evaluations = t.max_steps // every + (t.max_steps % every != 0)
+    (log.info if evaluator.accelerator.is_main_process else log.debug)("evaluating every %d steps (trainer.eval_every=auto): %d evaluations of %d samples x %d network "
+             "evaluations = %.1f%% of the training's compute (metric.budget=%g)", every, evaluations,
+             evaluator.num_samples, nfe, 100 * evaluations * eval_flops / (t.max_steps * train_flops), cfg.metric.budget)
+    return every

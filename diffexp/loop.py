@@ -10,7 +10,6 @@ depends only on (seed, step), so a resumed run continues exactly where the inter
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import shutil
@@ -28,16 +27,15 @@ from torch.profiler import record_function as phase
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diffexp import DiffexpError, latents
-from diffexp import pipeline as pipeline_module
-from diffexp import schedulers as schedulers_module
+from diffexp import DiffexpError
 from diffexp.build import (build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler,
-                           fused_adamw, is_transformer, resolve_sampler)
-from diffexp.data import Batches, center_window, load_data
-from diffexp.evaluation import auto_eval_every, count_flops, make_evaluator, training_rng_untouched
+                           fused_adamw, resolve_sampler)
+from diffexp.data import Batches, TrainingData, grid_labels, prepare_data
+from diffexp.evaluation import evaluation_interval, make_evaluator
+from diffexp.export import export_pipeline
 from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
-from diffexp.pipeline import DiffexpPipeline, call_denoiser
-from diffexp.records import RunDir, atomic_path, effective_config, replace_path
+from diffexp.pipeline import call_denoiser
+from diffexp.records import RunDir, effective_config, replace_path
 from diffexp.sampling import generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
 
@@ -219,131 +217,6 @@ def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) ->
     return changed
 
 
-def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator, net: torch.nn.Module, sampler,
-                        data: "TrainingData") -> int:
-    """``trainer.eval_every``, with ``auto`` turned into the interval at which evaluations cost
-    ``metric.budget`` of the training's floating-point operations (counted on one image: the
-    denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
-    network evaluations (twice with guidance), the decoder of latents and the feature network).
-    ``t``: the trainer settings in force."""
-    if t.eval_every != "auto":
-        return int(t.eval_every)
-    device = next(net.parameters()).device
-    x = torch.zeros(1, data.channels, data.size, data.size, device=device)
-    step_t = torch.tensor([1], device=device)
-    labels = torch.zeros(1, dtype=torch.long, device=device) if data.num_classes else None
-    with training_rng_untouched():  # counting (dropout) must not draw from the training's random streams
-        train_flops = count_flops(lambda: call_denoiser(net, x, step_t, labels).sum().backward()) * t.batch_size
-        net.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            forward = count_flops(lambda: call_denoiser(net, x, step_t, labels)) * (2 if data.num_classes else 1)
-            decode = count_flops(lambda: data.vae.decode(x)) if data.vae is not None else 0
-            features = count_flops(lambda: evaluator.net(data.real[:1].to(device)))
-    sampler.set_timesteps(resolve_sampler(cfg.sampler, cfg.scheduler).steps)
-    nfe = len(sampler.timesteps)
-    eval_flops = evaluator.num_samples * (nfe * forward + decode + features)
-    every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
-                            eval_flops=eval_flops, multiple_of=t.log_every or 1)
-    evaluations = t.max_steps // every + (t.max_steps % every != 0)
-    (log.info if evaluator.accelerator.is_main_process else log.debug)("evaluating every %d steps (trainer.eval_every=auto): %d evaluations of %d samples x %d network "
-             "evaluations = %.1f%% of the training's compute (metric.budget=%g)", every, evaluations,
-             evaluator.num_samples, nfe, 100 * evaluations * eval_flops / (t.max_steps * train_flops), cfg.metric.budget)
-    return every
-
-
-@dataclass
-class TrainingData:
-    """What the loop trains on: the batches (of images or latents), the real images evaluation
-    compares with, the shape the denoiser sees, the classes (None: unconditional) and the autoencoder
-    (None: pixel space)."""
-
-    batches: Batches
-    real: torch.Tensor
-    channels: int
-    size: int
-    num_classes: int | None
-    class_names: list[str] | None
-    vae: torch.nn.Module | None
-
-
-def prepare_data(cfg: DictConfig, t: DictConfig, accelerator: Accelerator) -> TrainingData:
-    """The dataset (with labels for ``conditioning=class``), encoded to latents with ``autoencoder``,
-    as deterministic batches; the main process fills the caches first."""
-    conditional = (cfg.get("conditioning") or {}).get("kind", "none") == "class"
-    resolution = int(cfg.dataset.resolution)
-    ae_cfg = cfg.get("autoencoder")
-    latents.check_config(ae_cfg)
-    common = dict(batch_size=t.batch_size, grad_accum=t.grad_accum, num_processes=accelerator.num_processes,
-                  process_index=accelerator.process_index, seed=cfg.seed, random_flip=cfg.dataset.random_flip,
-                  device=accelerator.device)
-    vae = encoded = None
-    if latents.wanted(ae_cfg):  # an autoencoder that does not fit is refused before the data is read
-        vae = latents.load_autoencoder(ae_cfg, cfg.dataset, accelerator.device)
-    with accelerator.main_process_first():
-        data = load_data(cfg.dataset, cfg.cache_dir, crop_margin=True, labels=conditional)
-        real = center_window(data.images, resolution)  # what the model learns, whatever the crop margin
-        if vae is not None:
-            encoded = latents.encoded_dataset(vae, real, ae_cfg, cfg.dataset, cfg.cache_dir,
-                                              progress=accelerator.is_main_process)
-    if vae is None:
-        batches = Batches(data.images, crop_to=resolution, labels=data.labels, **common)
-        channels, size = int(cfg.dataset.channels), resolution
-    else:
-        scale = latents.scaling_factor(ae_cfg, vae, encoded["mean"])
-        vae.register_to_config(scaling_factor=scale)  # what decoding divides by, and what the export records
-        batches = latents.LatentBatches(encoded["mean"], encoded["std"], scale, labels=data.labels, **common)
-        channels, size = int(encoded["mean"].shape[1]), int(encoded["mean"].shape[-1])
-    num_classes = len(data.class_names) if conditional else None
-    return TrainingData(batches, real.contiguous(), channels, size, num_classes, data.class_names, vae)
-
-
-def grid_labels(grid_size: int, num_classes: int | None) -> tuple[torch.Tensor | None, int | None]:
-    """The class of each image of a sample grid (one row per class, ``grid_size // num_classes`` a row)
-    and the images per row; (None, None) for an unconditional run (a near-square grid)."""
-    if not num_classes:
-        return None, None
-    per_class = max(1, grid_size // num_classes)
-    return torch.arange(num_classes).repeat_interleave(per_class), per_class
-
-
-# Samplers whose initial noise is unscaled and whose network input is the sample itself: the
-# loop of diffusers' DDPMPipeline runs them as they are.
-DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
-                          "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
-                          "PNDMScheduler")
-
-
-def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
-                    class_names: list[str] | None = None) -> None:
-    """``model/``: a diffusers pipeline of the EMA weights, the run's sampler and, for latent
-    diffusion, the autoencoder (written atomically).
-
-    An unconditional pixel-space model with a sampler that diffusers' ``DDPMPipeline`` runs as it
-    is, is a plain ``DDPMPipeline`` folder. Any other is a ``DiffexpPipeline`` (class names in its
-    config), whose code is copied beside the weights as ``pipeline.py``, so plain diffusers loads it
-    with ``DiffusionPipeline.from_pretrained(model_dir, trust_remote_code=True)``. (diffusers'
-    ``DiTPipeline`` is not used for class-conditional DiTs: it hard-codes ImageNet's null class,
-    label 1000.) Either gives the images of ``diffexp.sample`` for the same seed.
-    """
-    num_classes = len(class_names) if class_names else None
-    pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler, vae=vae, num_classes=num_classes, class_names=class_names)
-    plain_loop = type(sampler).__name__ in DDPM_PIPELINE_SAMPLERS
-    with atomic_path(run.model_dir) as tmp:
-        pipe.save_pretrained(tmp)
-        index_file = tmp / "model_index.json"
-        index = json.loads(index_file.read_text())
-        if plain_loop and vae is None and num_classes is None and not is_transformer(denoiser):
-            index = {k: v for k, v in index.items() if k not in ("vae", "num_classes", "class_names")}
-            index["_class_name"] = "DDPMPipeline"
-        else:
-            shutil.copyfile(Path(pipeline_module.__file__), tmp / "pipeline.py")
-            index["_class_name"] = ["pipeline", "DiffexpPipeline"]
-        if type(sampler).__module__ == schedulers_module.__name__:  # a scheduler of diffexp's own
-            shutil.copyfile(Path(schedulers_module.__file__), tmp / "scheduler" / "schedulers.py")
-            index["scheduler"] = ["schedulers", type(sampler).__name__]
-        index_file.write_text(json.dumps(index, indent=2) + "\n")
-
-
 def apply_settings(t: DictConfig, optimizer, lr_scheduler, ema: EMA) -> dict:
     """Make the optimizer, the learning-rate schedule and the EMA follow trainer settings ``t`` from
     here on (after a resume, or at a recorded change): the schedule takes the new shape at its
@@ -356,6 +229,144 @@ def apply_settings(t: DictConfig, optimizer, lr_scheduler, ema: EMA) -> dict:
     return changed
 
 
+@dataclass
+class Parts:
+    """Everything a run trains with, built by ``setup`` (nothing is written before it returns)."""
+
+    cfg: DictConfig
+    t: DictConfig  # the trainer settings in force (a resume's recorded changes apply at their steps)
+    accelerator: Accelerator
+    run: RunDir
+    checkpoint: Path | None
+    change_steps: set[int]
+    objective: object
+    sampler_cfg: DictConfig
+    sampler: object
+    data: TrainingData
+    model: torch.nn.Module  # as accelerate prepared it (DDP, compiled); ``net`` is the plain module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMA
+    state: TrainState
+    evaluator: object
+    eval_every: int
+
+    @property
+    def guidance(self) -> float:
+        """The classifier-free guidance scale of grids and evaluation (1 when unconditional)."""
+        return float(self.cfg.conditioning.get("guidance_scale", 1.0)) if self.data.num_classes else 1.0
+
+
+def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
+    """Build the accelerator, data, model, optimizer, schedule, EMA, sampler and evaluator, and load
+    the newest checkpoint when resuming. Bad input raises here, before anything is written."""
+    t = cfg.trainer
+    try:
+        accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                                  dynamo_plugin=dynamo_plugin(t))
+    except ValueError as e:
+        raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
+    run = RunDir(broadcast_object_list([run_dir])[0])
+    configure_backends(t, accelerator.device)
+    set_seed(cfg.seed, device_specific=True)
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
+    start = int(checkpoint.name.split("_")[1]) if checkpoint is not None else 0
+    t = effective_config(cfg, start).trainer  # the settings in force from here
+    check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
+
+    objective = build_objective(cfg)
+    sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
+    data = prepare_data(cfg, t, accelerator)
+    sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
+    model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
+    optimizer = build_optimizer(t, model.parameters(), accelerator.device)
+    lr_scheduler = build_lr_scheduler(t, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
+        raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
+                           "settings already exists in this process)")
+    net = accelerator.unwrap_model(model)
+    ema, state = EMA(net, t.ema), TrainState(accelerator.device)
+    accelerator.register_for_checkpointing(lr_scheduler, ema, state)
+    evaluator = make_evaluator(cfg, accelerator, data.real)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        log.info("resumed from %s (step %d)", checkpoint, state.step)
+        for key, (old, new) in apply_settings(t, optimizer, lr_scheduler, ema).items():
+            log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
+                     key, old, new)
+    eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
+    change_steps = {c["step"] for c in cfg.get("changes") or [] if c["step"] > start}
+    return Parts(cfg, t, accelerator, run, checkpoint, change_steps, objective, sampler_cfg, sampler, data, model, net,
+                 optimizer, lr_scheduler, ema, state, evaluator, eval_every)
+
+
+def start_records(p: Parts, resume: bool, session_dir: str | None):
+    """On the main process: config.yaml, run.json (status running), the metrics a resume replays
+    dropped, Hydra's record of this command adopted, and the tracker; returns the tracker."""
+    run, acc, cfg = p.run, p.accelerator, p.cfg
+    n_params = sum(q.numel() for q in p.net.parameters())
+    run.path.mkdir(parents=True, exist_ok=True)
+    if session_dir:
+        run.adopt_session(Path(session_dir), resumed=resume)
+    run.write_config(cfg)
+    run.start(cfg, num_processes=acc.num_processes, resumed=resume,
+              extra={"num_parameters": n_params, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                     "fused_adamw": fused_adamw(p.t, acc.device), "eval_every": p.eval_every,
+                     "class_names": p.data.class_names})
+    if resume:
+        run.truncate_metrics(p.state.step)
+    tracker = make_tracker(cfg.logger, cfg, acc, run, run.info().get("wandb_run_id"))
+    if tracker.run_id:
+        run.update_info(wandb_run_id=tracker.run_id)
+    log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)", run.path, cfg.name,
+             n_params / 1e6, acc.num_processes, acc.device, p.t.batch_size, p.data.batches.per_micro)
+    return tracker
+
+
+def read_losses(p: Parts, step: int, stop_signal: int) -> tuple[float, float, bool]:
+    """The log interval's mean loss and gradient norm over every process, and whether any process
+    asked to stop: the loop's one host-device sync. A non-finite loss stops the run here."""
+    state = p.state
+    flag = torch.tensor([float(stop_signal)], device=p.accelerator.device)
+    loss, norm, bad, stop_any = p.accelerator.reduce(
+        torch.cat([state.sums[:2] / state.count, state.sums[2:], flag]), "mean").tolist()
+    if bad or not math.isfinite(loss):
+        raise DiffexpError(f"non-finite loss at or before step {step}: stopped; "
+                           f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
+    state.reset()
+    return loss, norm, stop_any > 0
+
+
+def sample_grid(p: Parts, step: int):
+    """The fixed-noise grid of the EMA weights (one row per class when conditional), saved; returns the image."""
+    labels, per_row = grid_labels(p.t.grid_size, p.data.num_classes)
+    images = generate(p.ema.model, p.sampler, n=len(labels) if labels is not None else p.t.grid_size,
+                      steps=p.sampler_cfg.steps, seed=p.cfg.seed, vae=p.data.vae, num_classes=p.data.num_classes,
+                      labels=labels, guidance_scale=p.guidance)
+    return save_grid(images, p.run.sample_grid_file(step), nrow=per_row)
+
+
+def checkpoint(p: Parts, step: int) -> None:
+    """Save the training state, once its losses and weights are checked finite (so a kept checkpoint is good)."""
+    if not all_finite(p.accelerator, p.state, p.net, p.ema.model):
+        raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
+                           f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
+    save_checkpoint(p.accelerator, p.run, step, p.t.keep_checkpoints)
+
+
+def apply_changes(p: Parts, step: int) -> None:
+    """The settings a resume changed at ``step`` take effect (``reproduce`` replays them here)."""
+    p.t = effective_config(p.cfg, step).trainer
+    for key, (old, new) in apply_settings(p.t, p.optimizer, p.lr_scheduler, p.ema).items():
+        log.info("step %d: trainer.%s %s -> %s (recorded change)", step, key, old, new)
+    if p.evaluator is not None:
+        p.eval_every = evaluation_interval(p.cfg, p.t, p.evaluator, p.net, p.sampler, p.data)
+
+
 def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_dir: str | None = None) -> str:
     """Train as ``cfg`` says, writing the run directory; returns the final status.
 
@@ -365,185 +376,96 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
     DiffexpError for bad input and on non-finite losses or weights (the last checkpoint, which was
     checked to be finite when it was written, is kept).
     """
-    t = cfg.trainer
-    # ---------------------------------------------------------------- setup
-    try:
-        accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                                  dynamo_plugin=dynamo_plugin(t))
-    except ValueError as e:
-        raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
-    main = accelerator.is_main_process
-    run = RunDir(broadcast_object_list([run_dir])[0])
-    device = accelerator.device
-    configure_backends(t, device)
-    set_seed(cfg.seed, device_specific=True)
-    checkpoint = run.latest_checkpoint() if resume else None
-    if resume and checkpoint is None:
-        raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
-    start = int(checkpoint.name.split("_")[1]) if checkpoint is not None else 0
-    t = effective_config(cfg, start).trainer  # the settings in force from here
-    change_steps = {c["step"] for c in cfg.get("changes") or [] if c["step"] > start}
-    check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
-    if not (t.eval_every == "auto" or (isinstance(t.eval_every, int) and t.eval_every >= 0)):
-        raise DiffexpError(f"trainer.eval_every={t.eval_every}: expected auto or a number of steps (0 = never)")
-    ema_every = t.ema.get("update_every", 1)  # configs saved before the option existed: every step
-    if not isinstance(ema_every, int) or isinstance(ema_every, bool) or ema_every < 1:
-        raise DiffexpError(f"trainer.ema.update_every={ema_every}: expected a positive integer")
-
-    objective = build_objective(cfg)
-    sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
-    data = prepare_data(cfg, t, accelerator)
-    sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
-    model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
-    batches, vae, conditional = data.batches, data.vae, data.num_classes is not None
-    guidance = float(cfg.conditioning.get("guidance_scale", 1.0)) if conditional else 1.0
-    optimizer = build_optimizer(t, model.parameters(), device)
-    lr_scheduler = build_lr_scheduler(t, optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if t.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
-        raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
-                           "settings already exists in this process)")
-    net = accelerator.unwrap_model(model)
-    ema = EMA(net, t.ema)
-    state = TrainState(device)
-    accelerator.register_for_checkpointing(lr_scheduler, ema, state)
-    evaluator = make_evaluator(cfg, accelerator, data.real)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        log.info("resumed from %s (step %d)", checkpoint, state.step)
-        for key, (old, new) in apply_settings(t, optimizer, lr_scheduler, ema).items():
-            log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
-                     key, old, new)
-    n_params = sum(p.numel() for p in net.parameters())
-    eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
-
-    # ---------------------------------------------------------------- train
+    p = setup(cfg, run_dir, resume)
+    acc, state, main = p.accelerator, p.state, p.accelerator.is_main_process
+    p_uncond = float(cfg.conditioning.get("p_uncond", 0.0))
     status, tracker, stop = "failed", None, StopRequest()
-    max_norm = t.max_grad_norm or math.inf
-    step, stopping, t_last, timed = state.step, False, time.perf_counter(), 0
-    t_start, eval_seconds = time.perf_counter(), 0.0
+    step, stopping, timed, t_last, t_start, eval_seconds = state.step, False, 0, time.perf_counter(), time.perf_counter(), 0.0
     try:
-        if main:
-            run.path.mkdir(parents=True, exist_ok=True)
-            if session_dir:
-                run.adopt_session(Path(session_dir), resumed=resume)
-            run.write_config(cfg)
-            run.start(cfg, num_processes=accelerator.num_processes, resumed=resume,
-                      extra={"num_parameters": n_params, "device": str(device),
-                             "mixed_precision": accelerator.mixed_precision, "fused_adamw": fused_adamw(t, device),
-                             "eval_every": eval_every, "class_names": data.class_names})
-            if resume:
-                run.truncate_metrics(state.step)
-            tracker = make_tracker(cfg.logger, cfg, accelerator, run, run.info().get("wandb_run_id"))
-            if tracker.run_id:
-                run.update_info(wandb_run_id=tracker.run_id)
-            log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)",
-                     run.path, cfg.name, n_params / 1e6, accelerator.num_processes, device, t.batch_size,
-                     batches.per_micro)
-        with logging_redirect_tqdm(), tqdm(total=t.max_steps, initial=state.step, unit="step", disable=not main,
+        tracker = start_records(p, resume, session_dir) if main else None
+        with logging_redirect_tqdm(), tqdm(total=p.t.max_steps, initial=step, unit="step", disable=not main,
                                            dynamic_ncols=True, desc=cfg.name) as bar:
-            while step < t.max_steps:
-                step += 1
-                model.train()
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-                loss, grad_norm = train_step(model, objective, batches, step, optimizer, accelerator, max_norm,
-                                             t.grad_accum, data.num_classes, float(cfg.conditioning.get("p_uncond", 0)))
-                lr_scheduler.step()
+            while step < p.t.max_steps:
+                step, t = step + 1, p.t
+                p.model.train()
+                lr = p.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                loss, grad_norm = train_step(p.model, p.objective, p.data.batches, step, p.optimizer, acc,
+                                             t.max_grad_norm or math.inf, t.grad_accum, p.data.num_classes, p_uncond)
+                p.lr_scheduler.step()
                 state.add(loss, grad_norm)
                 with phase("ema"):
-                    if step % ema_every == 0:
-                        ema.update(net, step)
+                    if step % t.ema.get("update_every", 1) == 0:
+                        p.ema.update(p.net, step)
                 state.step, timed = step, timed + 1
                 bar.update(1)
 
                 log_now = due(step, t.log_every, t.max_steps)
                 sample_now = due(step, t.sample_every, t.max_steps)
-                eval_now = eval_every > 0 and due(step, eval_every, t.max_steps)
-                stopping = bool(stop.signum) and accelerator.num_processes == 1  # several: agreed at log steps
+                eval_now = p.eval_every > 0 and due(step, p.eval_every, t.max_steps)
+                stopping = bool(stop.signum) and acc.num_processes == 1  # several: agreed at log steps
                 checkpoint_now = due(step, t.checkpoint_every, t.max_steps) or stopping
-                change_now = step in change_steps
+                change_now = step in p.change_steps
                 if not (log_now or sample_now or eval_now or checkpoint_now or change_now):
                     continue
                 # ---------------------------------------- maintenance: only when something is due
-                with phase("logging"):
-                    if log_now:
-                        # The one host-device sync of the loop. The stop request rides along, so processes
-                        # agree on it where they sync anyway.
-                        flag = torch.tensor([float(stop.signum)], device=device)
-                        loss_mean, norm_mean, bad, stop_any = accelerator.reduce(
-                            torch.cat([state.sums[:2] / state.count, state.sums[2:], flag]), "mean").tolist()
-                        if bad or not math.isfinite(loss_mean):
-                            raise DiffexpError(f"non-finite loss at or before step {step}: stopped; "
-                                               f"last good checkpoint {run.latest_checkpoint() or '(none)'} kept")
-                        row = {"step": step, "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": norm_mean,
-                               "train/img_per_s": timed * t.batch_size / (time.perf_counter() - t_last),
-                               "train/step": step, "train/epoch": step / batches.steps_per_epoch}
-                        if main:
-                            run.append_metrics(row)
-                            tracker.log(row, step)
-                            bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
-                        state.reset()
-                        timed, t_last = 0, time.perf_counter()
-                        if accelerator.num_processes > 1 and stop_any > 0:
-                            stopping = checkpoint_now = True
+                if log_now:
+                    with phase("logging"):
+                        loss_mean, norm_mean, stop_any = read_losses(p, step, stop.signum)
+                    row = {"step": step, "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": norm_mean,
+                           "train/img_per_s": timed * t.batch_size / (time.perf_counter() - t_last),
+                           "train/step": step, "train/epoch": step / p.data.batches.steps_per_epoch}
+                    if main:
+                        p.run.append_metrics(row)
+                        tracker.log(row, step)
+                        bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
+                    timed, t_last = 0, time.perf_counter()
+                    stopping = stopping or (acc.num_processes > 1 and stop_any)
+                    checkpoint_now = checkpoint_now or stopping
                 t_pause = time.perf_counter()  # sampling, evaluation and checkpoints do not count towards img/s
                 if sample_now or eval_now:
-                    ema.update(net, step)  # every process, so the averages stay one
+                    p.ema.update(p.net, step)  # on every process, so the averages stay one
                 if sample_now and main:
-                    labels, per_row = grid_labels(t.grid_size, data.num_classes)
-                    grid_images = generate(ema.model, sampler, n=len(labels) if conditional else t.grid_size,
-                                           steps=sampler_cfg.steps, seed=cfg.seed, vae=vae, num_classes=data.num_classes,
-                                           labels=labels, guidance_scale=guidance)
-                    image = save_grid(grid_images, run.sample_grid_file(step), nrow=per_row)
-                    tracker.log_image("samples/grid", image, step)
-                if eval_now:
-                    results = evaluator(ema.model, sampler, sampler_cfg.steps, vae=vae, num_classes=data.num_classes,
-                                        guidance_scale=guidance)  # every process takes part
+                    tracker.log_image("samples/grid", sample_grid(p, step), step)
+                if eval_now:  # every process takes part
+                    results = p.evaluator(p.ema.model, p.sampler, p.sampler_cfg.steps, vae=p.data.vae,
+                                          num_classes=p.data.num_classes, guidance_scale=p.guidance)
                     eval_seconds += results["eval/seconds"]
                     if main:
-                        run.append_metrics({"step": step, "train/step": step, **results})
+                        p.run.append_metrics({"step": step, "train/step": step, **results})
                         tracker.log(results, step)
                 if checkpoint_now:
-                    # A kept checkpoint is one whose losses and weights were checked to be finite.
-                    if not all_finite(accelerator, state, net, ema.model):
-                        raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
-                                           f"last good checkpoint {run.latest_checkpoint() or '(none)'} kept")
-                    save_checkpoint(accelerator, run, step, t.keep_checkpoints)
-                if change_now:  # settings a resume changed at this step (replayed by reproduce)
-                    t = effective_config(cfg, step).trainer
-                    for key, (old, new) in apply_settings(t, optimizer, lr_scheduler, ema).items():
-                        log.info("step %d: trainer.%s %s -> %s (recorded change)", step, key, old, new)
-                    max_norm, ema_every, bar.total = t.max_grad_norm or math.inf, t.ema.get("update_every", 1), t.max_steps
-                    if evaluator is not None:
-                        eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data)
+                    checkpoint(p, step)
+                if change_now:
+                    apply_changes(p, step)
+                    bar.total = p.t.max_steps
                 t_last += time.perf_counter() - t_pause
                 if stopping:
                     break
 
         # ------------------------------------------------------------ done
-        if stopping and step < t.max_steps:
+        if stopping and step < p.t.max_steps:
             status = "interrupted"
             if main:
                 log.warning("interrupted at step %d; checkpoint saved. Continue with: python -m diffexp.train resume=%s",
-                            step, run.path)
+                            step, p.run.path)
         else:
-            ema.update(net, step)
+            p.ema.update(p.net, step)
             if main:
-                export_pipeline(ema.model, sampler, run, vae=vae, class_names=data.class_names)
-                log.info("finished %d steps; pipeline in %s", step, run.model_dir)
+                export_pipeline(p.ema.model, p.sampler, p.run, vae=p.data.vae, class_names=p.data.class_names)
+                log.info("finished %d steps; pipeline in %s", step, p.run.model_dir)
             status = "finished"
         if main and eval_seconds:
             wall = time.perf_counter() - t_start
-            run.update_info(eval_seconds=round(eval_seconds, 3), loop_seconds=round(wall, 3))
+            p.run.update_info(eval_seconds=round(eval_seconds, 3), loop_seconds=round(wall, 3))
             log.info("evaluation took %.1fs of this session's %.1fs (%.1f%%)", eval_seconds, wall, 100 * eval_seconds / wall)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         stop.restore()
-        if main and run.info_file.exists() and run.info().get("status") == "running":
-            run.finish(status)
+        if main and p.run.info_file.exists() and p.run.info().get("status") == "running":
+            p.run.finish(status)
         if tracker is not None:
             tracker.finish(status)
-        accelerator.end_training()
+        acc.end_training()
     return status

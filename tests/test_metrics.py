@@ -14,8 +14,7 @@ import scipy.linalg
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, cli_env, run_cli, run_train
-from diffexp import DiffexpError
+from conftest import REPO, cli_env, run_cli
 from diffexp.cli import compose_config
 from diffexp.evaluation import auto_eval_every, resolve_metric, score
 from diffexp.wandb_files import find_runs
@@ -125,7 +124,7 @@ def test_evaluation_leaves_the_training_random_streams_as_they_were(train):
 def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_numbers(finished_run, cache_dir):
     run = finished_run
     common = [f"run={run}", "metric.num_samples=12", "metric.batch_size=5", f"cache_dir={cache_dir}"]
-    proc = run_cli("evaluate", "-m", *common, "sampler=ddim,dpmpp", "sampler.steps=2,3")
+    run_cli("evaluate", "-m", *common, "sampler=ddim,dpmpp", "sampler.steps=2,3")
     results = json.loads((run / "eval.json").read_text())["results"]
     assert sorted((r["sampler"], r["sampler_steps"]) for r in results) == [("ddim", 2), ("ddim", 3), ("dpmpp", 2),
                                                                           ("dpmpp", 3)]

@@ -4,16 +4,13 @@ tensors, and each one end to end (train, resume exactly, export, reload in plain
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 from omegaconf import OmegaConf
 
-from conftest import TINY, crashed_copy, run_train
-from diffexp import DiffexpError
+from conftest import crashed_copy, run_train
 from diffexp.build import build_objective, build_sampler
 from diffexp.cli import compose_config
 from diffexp.sampling import sample_run
