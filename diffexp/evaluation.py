@@ -12,8 +12,8 @@ diffexp (``network: digits``, for digit datasets, on any machine). On its featur
   runs, the accuracy of the class asked for).
 
 Names carry the network, so no number is mistaken for a paper's FID: Inception gives
-``eval/fid_2k``, ``eval/is_2k``, ``eval/kid_2k``; the digits network ``eval/fd_digits_1k``,
-``eval/cs_digits_1k``, ``eval/precision_digits_1k``, ...
+``eval/fid_2k``, ``eval/is_2k``, ``eval/kid_2k``; the digits network ``eval/fd_digits_500``,
+``eval/cs_digits_500``, ``eval/precision_digits_500``, ...
 
 Under several processes, each generates whole chunks of the samples (``diffexp.sampling``: chunk
 ``c`` has its own seed), the features are gathered in chunk order and the main process computes the
@@ -49,7 +49,8 @@ NETWORKS = ("digits", "inception")
 METRICS = ("fd", "cs", "kid", "pr", "classes")
 ALIASES = {"fid": "fd", "is": "cs"}  # the Inception names, as metric configs may list them
 DEFAULTS = {  # per network, what ``metric=auto`` (and null keys) use
-    "digits": {"metrics": ["fd", "cs", "kid", "pr", "classes"], "num_samples": 1000},
+    # digits: 500 samples fit the default CPU run's 10% budget at two points (measured, BENCHMARKS.md)
+    "digits": {"metrics": ["fd", "cs", "kid", "pr", "classes"], "num_samples": 500},
     "inception": {"metrics": ["fd", "cs"], "num_samples": 2000},
 }
 DIGIT_DATASETS = ("digits", "mnist")  # what the digits classifier was made for

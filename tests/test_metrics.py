@@ -45,7 +45,7 @@ def test_fd_matches_scipy_frechet_distance():
 
 def test_names_carry_the_feature_network_and_auto_picks_it_for_the_dataset():
     digits = resolve_metric(compose_config().metric, compose_config().dataset)
-    assert (digits.network, digits.num_samples) == ("digits", 1000)
+    assert (digits.network, digits.num_samples) == ("digits", 500)
     real, fake = torch.randn(50, 128), torch.randn(40, 128) + 0.1
     logits = torch.randn(40, 10)
     names = set(score(digits, real, fake, logits))
