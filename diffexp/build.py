@@ -105,7 +105,8 @@ def compatible_samplers(scheduler_cfg: DictConfig) -> tuple[str, ...]:
 
 def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictConfig:
     """``sampler=auto`` (the default) as the objective's own sampler config (``conf/sampler/<name>.yaml``),
-    keeping a ``sampler.steps`` given on the command line; any other sampler config as it is."""
+    with the ``sampler.steps`` and ``sampler.scheduler.*`` options given on the command line applied to
+    it; any other sampler config as it is."""
     from pathlib import Path
 
     from diffexp.cli import CONFIG_PATH
@@ -116,6 +117,8 @@ def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictC
     resolved = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / f"{name}.yaml")
     if sampler_cfg.get("steps") is not None:
         resolved.steps = sampler_cfg.steps
+    if sampler_cfg.get("scheduler") is not None:
+        resolved.scheduler = OmegaConf.merge(resolved.scheduler, sampler_cfg.scheduler)
     return resolved
 
 

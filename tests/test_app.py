@@ -134,7 +134,7 @@ def test_samples_as_the_cli_does_for_the_same_seed(client, runs, tmp_path):
     from diffexp.sampling import sample_run
 
     _, line, (own, _) = sample(client, "digits16", sampler="own", steps=4, seed=7, n=3)
-    assert "ddim in 4 steps, seed 7" in line
+    assert "dpmpp_sde in 4 steps, seed 7" in line
     assert np.array_equal(np.load(own)["images"], sample_run(runs / "digits16", n=3, seed=7, steps=4).images)
     assert not np.array_equal(np.load(own)["images"], ours["images"][:3])
 
@@ -146,8 +146,8 @@ def test_compares_runs_side_by_side_with_the_same_settings(client):
     for item in gallery:  # each grid is the one that run gives alone with these settings
         alone, _, _ = sample(client, item["caption"], sampler="dpmpp", steps=3, seed=1, n=4)
         assert np.array_equal(np.asarray(Image.open(item["image"])), np.asarray(Image.open(alone)))
-    assert "- `digits16`: 4 images of 16×16 px, dpmsolvermultistep in 3 steps, seed 1: " in lines
-    assert "- `tiny`: 4 images of 8×8 px, dpmsolvermultistep in 3 steps, seed 1: " in lines
+    assert "- `digits16`: 4 images of 16×16 px, dpmpp in 3 steps, seed 1: " in lines
+    assert "- `tiny`: 4 images of 8×8 px, dpmpp in 3 steps, seed 1: " in lines
     assert "- ⚠ `unfinished`: " in lines and "no model/ yet" in lines
 
 

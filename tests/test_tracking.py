@@ -54,7 +54,7 @@ def test_offline_run_is_in_its_wandb_files(train):
     # The dashboard groups and filters by these directly.
     c = wb.config
     assert (c["model"], c["scheduler"], c["dataset"], c["sampler"], c["seed"]) == ("unet_tiny", "linear", "digits",
-                                                                                  "ddim", 0)
+                                                                                  "auto", 0)
     assert c["num_parameters"] == info["num_parameters"] > 0
     assert c["git_commit"] == info["git"]["commit"] and c["git_dirty"] == info["git"]["dirty"]
     assert c["packages"]["wandb"] == info["packages"]["wandb"]
