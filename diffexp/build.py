@@ -18,6 +18,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 def is_transformer(model) -> bool:
     """Whether a denoiser takes its input as ``hidden_states`` (diffusers' DiT-style transformers)."""
+    model = getattr(model, "_orig_mod", model)  # a compiled module's forward takes (*args, **kwargs)
     return "hidden_states" in inspect.signature(model.forward).parameters
 
 
@@ -74,7 +75,7 @@ def build_noise_scheduler(scheduler_cfg: DictConfig) -> DDPMScheduler:
     try:
         return instantiate(scheduler_cfg, _convert_="all")
     except InstantiationException as e:
-        raise DiffexpError(f"scheduler: {e.__cause__ or e}") from e
+        raise DiffexpError(f"scheduler: {first_line(e.__cause__ or e)}") from e
 
 
 # Beta schedules every diffusers sampler computes itself; others reach it as numbers (trained_betas).
@@ -96,11 +97,6 @@ def objective_class(scheduler_cfg: DictConfig) -> type:
     if not hasattr(cls, "noise") or not hasattr(cls, "compatible_samplers"):
         raise DiffexpError(f"scheduler._target_={target}: not an objective (see diffexp/objectives)")
     return cls
-
-
-def compatible_samplers(scheduler_cfg: DictConfig) -> tuple[str, ...]:
-    """Names of the scheduler classes that can sample what ``scheduler_cfg`` trains."""
-    return tuple(objective_class(scheduler_cfg).compatible_samplers)
 
 
 def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictConfig:
@@ -143,7 +139,7 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig, latent: bo
     try:
         cls = get_class(target)
     except Exception as e:  # noqa: BLE001 - Hydra raises ImportError or its own errors
-        raise DiffexpError(f"sampler.scheduler._target_={target}: not a diffusers scheduler class ({e})") from None
+        raise DiffexpError(f"sampler.scheduler._target_={target}: not a diffusers scheduler class ({first_line(e)})") from None
     trained_with = objective_class(scheduler_cfg)
     if cls.__name__ not in trained_with.compatible_samplers:
         name = "DDPMScheduler" if trained_with.__name__ == "DDPMObjective" else trained_with.__name__
@@ -223,4 +219,4 @@ def build_image_source(loader_cfg: DictConfig):
     except InstantiationException as e:
         if isinstance(e.__cause__, DiffexpError):
             raise e.__cause__ from None
-        raise DiffexpError(f"dataset.loader: cannot build {loader_cfg.get('_target_')}: {e.__cause__ or e}") from e
+        raise DiffexpError(f"dataset.loader: cannot build {loader_cfg.get('_target_')}: {first_line(e.__cause__ or e)}") from e

@@ -101,6 +101,12 @@ def resolve_metric(metric_cfg: DictConfig, dataset_cfg: DictConfig) -> DictConfi
                            f"not {cfg.network}")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 2:
         raise DiffexpError(f"metric.num_samples={cfg.num_samples}: need an integer of at least 2 generated images")
+    if cfg.get("num_real") is not None and (not isinstance(cfg.num_real, int) or cfg.num_real < 2):
+        raise DiffexpError(f"metric.num_real={cfg.num_real}: need an integer of at least 2 real images (or null: all)")
+    k = cfg.get("pr_k", 3)
+    if "pr" in cfg.metrics and not (isinstance(k, int) and 1 <= k < min(cfg.num_samples, cfg.get("num_real") or k + 1)):
+        raise DiffexpError(f"metric.pr_k={k}: precision/recall needs 1 <= pr_k < metric.num_samples "
+                           f"({cfg.num_samples}) and metric.num_real")
     return cfg
 
 
@@ -168,8 +174,9 @@ def training_rng_untouched():
 def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor,
           labels: torch.Tensor | None = None) -> dict[str, float]:
     """Every metric of ``metric_cfg.metrics`` of the generated set (features ``fake``, logits) against the
-    real features, named ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from a
-    generator seeded with ``metric.seed``, inside ``training_rng_untouched``."""
+    real features, named ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from
+    torch's global generator seeded with ``metric.seed`` inside ``training_rng_untouched``, which
+    restores the training's state afterwards."""
     n, net = len(fake), metric_cfg.network
     out: dict[str, float] = {}
     torchmetric: dict[str, Metric] = {}
@@ -300,10 +307,12 @@ class Evaluator:
         return results
 
 
-def make_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: torch.Tensor) -> Evaluator | None:
+def make_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: torch.Tensor, *,
+                   evaluates: bool) -> Evaluator | None:
     """The in-training evaluator for ``cfg.metric`` (resolved), or None when no evaluation will run.
 
-    None for ``metric=none``, for ``trainer.eval_every=0`` (nothing is loaded then; without
+    None for ``metric=none``, when no settings of the session evaluate (``evaluates``: some
+    ``trainer.eval_every`` in force is not 0; nothing is loaded then; without
     Inception weights one line says what evaluating would need), and, with
     ``metric.required=false``, when the Inception weights are missing: one warning line, and
     training goes on without metrics. ``metric.required=true`` raises that line instead.
@@ -311,7 +320,7 @@ def make_evaluator(cfg: DictConfig, accelerator: Accelerator, real_images_u8: to
     metric = cfg.metric
     if metric.name == "none":
         return None
-    if not cfg.trainer.eval_every:
+    if not evaluates:
         # Nothing is loaded; but an offline user should learn now, in one line, what evaluation will need.
         if accelerator.is_main_process and metric.network == "inception" and not weights_available(metric):
             log.warning("%s not evaluated during training (trainer.eval_every=0); to evaluate, %s, then set "

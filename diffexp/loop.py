@@ -88,7 +88,8 @@ class EMA:
                     mine.copy_(saved)
             self.step = int(state["optimization_step"])
             return
-        self.model.load_state_dict(state["weights"])
+        # (runs compiled before the EMA copied the plain module saved its weights under ``_orig_mod.``)
+        self.model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["weights"].items()})
         self.step = int(state["step"])
 
 
@@ -132,7 +133,8 @@ class StopRequest:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: stopping at the end of this step", signal.Signals(signum).name)
+        log.warning("%s received: stopping after this step (with several processes: at the next log step, "
+                    "which they agree on), with a checkpoint", signal.Signals(signum).name)
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
@@ -237,7 +239,6 @@ class Parts:
     t: DictConfig  # the trainer settings in force (a resume's recorded changes apply at their steps)
     accelerator: Accelerator
     run: RunDir
-    checkpoint: Path | None
     change_steps: set[int]
     objective: object
     sampler_cfg: DictConfig
@@ -255,7 +256,7 @@ class Parts:
     @property
     def guidance(self) -> float:
         """The classifier-free guidance scale of grids and evaluation (1 when unconditional)."""
-        return float(self.cfg.conditioning.get("guidance_scale", 1.0)) if self.data.num_classes else 1.0
+        return float((self.cfg.get("conditioning") or {}).get("guidance_scale", 1.0)) if self.data.num_classes else 1.0
 
 
 def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
@@ -288,10 +289,13 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
     if t.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
         raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
                            "settings already exists in this process)")
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain module: EMA copy, export
     ema, state = EMA(net, t.ema), TrainState(accelerator.device)
     accelerator.register_for_checkpointing(lr_scheduler, ema, state)
-    evaluator = make_evaluator(cfg, accelerator, data.real)
+    change_steps = {c["step"] for c in cfg.get("changes") or [] if c["step"] > start}
+    # Evaluation is built when the settings of any part of this session ask for it (a resume may turn it on).
+    evaluates = any(effective_config(cfg, s).trainer.eval_every for s in (start, *change_steps))
+    evaluator = make_evaluator(cfg, accelerator, data.real, evaluates=evaluates)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         log.info("resumed from %s (step %d)", checkpoint, state.step)
@@ -299,8 +303,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
             log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
                      key, old, new)
     eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
-    change_steps = {c["step"] for c in cfg.get("changes") or [] if c["step"] > start}
-    return Parts(cfg, t, accelerator, run, checkpoint, change_steps, objective, sampler_cfg, sampler, data, model, net,
+    return Parts(cfg, t, accelerator, run, change_steps, objective, sampler_cfg, sampler, data, model, net,
                  optimizer, lr_scheduler, ema, state, evaluator, eval_every)
 
 
@@ -378,7 +381,7 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
     """
     p = setup(cfg, run_dir, resume)
     acc, state, main = p.accelerator, p.state, p.accelerator.is_main_process
-    p_uncond = float(cfg.conditioning.get("p_uncond", 0.0))
+    p_uncond = float((cfg.get("conditioning") or {}).get("p_uncond", 0.0))  # runs before conditioning: none
     status, tracker, stop = "failed", None, StopRequest()
     step, stopping, timed, t_last, t_start, eval_seconds = state.step, False, 0, time.perf_counter(), time.perf_counter(), 0.0
     try:

@@ -290,8 +290,8 @@ class RunDir:
 
 
     def write_config(self, cfg: DictConfig) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, self.config_file, resolve=True)
+        with atomic_path(self.config_file) as tmp:  # resume, reproduce and compare read it
+            OmegaConf.save(cfg, tmp, resolve=True)
 
     def start(self, cfg: DictConfig, *, num_processes: int, resumed: bool, extra: dict[str, Any] | None = None) -> None:
         """Write run.json at the start of a run (or note the resume in it)."""
@@ -376,14 +376,6 @@ class WandbRun:
                 "wall_time_s": summary.get("_runtime"), "num_parameters": summary.get("num_parameters"),
                 "git": {"commit": (meta.get("git") or {}).get("commit"), "dirty": None}, "packages": {},
                 "wandb_run_id": self._run.id}
-
-    def eval_results(self) -> list[dict[str, Any]]:
-        """The results ``diffexp.evaluate`` recorded in eval.json (one per metric, sample count, sampler,
-        steps and seed); an eval.json of diffexp 0.1 holds one result."""
-        if not self.eval_file.is_file():
-            return []
-        data = json.loads(self.eval_file.read_text())
-        return data["results"] if "results" in data else [data]
 
     def metrics(self) -> list[dict[str, Any]]:
         rows = []

@@ -88,6 +88,8 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
     need_int(cfg, f"{t}.grid_size", 1)
     need_number(cfg, f"{t}.ema.decay", low=0, high=1, high_open=True)
     need_int(cfg, f"{t}.ema.update_every", 1)
+    need_number(cfg, f"{t}.ema.inv_gamma", low=0, low_open=True)
+    need_number(cfg, f"{t}.ema.power", low=0, low_open=True)
     need_int(cfg, f"{t}.ema.update_after_step", 0)
     mp = _value(cfg, f"{t}.mixed_precision")
     if mp not in MIXED_PRECISION:

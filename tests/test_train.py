@@ -167,6 +167,14 @@ def test_resume_can_extend_max_steps(finished_run):
     assert cfg["trainer"]["max_steps"] == 4 and cfg["changes"] == [{"step": 4, "set": {"trainer.max_steps": 6}}]
 
 
+def test_a_resume_can_turn_evaluation_on(train):
+    run, _ = train("trainer.eval_every=0", "metric=digits", name="quiet")
+    assert not any("eval/fd_digits_50" in r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+    run_train(f"resume={run}", "trainer.max_steps=6", "trainer.eval_every=2")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/fd_digits_50" in r] == [6]  # its interval counts from the start
+
+
 def test_resume_takes_a_new_learning_rate_from_the_command_line(train):
     """Optimizer settings given on resume apply from the next step; the schedule keeps its position."""
     def lrs(run):
