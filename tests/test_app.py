@@ -109,7 +109,7 @@ def test_lists_runs_with_their_summary_and_says_which_folder_cannot_be_read(clie
     assert {"digits16", "tiny", "broken", "unfinished"} <= set(rows)
     d16 = rows["digits16"]
     assert (d16["name"], d16["status"], d16["steps"], d16["dataset"], d16["model"], d16["objective"]) == (
-        "digits16", "finished", "300", "digits", "unet_tiny", "linear, epsilon")
+        "digits16", "finished", "300", "digits", "unet_tiny", "cosine, epsilon")
     assert float(d16["final loss"]) < 0.5
     fds = [r["eval/fd_digits_100"] for r in RunDir(runs / "digits16").metrics() if "eval/fd_digits_100" in r]
     assert len(fds) == 3 and rows["digits16"]["best eval/fd_digits_100 ↓"] == f"{min(fds):.4g}"

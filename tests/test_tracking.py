@@ -49,11 +49,11 @@ def test_offline_run_is_in_its_wandb_files(train):
     info, rows = run.info(), [r for r in run.metrics() if "train/loss" in r]
     wb = only_run(run_dir)
 
-    assert wb.run_id == info["wandb_run_id"] and wb.name == "unet_tiny-linear-s0"
+    assert wb.run_id == info["wandb_run_id"] and wb.name == "unet_tiny-cosine-s0"
     assert wb.project == "diffexp" and wb.job_type == "train" and wb.tags == ["tiny", "test"]
     # The dashboard groups and filters by these directly.
     c = wb.config
-    assert (c["model"], c["scheduler"], c["dataset"], c["sampler"], c["seed"]) == ("unet_tiny", "linear", "digits",
+    assert (c["model"], c["scheduler"], c["dataset"], c["sampler"], c["seed"]) == ("unet_tiny", "cosine", "digits",
                                                                                   "auto", 0)
     assert c["num_parameters"] == info["num_parameters"] > 0
     assert c["git_commit"] == info["git"]["commit"] and c["git_dirty"] == info["git"]["dirty"]
@@ -100,7 +100,7 @@ def test_multirun_gives_one_finished_wandb_run_per_job(tmp_path, cache_dir):
     run_cli("train", "-m", *TINY, "logger=wandb", "seed=0,1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}",
             f"cache_dir={cache_dir}")
     jobs = sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
-    assert [j.name for j in jobs] == ["0_unet_tiny-linear-s0", "1_unet_tiny-linear-s1"]
+    assert [j.name for j in jobs] == ["0_unet_tiny-cosine-s0", "1_unet_tiny-cosine-s1"]
     runs = [only_run(j) for j in jobs]
     assert len({r.run_id for r in runs}) == 2
     assert [r.config["seed"] for r in runs] == [0, 1] and [r.name for r in runs] == [j.name[2:] for j in jobs]
