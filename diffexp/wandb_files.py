@@ -112,15 +112,15 @@ def read_run(path: str | Path) -> RunRecord:
         if not found:
             raise FileNotFoundError(f"{path}: no .wandb file")
         path = found[0]
-    run = RunRecord(path=path)
+    run, r = RunRecord(path=path), pb.RunRecord()
     for record in iter_records(path):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
+        if kind == "run":  # merged: a later run record's empty fields do not erase what an earlier one set
+            r.MergeFrom(record.run)
             run.run_id, run.project, run.entity = r.run_id, r.project, r.entity
             run.name, run.group, run.job_type = r.display_name, r.run_group, r.job_type
-            run.tags, run.resumed = list(r.tags), r.resumed
-            for item in r.config.update:
+            run.tags, run.resumed = list(dict.fromkeys(r.tags)), r.resumed
+            for item in record.run.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "config":
             for item in record.config.update:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from diffexp.cli import CONFIG_PATH
 from diffexp.records import RunDir
 from diffexp.tracking import make_tracker, wandb_mode
-from diffexp.wandb_files import find_runs
+from diffexp.wandb_files import find_runs, iter_records
 from conftest import REPO, TINY, cli_env, run_cli
 
 WARNING = "tracking off"
@@ -49,7 +50,9 @@ def test_offline_run_is_in_its_wandb_files(train):
     info, rows = run.info(), [r for r in run.metrics() if "train/loss" in r]
     wb = only_run(run_dir)
 
-    assert wb.run_id == info["wandb_run_id"] and wb.name == "unet_tiny-cosine-s0"
+    kinds = Counter(r.WhichOneof("record_type") for r in iter_records(wb.path))
+    assert wb.run_id == info["wandb_run_id"] and wb.name == "unet_tiny-cosine-s0", \
+        f"{wb.path} ({wb.path.stat().st_size} bytes) holds {dict(kinds)}"
     assert wb.project == "diffexp" and wb.job_type == "train" and wb.tags == ["tiny", "test"]
     # The dashboard groups and filters by these directly.
     c = wb.config
