@@ -50,9 +50,8 @@ def test_offline_run_is_in_its_wandb_files(train):
     info, rows = run.info(), [r for r in run.metrics() if "train/loss" in r]
     wb = only_run(run_dir)
 
-    kinds = Counter(r.WhichOneof("record_type") for r in iter_records(wb.path))
     assert wb.run_id == info["wandb_run_id"] and wb.name == "unet_tiny-cosine-s0", \
-        f"{wb.path} ({wb.path.stat().st_size} bytes) holds {dict(kinds)}"
+        f"{wb.path} ({wb.path.stat().st_size} bytes) holds {dict(Counter(r.WhichOneof('record_type') for r in iter_records(wb.path)))}"
     assert wb.project == "diffexp" and wb.job_type == "train" and wb.tags == ["tiny", "test"]
     # The dashboard groups and filters by these directly.
     c = wb.config
