@@ -7,24 +7,34 @@ is either a no-op or correct on the CPU. Configs saved before an option existed 
 from __future__ import annotations
 
 import torch
-from accelerate.utils import TorchDynamoPlugin
+from accelerate.utils import DynamoBackend, TorchDynamoPlugin
 from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# accelerate's names (DynamoBackend) of torch.compile's backends, "no" (compile=false) aside
+COMPILE_BACKENDS = tuple(b.value.lower() for b in DynamoBackend if b.value.lower() != "no")
 
 
 def dynamo_plugin(trainer_cfg: DictConfig) -> TorchDynamoPlugin:
-    """accelerate's ``torch.compile`` settings: inductor with ``trainer.compile_mode`` when
-    ``trainer.compile`` (``prepare`` compiles the model), else none. ``reduce-overhead`` adds CUDA
-    graphs, which cut the kernel-launch time that bounds small U-Nets on a GPU (BENCHMARKS.md)."""
+    """accelerate's ``torch.compile`` settings when ``trainer.compile`` (``prepare`` compiles the
+    model), else none: ``trainer.compile_backend`` (inductor; ``aot_eager`` or ``eager`` tell
+    whether a problem is inductor's, as PyTorch's troubleshooting guide does) with
+    ``trainer.compile_mode``, an inductor setting. ``reduce-overhead`` adds CUDA graphs, which cut
+    the kernel-launch time that bounds small U-Nets on a GPU (BENCHMARKS.md)."""
     mode = trainer_cfg.get("compile_mode")
     if mode not in COMPILE_MODES:
         raise DiffexpError(f"trainer.compile_mode={mode}: expected one of {', '.join(m or 'null' for m in COMPILE_MODES)}")
+    backend = str(trainer_cfg.get("compile_backend", "inductor"))
+    if backend not in COMPILE_BACKENDS:
+        raise DiffexpError(f"trainer.compile_backend={backend}: expected one of {', '.join(COMPILE_BACKENDS)}")
+    if mode is not None and backend != "inductor":
+        raise DiffexpError(f"trainer.compile_mode={mode}: a mode of the inductor backend, not of "
+                           f"trainer.compile_backend={backend} (use compile_mode=null)")
     if not trainer_cfg.get("compile", False):
         return TorchDynamoPlugin(backend="no")
-    return TorchDynamoPlugin(backend="inductor", mode=mode)
+    return TorchDynamoPlugin(backend=backend, mode=mode)
 
 
 def configure_backends(trainer_cfg: DictConfig, device: torch.device) -> None:

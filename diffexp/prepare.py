@@ -18,8 +18,10 @@ from hydra import compose, initialize_config_dir
 from diffexp.cli import CONFIG_PATH, report_errors
 
 
-def main(overrides: list[str]) -> None:
-    """Compose the training config with ``overrides``, cache its dataset, print the cache file."""
+def main(argv: list[str] | None = None) -> None:
+    """Compose the training config with the overrides in ``argv`` (default: the command line),
+    cache its dataset, print the cache file."""
+    overrides = sys.argv[1:] if argv is None else argv
     from diffexp.data import cache_path, load_images
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -32,4 +34,4 @@ def main(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -112,10 +112,11 @@ def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True) 
     return result
 
 
-def run_main(module: str, *args: str) -> Result:
-    """``python -m diffexp.<module> args...`` through the command's real Hydra ``main`` in this
-    process (Hydra parses the arguments, makes its output folder, configures logging), with its
-    exit status: the command line without a new interpreter."""
+def run_main(module: str, *args: str, check: bool = False) -> Result:
+    """``python -m diffexp.<module> args...`` through the command's real ``main`` in this process
+    (for the Hydra commands, Hydra parses the arguments, makes its output folder, configures
+    logging), with its exit status: the command line without a new interpreter, which costs a
+    test seconds of imports. Fails the test with its output if ``check`` and it fails."""
     import importlib
 
     command = importlib.import_module(f"diffexp.{module}")
@@ -125,7 +126,8 @@ def run_main(module: str, *args: str) -> Result:
     sys.argv = [f"diffexp.{module}", *args]
     with captured() as (out, err):
         try:
-            command.main()
+            status = command.main()
+            code = status if isinstance(status, int) else 0  # sweep's main returns its exit status
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
@@ -135,7 +137,11 @@ def run_main(module: str, *args: str) -> Result:
                 if handler not in saved_handlers:
                     handler.close()
             root.handlers[:], root.level = saved_handlers, saved_level
-    return Result(code, out.getvalue(), err.getvalue())
+    result = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        pytest.fail(f"diffexp.{module} {' '.join(args)} exited {code}\n--- stdout\n{result.stdout[-4000:]}\n"
+                    f"--- stderr\n{result.stderr[-4000:]}")
+    return result
 
 
 def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Path:

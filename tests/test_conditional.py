@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
-from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_main, run_train
+from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
 from diffexp.build import build_model
 from diffexp.cli import compose_config
 from diffexp.data import load_data
@@ -80,7 +80,7 @@ def test_a_class_conditional_unet_trains_resumes_exports_and_samples_a_class(tra
     unguided = sample_run(full, n=3, seed=5, class_label=7, guidance_scale=1.0, steps=steps)
     assert not np.array_equal(unguided.images, ours.images)  # guidance changes the images
     # the CLI: labels in the npz, every class in turn without class_label
-    run_cli("sample", f"run={full}", "n=12", f"out={tmp_path / 'all.npz'}")
+    run_main("sample", f"run={full}", "n=12", f"out={tmp_path / 'all.npz'}", check=True)
     assert np.load(tmp_path / "all.npz")["labels"].tolist() == [i % 10 for i in range(12)]
 
 
@@ -126,7 +126,7 @@ def test_latent_diffusion_with_a_local_autoencoder_end_to_end(train, tmp_path, t
     assert out.shape == (2, 8, 8, 1)  # decoded to pixels
     assert np.array_equal(np.round(out * 255).astype(np.uint8), sample_run(full, n=2, seed=0, class_label=1,
                                                                            guidance_scale=2.0, steps=2).images)
-    result = json.loads(run_cli("evaluate", f"run={full}", "metric.num_samples=20", f"cache_dir={cache_dir}")
+    result = json.loads(run_main("evaluate", f"run={full}", "metric.num_samples=20", f"cache_dir={cache_dir}", check=True)
                         .stdout.strip().splitlines()[-1])
     assert result["eval/fd_digits_20"] > 0 and 0 <= result["eval/class_acc_digits_20"] <= 1
 

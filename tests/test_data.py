@@ -18,7 +18,7 @@ from PIL import Image
 from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH
 from diffexp.data import Batches, cache_path, load_images
-from conftest import cli_env, run_cli
+from conftest import cli_env, run_cli, run_main
 
 
 @pytest.fixture(autouse=True)
@@ -216,10 +216,10 @@ def test_a_corrupt_image_is_one_line_naming_the_file(image_folder, train):
 
 
 def test_prepare_caches_a_dataset_and_prints_the_file(image_folder, tmp_path, cache_dir):
-    proc = run_cli("prepare", "dataset=imagefolder", f"dataset.path={image_folder}", "dataset.resolution=8",
-                   f"cache_dir={cache_dir}")
+    proc = run_main("prepare", "dataset=imagefolder", f"dataset.path={image_folder}", "dataset.resolution=8",
+                   f"cache_dir={cache_dir}", check=True)
     cached = Path(proc.stdout.strip().splitlines()[-1])
     assert cached.is_file() and cached.parent == cache_dir / "datasets"
     assert torch.load(cached).shape == (24, 3, 8, 8)
-    bad = run_cli("prepare", "dataset=imagefolder", f"dataset.path={tmp_path / 'nowhere'}", check=False)
+    bad = run_main("prepare", "dataset=imagefolder", f"dataset.path={tmp_path / 'nowhere'}", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: dataset.path=")

@@ -14,7 +14,7 @@ import scipy.linalg
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, run_main
 from diffexp.cli import compose_config
 from diffexp.evaluation import auto_eval_every, resolve_metric, score
 from diffexp.wandb_files import find_runs
@@ -124,12 +124,12 @@ def test_evaluation_leaves_the_training_random_streams_as_they_were(train):
 def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_numbers(finished_run, cache_dir):
     run = finished_run
     common = [f"run={run}", "metric.num_samples=12", "metric.batch_size=5", f"cache_dir={cache_dir}"]
-    run_cli("evaluate", "-m", *common, "sampler=ddim,dpmpp", "sampler.steps=2,3")
+    run_main("evaluate", "-m", *common, "sampler=ddim,dpmpp", "sampler.steps=2,3", check=True)
     results = json.loads((run / "eval.json").read_text())["results"]
     assert sorted((r["sampler"], r["sampler_steps"]) for r in results) == [("ddim", 2), ("ddim", 3), ("dpmpp", 2),
                                                                           ("dpmpp", 3)]
     assert len({r["eval/fd_digits_12"] for r in results}) == 4
-    single = json.loads(run_cli("evaluate", *common, "sampler=ddim", "sampler.steps=2", "metric.seed=1")
+    single = json.loads(run_main("evaluate", *common, "sampler=ddim", "sampler.steps=2", "metric.seed=1", check=True)
                         .stdout.strip().splitlines()[-1])
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 5  # a new seed is a new entry
 
@@ -162,8 +162,8 @@ def test_training_evaluates_with_inception_and_evaluate_reuses_the_reference(tra
         assert np.isfinite(row["eval/kid_8"]) and row["eval/seconds"] > 0
     [reference] = list((cache_dir / "metrics").glob("reference-inception-digits-8px-16-*.pt"))
     mtime = reference.stat().st_mtime_ns
-    proc = run_cli("evaluate", f"run={run_dir}", "metric=fid_is_kid", f"metric.weights={inception_file}", *SMALL,
-                   "sampler=ddpm", "sampler.steps=3", f"cache_dir={cache_dir}")
+    proc = run_main("evaluate", f"run={run_dir}", "metric=fid_is_kid", f"metric.weights={inception_file}", *SMALL,
+                   "sampler=ddpm", "sampler.steps=3", f"cache_dir={cache_dir}", check=True)
     assert f"reference statistics: cache hit {reference}" in proc.stdout + proc.stderr
     assert reference.stat().st_mtime_ns == mtime
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -171,21 +171,21 @@ def test_training_evaluates_with_inception_and_evaluate_reuses_the_reference(tra
     assert (result["sampler"], result["sampler_steps"], result["num_samples"], result["num_real"]) == ("ddpm", 3, 8, 16)
 
 
-def test_missing_inception_weights_say_once_what_is_needed(train, tmp_path):
-    env = cli_env(TORCH_HOME=str(tmp_path / "torch_home"))  # an empty hub cache; the download fails offline
-    run_dir, proc = train("metric=fid_is", "trainer.eval_every=0", env=env)
+def test_missing_inception_weights_say_once_what_is_needed(train, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache; the download fails offline
+    run_dir, proc = train("metric=fid_is", "trainer.eval_every=0")
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "not evaluated during training" in line]
     assert len(lines) == 1 and "metric.weights=FILE" in lines[0] and str(tmp_path / "torch_home") in lines[0]
-    finished, proc = train("metric=fid_is", "trainer.eval_every=2", *SMALL, name="warned", env=env)
+    finished, proc = train("metric=fid_is", "trainer.eval_every=2", *SMALL, name="warned")
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "Inception weights" in line]
     assert len(lines) == 1 and "training continues without FID/IS" in lines[0]
     assert (finished / "model").is_dir() and not [r for r in rows(finished) if "eval/seconds" in r]
     _, proc = train("metric=fid_is", "trainer.eval_every=2", "metric.required=true", *SMALL, name="required",
-                    env=env, check=False)
+                    check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "metric.weights=FILE" in errors[0]
-    proc = run_cli("evaluate", f"run={finished}", "metric=fid_is", "metric.weights=/nonexistent/inception.pth",
-                   check=False, env=env)
+    proc = run_main("evaluate", f"run={finished}", "metric=fid_is", "metric.weights=/nonexistent/inception.pth",
+                   check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: metric.weights=/nonexistent/inception.pth: no such file")
 
@@ -201,6 +201,6 @@ def test_two_processes_evaluate_during_training(tmp_path, cache_dir):
     evals = [r for r in rows(run_dir) if "eval/fd_digits_9" in r]
     assert [r["step"] for r in evals] == [4]  # one row, written once, from both processes' samples
     # the same numbers as one process evaluating the same weights (evaluate CLI, one process)
-    again = json.loads(run_cli("evaluate", f"run={run_dir}", "metric.num_samples=9", "metric.batch_size=4",
-                               f"cache_dir={cache_dir}").stdout.strip().splitlines()[-1])
+    again = json.loads(run_main("evaluate", f"run={run_dir}", "metric.num_samples=9", "metric.batch_size=4",
+                               f"cache_dir={cache_dir}", check=True).stdout.strip().splitlines()[-1])
     assert again["eval/fd_digits_9"] == pytest.approx(evals[0]["eval/fd_digits_9"], rel=1e-9)

@@ -19,7 +19,7 @@ from diffexp.cli import CONFIG_PATH
 from diffexp.records import RunDir
 from diffexp.tracking import make_tracker, wandb_mode
 from diffexp.wandb_files import find_runs, iter_records
-from conftest import REPO, TINY, cli_env, run_cli
+from conftest import REPO, TINY, cli_env, run_cli, run_main
 
 WARNING = "tracking off"
 
@@ -88,7 +88,7 @@ def test_offline_run_is_in_its_wandb_files(train):
 def test_resumed_run_continues_the_same_wandb_run(train, cache_dir):
     run_dir, _ = train("logger=wandb", "trainer.max_steps=2")
     first = only_run(run_dir)
-    run_cli("train", f"resume={run_dir}", f"cache_dir={cache_dir}", "trainer.max_steps=4")
+    run_main("train", f"resume={run_dir}", f"cache_dir={cache_dir}", "trainer.max_steps=4", check=True)
 
     segments = find_runs(run_dir / "wandb")
     assert len(segments) == 2, "the resume writes its own offline segment of the same run"

@@ -86,7 +86,7 @@ def test_exported_model_loads_in_an_unmodified_ddpm_pipeline(finished_run):
 def test_sample_cli_writes_npz_and_grid_and_matches_the_exported_pipeline(finished_run, tmp_path):
     run = finished_run
     out = tmp_path / "s" / "samples.npz"
-    run_cli("sample", f"run={run}", "n=5", "seed=1", f"out={out}")
+    run_main("sample", f"run={run}", "n=5", "seed=1", f"out={out}", check=True)
     images = np.load(out)["images"]
     assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
     assert out.with_suffix(".png").is_file()
@@ -97,10 +97,10 @@ def test_sample_cli_writes_npz_and_grid_and_matches_the_exported_pipeline(finish
                   output_type="np").images
     assert np.array_equal(np.round(theirs * 255).astype(np.uint8), images)
     # Another sampler, its step count alone, and a bad file name.
-    proc = run_cli("sample", f"run={run}", "n=5", "sampler=dpmpp", "sampler.steps=3", "seed=1", f"out={tmp_path / 'd.npz'}")
+    proc = run_main("sample", f"run={run}", "n=5", "sampler=dpmpp", "sampler.steps=3", "seed=1", f"out={tmp_path / 'd.npz'}", check=True)
     assert "5 images" in proc.stdout and not np.array_equal(np.load(tmp_path / "d.npz")["images"], images)
-    run_cli("sample", f"run={run}", "n=2", "sampler.steps=1", f"out={tmp_path / 'one.npz'}")
-    bad = run_cli("sample", f"run={run}", "out=x.png", check=False)
+    run_main("sample", f"run={run}", "n=2", "sampler.steps=1", f"out={tmp_path / 'one.npz'}", check=True)
+    bad = run_main("sample", f"run={run}", "out=x.png", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: out=x.png: expected a file name ending in .npz")
 
 
@@ -301,7 +301,7 @@ def error_line(proc) -> str:
 
 
 def test_unknown_config_option_is_named(tmp_path):
-    proc = run_cli("train", *TINY, "trainer.no_such_option=1", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    proc = run_main("train", *TINY, "trainer.no_such_option=1", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode != 0 and "trainer.no_such_option" in proc.stderr.splitlines()[0]
 
 
@@ -315,7 +315,7 @@ def test_missing_imagefolder_path_is_named(train, tmp_path):
 def test_resume_of_a_folder_without_checkpoint_is_named(tmp_path):
     folder = tmp_path / "not_a_run"
     folder.mkdir()
-    proc = run_cli("train", f"resume={folder}", check=False)
+    proc = run_main("train", f"resume={folder}", check=False)
     assert error_line(proc) == f"error: run={folder}: not a diffexp run directory (no config.yaml)"
     assert list(folder.iterdir()) == []  # nothing was written into it
 

@@ -22,7 +22,7 @@ from scipy import stats
 from diffexp.cli import CONFIG_PATH
 from diffexp.compare import smooth
 from diffexp.sweep import combinations, load_definition, schema_violations
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, run_cli, run_main
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 CONF = Path(CONFIG_PATH)
@@ -59,7 +59,7 @@ def test_wandb_validation_rejects_a_broken_definition(tmp_path):
     assert any("grid_search" in p for p in problems) and any("trainer.lr: min" in p for p in problems)
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(definition))
-    proc = run_cli("sweep", str(bad), check=False)
+    proc = run_main("sweep", str(bad), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a valid W&B sweep definition" in proc.stderr
 
 
@@ -98,7 +98,7 @@ def test_every_combination_of_a_sweep_composes(path):
                     # name template resolves to the run's name (test_sweep_run_names_carry_the_swept_values)
                 assert str(OmegaConf.select(cfg, key)) == value, override
     # What the W&B agent would run for the first combination, as a user would check it.
-    proc = run_cli("train", *combos[0], "--cfg", "job")
+    proc = run_main("train", *combos[0], "--cfg", "job", check=True)
     assert f"group: {definition['name']}" in proc.stdout
 
 
@@ -175,7 +175,7 @@ def test_bayes_sweep_offline_samples_at_random_through_submitit_local(tmp_path, 
     assert len(lrs) == 2
     assert list((sweep_dir / ".submitit").iterdir())  # submitit's local executor ran the jobs
     # compare groups the draws by the values drawn, not by their opaque sweep_trial number.
-    proc = run_cli("compare", str(sweep_dir), f"out={tmp_path / 'report'}")
+    proc = run_main("compare", str(sweep_dir), f"out={tmp_path / 'report'}", check=True)
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert "trainer.lr" in summary["axes"] and "sweep_trial" not in summary["axes"]
     assert "trainer.optimizer.lr" not in summary["axes"] and "warning" not in proc.stderr  # lr's interpolated copy
@@ -209,7 +209,7 @@ def test_compare_reports_runs_and_seed_intervals_from_their_records(grid_sweep, 
     # Every run is W&B-logged: wandb/offline-run-*/files/ links back to config.yaml and run.json.
     assert len(list(sweep_dir.glob("*/wandb/offline-run-*/files/run.json"))) == 4
     out = tmp_path / "report"
-    proc = run_cli("compare", str(sweep_dir), "by=model", f"out={out}")
+    proc = run_main("compare", str(sweep_dir), "by=model", f"out={out}", check=True)
     assert "compared 4 runs in 2 groups by model" in proc.stdout  # each run once
     assert "warning" not in proc.stderr and "skipped" not in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -261,7 +261,7 @@ def test_compare_ranks_groups_by_sample_quality(grid_sweep, train, tmp_path):
         fd[run] = [40.0 - 10 * small + i, 30.0 - 12 * small + i]
         add_quality(run, {"eval/fd_digits_1k": fd[run], "eval/cs_digits_1k": [2.0 + small, 3.0 - small]})
     out = tmp_path / "report"
-    proc = run_cli("compare", *map(str, runs), "by=model", f"out={out}")
+    proc = run_main("compare", *map(str, runs), "by=model", f"out={out}", check=True)
     assert "ranked by eval/fd_digits_1k" in proc.stdout and "warning" not in proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["primary_quality"] == summary["rank"] == "eval/fd_digits_1k"
@@ -278,7 +278,7 @@ def test_compare_ranks_groups_by_sample_quality(grid_sweep, train, tmp_path):
     assert "eval/seconds" not in md  # the evaluation's timing is not a quality metric
     assert Image.open(out / "quality.png").size[0] > 100
     # The sweep's objective can be named instead: classifier score, higher is better.
-    run_cli("compare", *map(str, runs), "by=model", "rank=eval/cs_digits_1k", f"out={out}")
+    run_main("compare", *map(str, runs), "by=model", "rank=eval/cs_digits_1k", f"out={out}", check=True)
     ranked = json.loads((out / "summary.json").read_text())["groups"]
     assert [g["axes"] for g in ranked] == [["unet_tiny"], ["unet_small"]]
 
@@ -289,11 +289,11 @@ def test_compare_ranks_groups_by_sample_quality(grid_sweep, train, tmp_path):
     plain = copy_runs([sweep_dir / r.name for r in tiny], tmp_path / "plain")
     for run in plain:  # as runs that measured no quality
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(run)))
-    proc = run_cli("compare", *map(str, plain), str(v_run), "by=scheduler.prediction_type", f"out={tmp_path / 'loss'}")
+    proc = run_main("compare", *map(str, plain), str(v_run), "by=scheduler.prediction_type", f"out={tmp_path / 'loss'}", check=True)
     assert ("warning: losses are not comparable: runs differ in scheduler.prediction_type (epsilon, v_prediction)"
             in proc.stderr)
     add_quality(v_run, {"eval/fd_digits_1k": [50.0, 45.0]})
-    proc = run_cli("compare", *map(str, tiny), str(v_run), "by=scheduler.prediction_type", f"out={tmp_path / 'fair'}")
+    proc = run_main("compare", *map(str, tiny), str(v_run), "by=scheduler.prediction_type", f"out={tmp_path / 'fair'}", check=True)
     assert "ranked by eval/fd_digits_1k" in proc.stdout and "not comparable" not in proc.stderr
 
 
@@ -310,25 +310,25 @@ def test_runs_lists_statuses_and_compare_takes_finished_runs(grid_sweep, train, 
     (killed / "run.json").write_text(json.dumps({**info, "status": "running", "end": None}))
     assert json.loads((failed / "run.json").read_text())["status"] == "failed" and not (empty / "run.json").exists()
 
-    proc = run_cli("compare", str(outputs), "by=model", f"out={tmp_path / 'report'}")
+    proc = run_main("compare", str(outputs), "by=model", f"out={tmp_path / 'report'}", check=True)
     assert "skipped 2 of 6 runs (1 failed, 1 running): compared status=finished only" in proc.stdout
     assert "compared 4 runs" in proc.stdout
-    proc = run_cli("compare", str(outputs), "by=model", "status=all", f"out={tmp_path / 'report'}")
+    proc = run_main("compare", str(outputs), "by=model", "status=all", f"out={tmp_path / 'report'}", check=True)
     assert "compared 6 runs" in proc.stdout
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| failed |" in md and "| running |" in md
 
-    listing = run_cli("runs", str(outputs)).stdout
+    listing = run_main("runs", str(outputs), check=True).stdout
     assert listing.splitlines()[-1] == "7 runs: 4 finished, 1 failed, 1 empty, 1 running"
     status_of = {line.split()[0]: line.split()[2] for line in listing.splitlines()[1:-1]}
     assert status_of[str(failed)] == "failed" and status_of[str(empty)] == "empty"
     assert status_of[str(killed)] == "running" and list(status_of.values()).count("finished") == 4
-    assert run_cli("runs", str(outputs), "status=failed").stdout.splitlines()[1].split()[0] == str(failed)
+    assert run_main("runs", str(outputs), "status=failed", check=True).stdout.splitlines()[1].split()[0] == str(failed)
 
-    proc = run_cli("runs", str(outputs), "remove=failed,empty")
+    proc = run_main("runs", str(outputs), "remove=failed,empty", check=True)
     assert "would remove 2 runs" in proc.stdout and "yes=true" in proc.stdout
     assert failed.exists() and empty.exists()
-    proc = run_cli("runs", str(outputs), "remove=failed,empty", "yes=true")
+    proc = run_main("runs", str(outputs), "remove=failed,empty", "yes=true", check=True)
     assert "removed 2 runs" in proc.stdout
     assert not failed.exists() and not empty.exists()
     assert killed.exists() and len(list(outputs.glob("sweep/*/run.json"))) == 5
@@ -338,23 +338,23 @@ def test_runs_lists_statuses_and_compare_takes_finished_runs(grid_sweep, train, 
 def test_compare_warns_when_runs_differ_beyond_the_compared_axes(grid_sweep, train, tmp_path):
     sweep_dir, _ = grid_sweep
     other, _ = train("model=unet_tiny", "seed=2", "trainer.max_steps=2", name="shorter")
-    proc = run_cli("compare", str(sweep_dir), str(other), "by=model", f"out={tmp_path / 'report'}")
+    proc = run_main("compare", str(sweep_dir), str(other), "by=model", f"out={tmp_path / 'report'}", check=True)
     assert re.search(r"warning: runs differ in trainer.max_steps besides by=model: 2, 3", proc.stderr)
     assert "warning: runs reached different steps: 2, 3" in proc.stderr
     assert "trainer.max_steps" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_compare_bad_input_is_one_line(tmp_path):
-    proc = run_cli("compare", str(tmp_path), check=False)
+    proc = run_main("compare", str(tmp_path), check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path}: no diffexp run directories found there"
     for option, says in (("status=done", "status=done: expected all or a list of finished"),
                          ("smooth=1", "smooth=1: expected a number from 0")):
-        proc = run_cli("compare", str(tmp_path), option, check=False)
+        proc = run_main("compare", str(tmp_path), option, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and says in proc.stderr
-    proc = run_cli("runs", str(tmp_path), "remove=finished,failed", check=False)
+    proc = run_main("runs", str(tmp_path), "remove=finished,failed", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == ("error: remove=finished,failed: only failed and empty runs "
                                                             "can be removed (finished runs are kept)")
-    proc = run_cli("compare", "source=wandb", "project=someone/diffexp", check=False)
+    proc = run_main("compare", "source=wandb", "project=someone/diffexp", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "W&B is not reachable" in proc.stderr
 
 
@@ -366,7 +366,7 @@ def test_reproduce_check_reports_identical_losses(train, tmp_path):
     info["packages"]["diffusers"] = "0.1.0"  # as if the run had been made with an older diffusers
     (original / "run.json").write_text(json.dumps(info))
     again = tmp_path / "again"
-    proc = run_cli("reproduce", f"run={original}", "check=true", f"hydra.run.dir={again}")
+    proc = run_main("reproduce", f"run={original}", "check=true", f"hydra.run.dir={again}", check=True)
     assert "check: 3 logged losses compared; largest difference 0 (identical)" in proc.stdout
     assert "warning: package versions differ: diffusers 0.1.0 -> " in proc.stderr
     assert [r["train/loss"] for r in rows(again)] == [r["train/loss"] for r in rows(original)]
@@ -378,14 +378,14 @@ def test_reproduce_check_reports_identical_losses(train, tmp_path):
 @pytest.mark.slow
 def test_reproduce_applies_overrides_and_checks_the_steps_it_shares(train, tmp_path):
     original, _ = train("trainer.max_steps=3", name="original")
-    proc = run_cli("reproduce", f"run={original}", "check=true", "trainer.max_steps=2", "logger=none",
-                   f"hydra.run.dir={tmp_path / 'shorter'}")
+    proc = run_main("reproduce", f"run={original}", "check=true", "trainer.max_steps=2", "logger=none",
+                   f"hydra.run.dir={tmp_path / 'shorter'}", check=True)
     assert "check: 2 logged losses compared; largest difference 0 (identical)" in proc.stdout
     assert OmegaConf.load(tmp_path / "shorter" / "config.yaml").trainer.max_steps == 2
 
 
 def test_reproduce_bad_input_is_one_line(tmp_path):
-    proc = run_cli("reproduce", f"run={tmp_path}", f"hydra.run.dir={tmp_path / 'new'}", check=False)
+    proc = run_main("reproduce", f"run={tmp_path}", f"hydra.run.dir={tmp_path / 'new'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: run={tmp_path}: not a diffexp run directory (no config.yaml)"
-    proc = run_cli("reproduce", "run=someone/diffexp/abc123", f"hydra.run.dir={tmp_path / 'new'}", check=False, env=cli_env(WANDB_MODE="offline"))
+    proc = run_main("reproduce", "run=someone/diffexp/abc123", f"hydra.run.dir={tmp_path / 'new'}", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "W&B is not reachable" in proc.stderr
