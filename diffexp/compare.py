@@ -31,7 +31,8 @@ from omegaconf import OmegaConf
 
 from diffexp import DiffexpError
 from diffexp.cli import report_errors
-from diffexp.records import STATUSES, iter_runs, primary_quality, quality_goal, run_status, summarize, wandb_runs
+from diffexp.records import (STATUSES, iter_runs, primary_quality, quality_goal, run_status, sample_count, summarize,
+                             wandb_runs)
 
 OPTIONS = ("by", "out", "source", "project", "sweep", "status", "rank", "smooth")
 # Keys that never make runs incomparable: where they were written, what they were called, seeds.
@@ -245,6 +246,90 @@ def check_rank(rank: str | None, primary: str | None, summaries: list[dict]) -> 
     return rank
 
 
+NFE_LIMITS = (20, 50)  # the budgets the best-sampler table answers for (network evaluations per image)
+
+
+def result_nfe(result: dict, scheduler_cfg) -> int | None:
+    """Network evaluations per image of an evaluate result: recorded since evaluate records it, else
+    worked out from its sampler settings and the run's training schedule (None if that fails)."""
+    if result.get("nfe") is not None:
+        return int(result["nfe"])
+    from diffexp.build import build_sampler
+    from diffexp.sampling import network_evaluations
+
+    try:
+        node = OmegaConf.create({"name": result.get("sampler"), "scheduler": result["sampler_options"]})
+        return network_evaluations(build_sampler(node, scheduler_cfg), int(result["sampler_steps"]))
+    except Exception:  # noqa: BLE001 - a setting this version cannot build: the table shows "–"
+        return None
+
+
+def sampler_label(result: dict, usual: dict[str, dict[str, str]]) -> str:
+    """``dpmpp_sde``, or ``dpmpp_sde use_karras_sigmas=True`` for a result whose options differ from the
+    usual ones (the most common value of each option among the results of that sampler)."""
+    options = result.get("sampler_options") or {}
+    shown = [f"{k}={options[k] if k in options else '–'}" for k, v in sorted(usual.get(result["sampler"], {}).items())
+             if json.dumps(options.get(k), default=str) != v]
+    return " ".join([result["sampler"], *shown])
+
+
+def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
+    """The ``python -m diffexp.evaluate`` results of the runs (their eval.json), pooled per group,
+    sampler setting, steps, sample count and guidance: n and mean ± 95% CI of each quality metric over
+    the runs and sampling seeds. Returns the rows (best first by the lead metric within each group)
+    and the lead metric (None when no run was evaluated)."""
+    found = []
+    for run, key in zip(runs, keys):
+        results = run.eval_results() if hasattr(run, "eval_results") else []
+        scheduler_cfg = run.config().scheduler if results else None
+        found += [(key, r, result_nfe(r, scheduler_cfg)) for r in results]
+    if not found:
+        return [], None
+    usual = {}  # per sampler name: each option's most common value among its results
+    for name in {r["sampler"] for _, r, _ in found}:
+        settings = [r.get("sampler_options") or {} for _, r, _ in found if r["sampler"] == name]
+        usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
+                       for k in set().union(*settings)}
+    lead = primary_quality([{k for k in r if quality_goal(k)} for _, r, _ in found])
+    rows: dict[tuple, dict] = {}
+    for key, r, nfe in found:
+        label = sampler_label(r, usual)
+        row_key = (key, label, r["sampler_steps"], r.get("num_samples"), r.get("guidance_scale"))
+        row = rows.setdefault(row_key, {"axes": list(key), "sampler": label, "steps": r["sampler_steps"], "nfe": nfe,
+                                        "num_samples": r.get("num_samples"), "guidance_scale": r.get("guidance_scale"),
+                                        "seeds": [], "values": {}})
+        row["seeds"].append(r.get("seed"))
+        for k, v in r.items():
+            if quality_goal(k) and isinstance(v, (int, float)):
+                row["values"].setdefault(k, []).append(float(v))
+    sign = -1 if quality_goal(lead) == "max" else 1
+    out = []
+    for row in rows.values():
+        values = row.pop("values")
+        row["n"] = len(row["seeds"])
+        for k, vs in values.items():
+            mean, half = mean_ci(vs)
+            row[k] = {"mean": mean, "ci95": half, "n": len(vs)}
+        out.append(row)
+    out.sort(key=lambda r: (keys.index(tuple(r["axes"])), lead not in r, sign * r[lead]["mean"] if lead in r else 0))
+    return out, lead
+
+
+def best_samplers(rows: list[dict], lead: str, limits=NFE_LIMITS) -> list[dict]:
+    """Per group: the best sampler row by ``lead`` within each NFE limit, and the best at any NFE."""
+    sign = -1 if quality_goal(lead) == "max" else 1
+    best = []
+    for axes in dict.fromkeys(tuple(r["axes"]) for r in rows):
+        scored = [r for r in rows if tuple(r["axes"]) == axes and lead in r]
+        entry: dict[str, Any] = {"axes": list(axes)}
+        for limit in (*limits, None):
+            within = [r for r in scored if limit is None or (r["nfe"] is not None and r["nfe"] <= limit)]
+            entry["any" if limit is None else f"nfe<={limit}"] = (min(within, key=lambda r: sign * r[lead]["mean"])
+                                                                  if within else None)
+        best.append(entry)
+    return best
+
+
 def smooth(values: list[float], weight: float) -> list[float]:
     """W&B's / TensorBoard's exponential moving average with the start-up bias removed: each point is
     ``weight`` times the average so far plus ``1 - weight`` times itself (0 leaves the curve alone)."""
@@ -350,6 +435,29 @@ def fmt_ci(cell: dict | None) -> str:
     return fmt(cell["mean"]) if cell["ci95"] is None else f"{fmt(cell['mean'])} ± {fmt(cell['ci95'])}"
 
 
+
+def sampler_cell(row: dict | None, lead: str) -> str:
+    """``dpmpp_sde 20 steps (20 NFE): 1.61 ± 0.2`` for the best-sampler table."""
+    if row is None:
+        return "–"
+    return f"{row['sampler']} {row['steps']} steps ({fmt(row['nfe'])} NFE): {fmt_ci(row.get(lead))}"
+
+
+def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict]) -> list[tuple]:
+    """The report's tables of evaluate results: every sampler setting, and the best per NFE budget."""
+    columns = [lead, *sorted({k for r in rows for k in r if k != lead and quality_goal(k)
+                              and sample_count(k) == sample_count(lead)})]
+    header = [*axes, "sampler", "steps", "NFE", "samples", "guidance", "n", *map(heading, columns)]
+    table = [[*r["axes"], r["sampler"], fmt(r["steps"]), fmt(r["nfe"]), fmt(r["num_samples"]), fmt(r["guidance_scale"]),
+              str(r["n"]), *(fmt_ci(r.get(c)) for c in columns)] for r in rows]
+    limits = [k for k in best[0] if k != "axes"]
+    best_header = [*axes, *(f"best at {k.replace('nfe<=', 'NFE ≤ ')}" if k != "any" else "best at any NFE"
+                            for k in limits)]
+    best_table = [[*b["axes"], *(sampler_cell(b[k], lead) for k in limits)] for b in best]
+    return [(f"Samplers (python -m diffexp.evaluate results in eval.json; mean ± 95% CI over runs and sampling "
+             f"seeds; best {lead} first)", header, table),
+            (f"Best sampler per group by {heading(lead)} within a network-evaluation budget", best_header, best_table)]
+
 def heading(column: str) -> str:
     """A column's title: ``best eval/fd_digits_1k ↓`` says which way is better."""
     key = column.split(" ", 1)[-1]
@@ -409,6 +517,11 @@ def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = 
         tables.append(("Quality metrics per group (final value, mean ± 95% CI)", [*axes, "n", *map(heading, quality)],
                        [[*g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in quality)] for g in groups]))
     tables.append(("Runs", run_header, run_rows))
+    rows, eval_lead = sampler_rows(runs, keys)
+    if rows:
+        summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tables += sampler_tables(rows, axes, eval_lead, summary["samplers"]["best"])
     titles_of = {"loss": "Training loss" + (f" (smoothed {weight:g}; faint: raw)" if weight > 0 else ""),
                  "quality": f"Sample quality: {lead}", "grids": "Last sample grids"}
     shown = [(titles_of[k], f"{k}.png") for k, ok in plots.items() if ok]

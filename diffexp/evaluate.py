@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from diffexp.build import build_sampler, resolve_sampler
     from diffexp.data import load_images
     from diffexp.evaluation import Evaluator, resolve_metric
-    from diffexp.sampling import class_names, sampler_name
+    from diffexp.sampling import class_names, network_evaluations, sampler_name
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
@@ -84,7 +84,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
               "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
-              "seed": int(metric_cfg.seed), "guidance_scale": float(guidance) if names else None,
+              "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),
+              "guidance_scale": float(guidance) if names else None,
               "num_processes": accelerator.num_processes, "at": now()}
     main_process = accelerator.is_main_process
     if main_process:

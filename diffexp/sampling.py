@@ -9,6 +9,7 @@ single chunk is exactly what the exported pipeline gives for
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,14 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
                       labels=torch.from_numpy(labels) if labels is not None else None,
                       guidance_scale=guidance_scale or 1.0, progress=progress)
     return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed)
+
+
+def network_evaluations(sampler: SchedulerMixin, steps: int) -> int:
+    """How many times ``steps`` steps of ``sampler`` call the network per image (NFE): one per entry of
+    its ``timesteps`` (Heun-type samplers list each inner step twice: 2 x steps - 1)."""
+    probe = copy.deepcopy(sampler)
+    probe.set_timesteps(steps)
+    return len(probe.timesteps)
 
 
 def sampler_name(sampler_cfg) -> str:

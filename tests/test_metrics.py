@@ -147,6 +147,25 @@ def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_number
             assert double[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 5  # the same key: replaced, not added
 
+    # compare pools the results per sampler setting (here ddim 2 steps: seeds 0 and 1) and names the best
+    # within each network-evaluation budget.
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert all(r["nfe"] == r["sampler_steps"] for r in results)  # DDIM and DPM-Solver++: one call a step
+    run_main("compare", str(run), f"out={run / 'cmp'}", check=True)
+    samplers = json.loads((run / "cmp" / "summary.json").read_text())["samplers"]
+    assert samplers["metric"] == "eval/fd_digits_12"
+    by_setting = {(r["sampler"], r["steps"]): r for r in samplers["rows"]}
+    assert sorted(by_setting) == [("ddim", 2), ("ddim", 3), ("dpmpp", 2), ("dpmpp", 3)]
+    pooled = [r["eval/fd_digits_12"] for r in results if (r["sampler"], r["sampler_steps"]) == ("ddim", 2)]
+    assert len(pooled) == 2 and by_setting["ddim", 2]["n"] == 2
+    assert by_setting["ddim", 2]["eval/fd_digits_12"]["mean"] == pytest.approx(np.mean(pooled))
+    assert by_setting["ddim", 2]["eval/fd_digits_12"]["ci95"] > 0 and by_setting["dpmpp", 3]["n"] == 1
+    [best] = samplers["best"]
+    lowest = min(samplers["rows"], key=lambda r: r["eval/fd_digits_12"]["mean"])
+    assert best["nfe<=20"]["sampler"] == lowest["sampler"] and best["nfe<=20"]["steps"] == lowest["steps"]
+    report = (run / "cmp" / "report.md").read_text()
+    assert "## Best sampler per group" in report and "| ddim | 2 | 2 | 12 |" in report
+
 
 # --- Inception: the real torch-fidelity code path, with a random-weights file ------------------------------
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from conftest import crashed_copy, run_train
 from diffexp.build import build_objective, build_sampler
 from diffexp.cli import compose_config
-from diffexp.sampling import sample_run
+from diffexp.sampling import network_evaluations, sample_run
 
 torch.manual_seed(0)
 CLEAN = torch.rand(4, 1, 8, 8) * 2 - 1
@@ -34,6 +34,18 @@ def test_ddpm_targets_and_min_snr_weights_are_the_papers():
     torch.testing.assert_close(batch.target, abar.sqrt() * NOISE - (1 - abar).sqrt() * CLEAN)  # Salimans & Ho 2022
     snr = (abar / (1 - abar)).flatten()
     torch.testing.assert_close(batch.weight, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))  # Hang et al. 2023
+
+
+@pytest.mark.parametrize(("overrides", "steps", "nfe"), [
+    (["scheduler=edm", "sampler=edm_heun"], 18, 35),  # EDM's Heun: 35 NFE for 18 steps on CIFAR-10 (Karras et al. 2022)
+    (["scheduler=flow_matching", "sampler=fm_heun"], 10, 19),
+    (["scheduler=flow_matching", "sampler=fm_euler"], 10, 10),
+    (["sampler=dpmpp_sde"], 20, 20),
+    (["sampler=ddpm"], 1000, 1000),
+])
+def test_network_evaluations_count_each_call_of_the_network(overrides, steps, nfe):
+    cfg = compose_config(overrides)
+    assert network_evaluations(build_sampler(cfg.sampler, cfg.scheduler), steps) == nfe
 
 
 def test_flow_matching_path_target_and_times_are_the_papers():
