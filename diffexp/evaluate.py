@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from diffexp.build import build_sampler, resolve_sampler
     from diffexp.data import load_images
     from diffexp.evaluation import Evaluator, resolve_metric
-    from diffexp.sampling import class_names, network_evaluations, sampler_name
+    from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
@@ -75,6 +75,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (
         run_cfg.conditioning.get("guidance_scale", 1.0) if names else 1.0)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=getattr(pipe, "vae", None) is not None)
+    check_steps(sampler, steps)
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)

@@ -36,7 +36,7 @@ from diffexp.export import export_pipeline
 from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
 from diffexp.pipeline import call_denoiser
 from diffexp.records import RunDir, effective_config, replace_path
-from diffexp.sampling import generate, save_grid
+from diffexp.sampling import check_steps, generate, save_grid
 from diffexp.tracking import check_logger_cfg, make_tracker
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
     sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
     data = prepare_data(cfg, t, accelerator)
     sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
+    check_steps(sampler, int(sampler_cfg.steps))
     model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
     optimizer = build_optimizer(t, model.parameters(), accelerator.device)
     lr_scheduler = build_lr_scheduler(t, optimizer)

@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from diffexp import DiffexpError
+from diffexp import DiffexpError, first_line
 from diffexp.pipeline import DiffexpPipeline
 
 CHUNK_SEED_STRIDE = 1_000_003  # chunk c of seed s uses s + c * stride: chunk 0 is plain `seed`
@@ -148,19 +148,38 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     sampler_cfg = sampler_cfg if sampler_cfg is not None and sampler_cfg.get("scheduler") else run_cfg.sampler
     sampler_cfg = resolve_sampler(sampler_cfg, run_cfg.scheduler)
     steps = int(steps if steps is not None else sampler_cfg.steps)
-    if steps < 1:
-        raise DiffexpError(f"sampler.steps={steps}: must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = run.pipeline()
     denoiser = getattr(pipe, "unet", None) or pipe.transformer  # DiTPipeline names its denoiser transformer
     vae = getattr(pipe, "vae", None)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=vae is not None)
+    check_steps(sampler, steps)
     images = generate(denoiser.to(device), sampler, n=n, steps=steps, seed=seed,
                       batch_size=batch_size, vae=vae.to(device) if vae is not None else None,
                       num_classes=len(names) if names else None,
                       labels=torch.from_numpy(labels) if labels is not None else None,
                       guidance_scale=guidance_scale or 1.0, progress=progress)
     return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed)
+
+
+def check_steps(sampler: SchedulerMixin, steps: int) -> None:
+    """Refuse, in one line and before any sampling, ``steps`` steps that ``sampler`` cannot take: too
+    many for its schedule, or timesteps that repeat where it calls the network once per timestep
+    (DPM-Solver++ with ``use_karras_sigmas`` on the cosine schedule rounds its first steps to the same
+    t, and diffusers' step counter then runs past the end)."""
+    if steps < 1:
+        raise DiffexpError(f"sampler.steps={steps}: must be at least 1")
+    probe = copy.deepcopy(sampler)
+    try:
+        probe.set_timesteps(steps)
+    except ValueError as e:
+        raise DiffexpError(f"sampler.steps={steps}: {first_line(e)}") from None
+    t = probe.timesteps
+    if getattr(sampler, "order", 1) == 1 and len(t) > 1 and bool((t[1:] >= t[:-1]).any()):
+        shown = ", ".join(f"{float(v):g}" for v in t[:4])
+        raise DiffexpError(f"sampler={type(sampler).__name__}: its options give repeated timesteps on this noise "
+                           f"schedule ({shown}, ... for {steps} steps), which it cannot step through; change "
+                           "sampler.scheduler.* (e.g. use_karras_sigmas, timestep_spacing) or the sampler")
 
 
 def network_evaluations(sampler: SchedulerMixin, steps: int) -> int:

@@ -64,6 +64,8 @@ TRAIN_MISTAKES = [
     (["metric=digits", "metric.num_samples=3"], "error: metric.pr_k=3: precision/recall needs 1 <= pr_k < metric.num_samples (3)"),
     (["trainer.ema.inv_gamma=0"], "error: trainer.ema.inv_gamma=0: expected a number > 0"),
     (["+sampler.scheduler.no_such=1"], "error: sampler.scheduler.no_such: not an option of DPMSolverMultistepScheduler"),
+    (["scheduler=cosine", "sampler=dpmpp", "+sampler.scheduler.use_karras_sigmas=true", "sampler.steps=20"],
+     "error: sampler=DPMSolverMultistepScheduler: its options give repeated timesteps on this noise schedule (998, 998"),
     (["dataset=imagefolder", "dataset.path=/nowhere/at/all"], "error: dataset.path=/nowhere/at/all: no such directory"),
     (["output_root=/etc/hostname/outputs"], "error: output_root=/etc/hostname/outputs: not a folder this user can write in"),
     (["resume=/nowhere/at/all"], "error: run=/nowhere/at/all: not a diffexp run directory (no config.yaml)"),
@@ -107,6 +109,7 @@ def test_the_real_command_line_exits_2_with_one_line(tmp_path):
 SAMPLE_MISTAKES = [
     (["n=0"], "error: n=0: must be at least 1"),
     (["sampler.steps=0"], "error: sampler.steps=0: must be at least 1"),
+    (["sampler=ddpm", "sampler.steps=5000"], "error: sampler.steps=5000: `num_inference_steps`: 5000 cannot be larger"),
     (["out=x.png"], "error: out=x.png: expected a file name ending in .npz"),
     (["class_label=3"], "is an unconditional run"),
 ]
