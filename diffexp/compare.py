@@ -268,7 +268,7 @@ def sampler_label(result: dict, usual: dict[str, dict[str, str]]) -> str:
     """``dpmpp_sde``, or ``dpmpp_sde use_karras_sigmas=True`` for a result whose options differ from the
     usual ones (the most common value of each option among the results of that sampler)."""
     options = result.get("sampler_options") or {}
-    shown = [f"{k}={options[k] if k in options else '–'}" for k, v in sorted(usual.get(result["sampler"], {}).items())
+    shown = [f"{k}={options.get(k, '–')}" for k, v in sorted(usual.get(result["sampler"], {}).items())
              if json.dumps(options.get(k), default=str) != v]
     return " ".join([result["sampler"], *shown])
 
@@ -291,6 +291,8 @@ def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
         usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
                        for k in set().union(*settings)}
     lead = primary_quality([{k for k in r if quality_goal(k)} for _, r, _ in found])
+    if lead is None:
+        return [], None
     rows: dict[tuple, dict] = {}
     for key, r, nfe in found:
         label = sampler_label(r, usual)
@@ -454,9 +456,11 @@ def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict
     best_header = [*axes, *(f"best at {k.replace('nfe<=', 'NFE ≤ ')}" if k != "any" else "best at any NFE"
                             for k in limits)]
     best_table = [[*b["axes"], *(sampler_cell(b[k], lead) for k in limits)] for b in best]
-    return [(f"Samplers (python -m diffexp.evaluate results in eval.json; mean ± 95% CI over runs and sampling "
-             f"seeds; best {lead} first)", header, table),
+    title = (f"Samplers (python -m diffexp.evaluate results in eval.json; mean ± 95% CI over runs and sampling "
+             f"seeds; best {lead} first)")
+    return [(title, header, table),
             (f"Best sampler per group by {heading(lead)} within a network-evaluation budget", best_header, best_table)]
+
 
 def heading(column: str) -> str:
     """A column's title: ``best eval/fd_digits_1k ↓`` says which way is better."""
@@ -499,6 +503,9 @@ def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = 
     summary = {"axes": axes, "runs": [summaries[i] for i in by_rank], "groups": groups, "warnings": warnings,
                "notes": notes, "rank": rank, "primary_quality": primary, "smooth": weight, "grid_titles": titles,
                "plots": [f"{k}.png" for k, ok in plots.items() if ok]}
+    rows, eval_lead = sampler_rows(runs, keys)  # the runs' evaluate results, if any
+    if rows:
+        summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
     # The tables lead with one quality metric; every quality metric's final value has its own table.
@@ -517,11 +524,9 @@ def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = 
         tables.append(("Quality metrics per group (final value, mean ± 95% CI)", [*axes, "n", *map(heading, quality)],
                        [[*g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in quality)] for g in groups]))
     tables.append(("Runs", run_header, run_rows))
-    rows, eval_lead = sampler_rows(runs, keys)
-    if rows:
-        summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        tables += sampler_tables(rows, axes, eval_lead, summary["samplers"]["best"])
+    if "samplers" in summary:
+        tables += sampler_tables(summary["samplers"]["rows"], axes, summary["samplers"]["metric"],
+                                 summary["samplers"]["best"])
     titles_of = {"loss": "Training loss" + (f" (smoothed {weight:g}; faint: raw)" if weight > 0 else ""),
                  "quality": f"Sample quality: {lead}", "grids": "Last sample grids"}
     shown = [(titles_of[k], f"{k}.png") for k, ok in plots.items() if ok]
