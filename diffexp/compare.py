@@ -439,10 +439,11 @@ def fmt_ci(cell: dict | None) -> str:
 
 
 def sampler_cell(row: dict | None, lead: str) -> str:
-    """``dpmpp_sde 20 steps (20 NFE): 1.61 ± 0.2`` for the best-sampler table."""
+    """``dpmpp_sde 20 steps (20 NFE, n=6): 1.61 ± 0.2`` for the best-sampler table (n: the results pooled;
+    a best of n=1 is one sampling seed's luck as much as the sampler's)."""
     if row is None:
         return "–"
-    return f"{row['sampler']} {row['steps']} steps ({fmt(row['nfe'])} NFE): {fmt_ci(row.get(lead))}"
+    return f"{row['sampler']} {row['steps']} steps ({fmt(row['nfe'])} NFE, n={row['n']}): {fmt_ci(row.get(lead))}"
 
 
 def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict]) -> list[tuple]:
