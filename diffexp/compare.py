@@ -437,7 +437,6 @@ def fmt_ci(cell: dict | None) -> str:
     return fmt(cell["mean"]) if cell["ci95"] is None else f"{fmt(cell['mean'])} ± {fmt(cell['ci95'])}"
 
 
-
 def sampler_cell(row: dict | None, lead: str) -> str:
     """``dpmpp_sde 20 steps (20 NFE, n=6): 1.61 ± 0.2`` for the best-sampler table (n: the results pooled;
     a best of n=1 is one sampling seed's luck as much as the sampler's)."""

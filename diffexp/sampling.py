@@ -162,6 +162,13 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed)
 
 
+def timesteps(sampler: SchedulerMixin, steps: int) -> torch.Tensor:
+    """The timesteps ``steps`` steps of ``sampler`` visit, from a copy (the sampler itself is left unset)."""
+    probe = copy.deepcopy(sampler)
+    probe.set_timesteps(steps)
+    return probe.timesteps
+
+
 def check_steps(sampler: SchedulerMixin, steps: int) -> None:
     """Refuse, in one line and before any sampling, ``steps`` steps that ``sampler`` cannot take: too
     many for its schedule, or timesteps that repeat where it calls the network once per timestep
@@ -169,12 +176,10 @@ def check_steps(sampler: SchedulerMixin, steps: int) -> None:
     t, and diffusers' step counter then runs past the end)."""
     if steps < 1:
         raise DiffexpError(f"sampler.steps={steps}: must be at least 1")
-    probe = copy.deepcopy(sampler)
     try:
-        probe.set_timesteps(steps)
+        t = timesteps(sampler, steps)
     except ValueError as e:
         raise DiffexpError(f"sampler.steps={steps}: {first_line(e)}") from None
-    t = probe.timesteps
     if getattr(sampler, "order", 1) == 1 and len(t) > 1 and bool((t[1:] >= t[:-1]).any()):
         shown = ", ".join(f"{float(v):g}" for v in t[:4])
         raise DiffexpError(f"sampler={type(sampler).__name__}: its options give repeated timesteps on this noise "
@@ -185,9 +190,7 @@ def check_steps(sampler: SchedulerMixin, steps: int) -> None:
 def network_evaluations(sampler: SchedulerMixin, steps: int) -> int:
     """How many times ``steps`` steps of ``sampler`` call the network per image (NFE): one per entry of
     its ``timesteps`` (Heun-type samplers list each inner step twice: 2 x steps - 1)."""
-    probe = copy.deepcopy(sampler)
-    probe.set_timesteps(steps)
-    return len(probe.timesteps)
+    return len(timesteps(sampler, steps))
 
 
 def sampler_name(sampler_cfg) -> str:

@@ -35,7 +35,8 @@ AT_STEP = ("trainer.lr", "trainer.betas", "trainer.weight_decay", "trainer.eps",
 # and these change how the rest is computed, evaluated or recorded, not what is trained (they are
 # updated in config.yaml):
 RECORD = ("trainer.compile", "trainer.compile_mode", "trainer.compile_backend", "trainer.channels_last", "trainer.tf32",
-          "trainer.fused_adamw", "metric.", "sampler.steps", "sampler.scheduler.", "logger.", "name", "group", "cache_dir", "output_root")
+          "trainer.fused_adamw", "metric.", "sampler.steps", "sampler.scheduler.", "logger.", "name", "group",
+          "cache_dir", "output_root")
 # Everything else (seed, batch size, data, model, objective, precision, ...) decides what the saved
 # state means: a resume refuses to change it.
 
