@@ -65,12 +65,17 @@ class Result:
     stderr: str
 
 
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state, as a new process would start without it."""
+def end_process() -> None:
+    """What the end of a command's process does for the next command in this one: accelerate's
+    process-wide state is forgotten, and W&B is torn down as its exit hook would. ``run.finish``
+    returns before W&B's service has closed the run's ``.wandb`` file; only the teardown waits
+    for it, so a test reading the file right after could miss its last records (the exit code)."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 @contextlib.contextmanager
@@ -105,7 +110,7 @@ def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True) 
         except SystemExit as e:
             code = int(e.code or 0)
         finally:
-            reset_accelerate()
+            end_process()
     result = Result(code, out.getvalue(), err.getvalue())
     if check and code != 0:
         pytest.fail(f"diffexp.train {' '.join(overrides)} exited {code}\n{result.stderr[-4000:]}")
@@ -132,7 +137,7 @@ def run_main(module: str, *args: str, check: bool = False) -> Result:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
             sys.argv = saved_argv
-            reset_accelerate()
+            end_process()
             for handler in root.handlers:  # Hydra's logging of that command ends with it
                 if handler not in saved_handlers:
                     handler.close()
@@ -158,9 +163,9 @@ def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Pat
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate():
+def _fresh_process():
     yield
-    reset_accelerate()
+    end_process()
 
 
 @pytest.fixture(scope="session")
