@@ -68,8 +68,8 @@ class Result:
 def end_process() -> None:
     """What the end of a command's process does for the next command in this one: accelerate's
     process-wide state is forgotten, and W&B is torn down as its exit hook would. ``run.finish``
-    returns before W&B's service has closed the run's ``.wandb`` file; only the teardown waits
-    for it, so a test reading the file right after could miss its last records (the exit code)."""
+    can return before W&B's service has closed the run's ``.wandb`` file (a CI run read a resumed
+    segment without its exit record; not reproduced here); the teardown waits for the service."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
