@@ -313,8 +313,26 @@ def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
             mean, half = mean_ci(vs)
             row[k] = {"mean": mean, "ci95": half, "n": len(vs)}
         out.append(row)
-    out.sort(key=lambda r: (keys.index(tuple(r["axes"])), lead not in r, sign * r[lead]["mean"] if lead in r else 0))
+    lead_base = uncounted(lead)
+
+    def order(r: dict):  # per group: the lead metric's sample count first, then each other count, best first
+        value = at_own_count(r).get(lead_base)
+        return (keys.index(tuple(r["axes"])), r["num_samples"] != sample_count(lead), r["num_samples"] or 0,
+                value is None, sign * value["mean"] if value else 0)
+    out.sort(key=order)
     return out, lead
+
+
+def uncounted(key: str) -> str:
+    """A metric name without its sample count: ``eval/fd_digits`` for ``eval/fd_digits_2k``."""
+    return key.rsplit("_", 1)[0]
+
+
+def at_own_count(row: dict) -> dict:
+    """A sampler row's quality values at its own sample count, by their names without the count (FD at
+    500 and at 2,000 samples are different numbers: the count is the row's ``samples`` column)."""
+    return {uncounted(k): v for k, v in row.items()
+            if isinstance(v, dict) and quality_goal(k) and sample_count(k) == row["num_samples"]}
 
 
 def best_samplers(rows: list[dict], lead: str, limits=NFE_LIMITS) -> list[dict]:
@@ -447,17 +465,17 @@ def sampler_cell(row: dict | None, lead: str) -> str:
 
 def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict]) -> list[tuple]:
     """The report's tables of evaluate results: every sampler setting, and the best per NFE budget."""
-    columns = [lead, *sorted({k for r in rows for k in r if k != lead and quality_goal(k)
-                              and sample_count(k) == sample_count(lead)})]
+    lead_base = uncounted(lead)  # each row shows its metrics at its own sample count (the samples column)
+    columns = [lead_base, *sorted({k for r in rows for k in at_own_count(r) if k != lead_base})]
     header = [*axes, "sampler", "steps", "NFE", "samples", "guidance", "n", *map(heading, columns)]
     table = [[*r["axes"], r["sampler"], fmt(r["steps"]), fmt(r["nfe"]), fmt(r["num_samples"]), fmt(r["guidance_scale"]),
-              str(r["n"]), *(fmt_ci(r.get(c)) for c in columns)] for r in rows]
+              str(r["n"]), *(fmt_ci(at_own_count(r).get(c)) for c in columns)] for r in rows]
     limits = [k for k in best[0] if k != "axes"]
     best_header = [*axes, *(f"best at {k.replace('nfe<=', 'NFE ≤ ')}" if k != "any" else "best at any NFE"
                             for k in limits)]
     best_table = [[*b["axes"], *(sampler_cell(b[k], lead) for k in limits)] for b in best]
     title = (f"Samplers (python -m diffexp.evaluate results in eval.json; mean ± 95% CI over runs and sampling "
-             f"seeds; best {lead} first)")
+             f"seeds, at each row's sample count; best {lead} first)")
     return [(title, header, table),
             (f"Best sampler per group by {heading(lead)} within a network-evaluation budget", best_header, best_table)]
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, cli_env, run_main
 from diffexp.cli import compose_config
+from diffexp.compare import fmt
 from diffexp.evaluation import auto_eval_every, resolve_metric, score
 from diffexp.wandb_files import find_runs
 
@@ -165,6 +166,18 @@ def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_number
     assert best["nfe<=20"]["sampler"] == lowest["sampler"] and best["nfe<=20"]["steps"] == lowest["steps"]
     report = (run / "cmp" / "report.md").read_text()
     assert "## Best sampler per group" in report and "| ddim | 2 | 2 | 12 |" in report
+
+    # A result at another sample count is a row of its own that shows its metrics at its own count
+    # (FD at 6 samples is another number than FD at 12), after the lead count's rows.
+    six = json.loads(run_main("evaluate", f"run={run}", "metric.num_samples=6", "metric.batch_size=5",
+                              f"cache_dir={cache_dir}", "sampler=ddim", "sampler.steps=2", check=True)
+                     .stdout.strip().splitlines()[-1])
+    run_main("compare", str(run), f"out={run / 'cmp6'}", check=True)
+    lines = (run / "cmp6" / "report.md").read_text().splitlines()
+    rows = [line.split("|") for line in lines if line.startswith(("| None | ddim |", "| None | dpmpp |"))]
+    assert [row[5].strip() for row in rows] == ["12"] * 4 + ["6"]  # group, sampler, steps, NFE, samples
+    assert rows[-1][8].strip() == fmt(six["eval/fd_digits_6"]) != "–"
+    assert "eval/fd_digits ↓" in "\n".join(lines)
 
 
 # --- Inception: the real torch-fidelity code path, with a random-weights file ------------------------------
