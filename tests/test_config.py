@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ def options(group: str) -> list[str]:
 def composed(*overrides: str):
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+@functools.cache
+def _sampler_node(name: str):
+    return composed(f"sampler={name}").sampler
+
+
+def sampler_node(name: str):
+    """``sampler=name`` as composed, each option composed once per module (a copy each call)."""
+    return _sampler_node(name).copy()
 
 
 @pytest.mark.parametrize("group", ["model", "scheduler", "sampler", "dataset", "metric", "logger", "trainer",
@@ -72,7 +83,7 @@ def test_ddpm_schedules_and_their_samplers_instantiate(scheduler, prediction_typ
     assert noise_scheduler.config.prediction_type == prediction_type
     assert noise_scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR
     for sampler in options("sampler"):
-        sampler_cfg = composed(f"sampler={sampler}").sampler
+        sampler_cfg = sampler_node(sampler)
         if sampler.startswith(("fm_", "edm_")):
             with pytest.raises(DiffexpError, match="cannot sample a model trained with DDPMScheduler"):
                 build_sampler(sampler_cfg, cfg.scheduler)
@@ -88,7 +99,7 @@ def test_ddpm_schedules_and_their_samplers_instantiate(scheduler, prediction_typ
 def test_flow_matching_and_edm_take_their_own_samplers_only(scheduler, prefix):
     cfg = composed(f"scheduler={scheduler}")
     for sampler in options("sampler"):
-        sampler_cfg = composed(f"sampler={sampler}").sampler
+        sampler_cfg = sampler_node(sampler)
         if sampler.startswith(prefix) or sampler == "auto":
             inference = build_sampler(sampler_cfg, cfg.scheduler)
             inference.set_timesteps(sampler_cfg.steps or 10)
