@@ -466,10 +466,11 @@ def sampler_cell(row: dict | None, lead: str) -> str:
 def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict]) -> list[tuple]:
     """The report's tables of evaluate results: every sampler setting, and the best per NFE budget."""
     lead_base = uncounted(lead)  # each row shows its metrics at its own sample count (the samples column)
-    columns = [lead_base, *sorted({k for r in rows for k in at_own_count(r) if k != lead_base})]
+    own = [at_own_count(r) for r in rows]
+    columns = [lead_base, *sorted({k for values in own for k in values if k != lead_base})]
     header = [*axes, "sampler", "steps", "NFE", "samples", "guidance", "n", *map(heading, columns)]
     table = [[*r["axes"], r["sampler"], fmt(r["steps"]), fmt(r["nfe"]), fmt(r["num_samples"]), fmt(r["guidance_scale"]),
-              str(r["n"]), *(fmt_ci(at_own_count(r).get(c)) for c in columns)] for r in rows]
+              str(r["n"]), *(fmt_ci(values.get(c)) for c in columns)] for r, values in zip(rows, own)]
     limits = [k for k in best[0] if k != "axes"]
     best_header = [*axes, *(f"best at {k.replace('nfe<=', 'NFE ≤ ')}" if k != "any" else "best at any NFE"
                             for k in limits)]
