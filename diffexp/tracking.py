@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError, first_line
-from diffexp.records import QUALITY_GOALS, RunDir
+from diffexp.records import QUALITY_GOALS, RunDir, reachable
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerat
     if not accelerator.is_main_process or kind == "none":
         return Tracker()
     if kind == "wandb":
-        mode = wandb_mode(logger_cfg.mode)
+        mode = offline_if_unreachable(logger_cfg.mode, wandb_mode(logger_cfg.mode), logger_cfg.get("dir") or run.path)
         if mode == "disabled":
             return Tracker()
         start = lambda: WandbTracker(logger_cfg, cfg, run, run_id, mode)  # noqa: E731
@@ -95,7 +95,9 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
         import wandb
 
         wb = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity or None,
-                        dir=logger_cfg.get("dir") or str(run.path), mode=wandb_mode(logger_cfg.mode))
+                        dir=logger_cfg.get("dir") or str(run.path),
+                        mode=offline_if_unreachable(logger_cfg.mode, wandb_mode(logger_cfg.mode),
+                                                    logger_cfg.get("dir") or run.path))
         wb.summary.update(numbers)
         wb.finish()
     except Exception as e:  # noqa: BLE001 - eval.json already holds the result
@@ -120,6 +122,21 @@ def wandb_mode(mode: str | None) -> str:
     if value == "auto":
         return "online" if wandb_credentials_present() else "offline"
     return value
+
+
+def offline_if_unreachable(asked: str | None, mode: str, wandb_parent: str | os.PathLike) -> str:
+    """``auto`` chose online (credentials are present): if the W&B server does not take a
+    connection within 3 s, log offline instead, with one warning, rather than wait out wandb's
+    retries (90 s by default) and lose the run's tracking. An explicit ``online`` is left alone."""
+    if mode != "online" or (asked is not None and str(asked).lower() != "auto"):
+        return mode
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    why = reachable(url, timeout=3)
+    if why is None:
+        return mode
+    log.warning("W&B server %s unreachable (%s): logging offline (logger.mode=auto); upload later with "
+                "`wandb sync %s`", url, why, os.path.join(wandb_parent, "wandb", "offline-run-*"))
+    return "offline"
 
 
 def wandb_credentials_present() -> bool:

@@ -147,14 +147,24 @@ def test_wandb_that_cannot_start_costs_one_warning(train):
     assert not find_runs(run_dir / "wandb")
 
 
-def test_unreachable_wandb_server_costs_one_warning(train):
-    # Credentials present and no WANDB_MODE: `auto` goes online, and the server is not there.
-    env = cli_env(WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="5")
-    env.pop("WANDB_MODE")
-    run_dir, proc = train("logger=wandb", env=env)
-    output = proc.stdout + proc.stderr
-    assert output.count(WARNING) == 1, output[-3000:]
-    assert RunDir(run_dir).info()["status"] == "finished" and len([r for r in RunDir(run_dir).metrics() if "train/loss" in r]) == 4
+def test_unreachable_wandb_server_means_offline_with_one_warning(train, monkeypatch):
+    # Credentials present and no WANDB_MODE: `auto` would go online, and the server is not there:
+    # the run logs offline at once (no wait for wandb's retries) and says so once.
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("WANDB_MODE")
+    start = time.monotonic()
+    run_dir, result = train("logger=wandb")
+    assert time.monotonic() - start < 60
+    output = result.stdout + result.stderr
+    assert WARNING not in output, output[-3000:]
+    [line] = [ln for ln in output.splitlines() if "W&B server" in ln]
+    assert "http://127.0.0.1:9" in line and "logging offline" in line
+    assert line.endswith(f"`wandb sync {run_dir}/wandb/offline-run-*`")
+    assert RunDir(run_dir).info()["status"] == "finished"
+    wb = only_run(run_dir)
+    assert wb.path.parent.name.startswith("offline-run-")
+    assert [h["train/step"] for h in wb.history if "train/loss" in h] == [1, 2, 3, 4]
 
 
 def test_bad_logger_mode_is_one_error_line(train):
