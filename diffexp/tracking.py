@@ -60,7 +60,7 @@ def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerat
     if not accelerator.is_main_process or kind == "none":
         return Tracker()
     if kind == "wandb":
-        mode = offline_if_unreachable(logger_cfg.mode, wandb_mode(logger_cfg.mode), logger_cfg.get("dir") or run.path)
+        mode = wandb_mode(logger_cfg.mode, starting_in=tracker_dir(logger_cfg, run))
         if mode == "disabled":
             return Tracker()
         start = lambda: WandbTracker(logger_cfg, cfg, run, run_id, mode)  # noqa: E731
@@ -91,18 +91,22 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
         raise DiffexpError(f"wandb=true: {run.path} has no W&B run (it was not trained with logger=wandb)")
     logger_cfg = run.config().logger
     numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    wandb_parent = tracker_dir(logger_cfg, run)
     try:
         import wandb
 
         wb = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity or None,
-                        dir=logger_cfg.get("dir") or str(run.path),
-                        mode=offline_if_unreachable(logger_cfg.mode, wandb_mode(logger_cfg.mode),
-                                                    logger_cfg.get("dir") or run.path))
+                        dir=wandb_parent, mode=wandb_mode(logger_cfg.mode, starting_in=wandb_parent))
         wb.summary.update(numbers)
         wb.finish()
     except Exception as e:  # noqa: BLE001 - eval.json already holds the result
         _warn_off("wandb", "could not add the evaluation to the W&B run", e)
-    drop_latest_run_link(logger_cfg.get("dir") or str(run.path))
+    drop_latest_run_link(wandb_parent)
+
+
+def tracker_dir(logger_cfg: DictConfig, run: RunDir) -> str:
+    """Where the tracker writes (wandb its ``wandb/`` folder): ``logger.dir``, else the run directory."""
+    return logger_cfg.get("dir") or str(run.path)
 
 
 def drop_latest_run_link(wandb_parent: str | os.PathLike) -> None:
@@ -114,28 +118,26 @@ def drop_latest_run_link(wandb_parent: str | os.PathLike) -> None:
             os.remove(link)
 
 
-def wandb_mode(mode: str | None) -> str:
-    """``logger.mode`` as wandb.init takes it; ``auto`` is online with W&B credentials, else offline."""
+def wandb_mode(mode: str | None, starting_in: str | None = None) -> str:
+    """``logger.mode`` as wandb.init takes it; ``auto`` is online with W&B credentials, else offline.
+
+    ``starting_in`` (the folder a W&B run is about to start in) also checks that ``auto``'s server
+    takes a connection within 3 s; if not, the run logs offline with one warning, rather than wait
+    out wandb's retries (90 s by default) and lose its tracking. An explicit ``online`` is left alone.
+    """
     value = WANDB_MODE_ALIASES.get(str(mode).lower(), str(mode).lower()) if mode is not None else "auto"
     if value not in WANDB_MODES:
         raise DiffexpError(f"logger.mode={mode}: expected one of {', '.join(WANDB_MODES)}")
-    if value == "auto":
-        return "online" if wandb_credentials_present() else "offline"
-    return value
-
-
-def offline_if_unreachable(asked: str | None, mode: str, wandb_parent: str | os.PathLike) -> str:
-    """``auto`` chose online (credentials are present): if the W&B server does not take a
-    connection within 3 s, log offline instead, with one warning, rather than wait out wandb's
-    retries (90 s by default) and lose the run's tracking. An explicit ``online`` is left alone."""
-    if mode != "online" or (asked is not None and str(asked).lower() != "auto"):
-        return mode
+    if value != "auto":
+        return value
+    if not wandb_credentials_present():
+        return "offline"
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    why = reachable(url, timeout=3)
+    why = reachable(url, timeout=3) if starting_in is not None else None
     if why is None:
-        return mode
+        return "online"
     log.warning("W&B server %s unreachable (%s): logging offline (logger.mode=auto); upload later with "
-                "`wandb sync %s`", url, why, os.path.join(wandb_parent, "wandb", "offline-run-*"))
+                "`wandb sync %s`", url, why, os.path.join(starting_in, "wandb", "offline-run-*"))
     return "offline"
 
 
@@ -212,7 +214,7 @@ class WandbTracker(_Guarded):
 
         self.run_dir = run
         self.last_step = 0
-        wandb_dir = logger_cfg.dir or str(run.path)  # wandb puts its files in DIR/wandb
+        wandb_dir = tracker_dir(logger_cfg, run)  # wandb puts its files in DIR/wandb
         self.wandb_dir = wandb_dir
         os.makedirs(wandb_dir, exist_ok=True)
         # None lets wandb fall back to its own environment variables (WANDB_RUN_GROUP, WANDB_TAGS, ...).
@@ -299,7 +301,7 @@ class TensorBoardTracker(_Guarded):
         super().__init__()
         from accelerate.tracking import TensorBoardTracker as AccelerateTensorBoard
 
-        self.acc = AccelerateTensorBoard("tensorboard", logging_dir=logger_cfg.get("dir") or str(run.path))
+        self.acc = AccelerateTensorBoard("tensorboard", logging_dir=tracker_dir(logger_cfg, run))
         self.acc.start()
         self.acc.store_init_configuration(_flat_scalars(dashboard_config(cfg, run.info())))
 
