@@ -5,15 +5,19 @@ inception``, the papers' FID/IS/KID, weights not shipped) or the digits classifi
 diffexp (``network: digits``, for digit datasets, on any machine). On its features:
 
 - ``fd``: Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with our features);
+- ``fd_balanced``: the Fréchet distance with the samples reweighted to the real class mix
+  (``diffexp.quality.class_balanced_fd``; a classifier network only): the quality within the
+  classes, without the chance class counts that dominate FD's spread over sampling seeds;
 - ``cs``: classifier score, IS-style (torchmetrics ``InceptionScore`` on the logits);
 - ``kid``: kernel distance (torchmetrics ``KernelInceptionDistance``);
 - ``pr``: improved precision and recall (Kynkäänniemi et al. 2019, ``diffexp.quality``);
-- ``classes``: class coverage, balance and confidence of the samples (and, for class-conditional
-  runs, the accuracy of the class asked for).
+- ``classes``: class coverage, balance and confidence of the samples, the distance of their class
+  mix from the real one (``classmix``, total variation), and, for class-conditional runs, the
+  accuracy of the class asked for.
 
 Names carry the network, so no number is mistaken for a paper's FID: Inception gives
 ``eval/fid_2k``, ``eval/is_2k``, ``eval/kid_2k``; the digits network ``eval/fd_digits_500``,
-``eval/cs_digits_500``, ``eval/precision_digits_500``, ...
+``eval/fd_digits_balanced_500``, ``eval/cs_digits_500``, ``eval/precision_digits_500``, ...
 
 Under several processes, each generates whole chunks of the samples (``diffexp.sampling``: chunk
 ``c`` has its own seed), the features are gathered in chunk order and the main process computes the
@@ -39,18 +43,18 @@ from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
 from diffexp.features.inception import WeightsMissing, how_to_get_weights, weights_available
-from diffexp.quality import class_accuracy, class_stats, precision_recall
+from diffexp.quality import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
 from diffexp.records import atomic_path
 from diffexp.sampling import chunk_seed, chunk_sizes, generate_chunk, make_pipeline
 
 log = logging.getLogger(__name__)
 
 NETWORKS = ("digits", "inception")
-METRICS = ("fd", "cs", "kid", "pr", "classes")
+METRICS = ("fd", "fd_balanced", "cs", "kid", "pr", "classes")
 ALIASES = {"fid": "fd", "is": "cs"}  # the Inception names, as metric configs may list them
 DEFAULTS = {  # per network, what ``metric=auto`` (and null keys) use
     # digits: 500 samples fit the default CPU run's 10% budget at two points (measured, BENCHMARKS.md)
-    "digits": {"metrics": ["fd", "cs", "kid", "pr", "classes"], "num_samples": 500},
+    "digits": {"metrics": ["fd", "fd_balanced", "cs", "kid", "pr", "classes"], "num_samples": 500},
     "inception": {"metrics": ["fd", "cs"], "num_samples": 2000},
 }
 DIGIT_DATASETS = ("digits", "mnist")  # what the digits classifier was made for
@@ -65,7 +69,10 @@ def short_count(n: int) -> str:
 
 def metric_name(kind: str, network: str, n: int) -> str:
     """``eval/<name>_<n>``: Inception keeps the papers' names (fid, is, kid); any other network's
-    name is part of the metric's (``fd_digits``)."""
+    name is part of the metric's (``fd_digits``; ``fd_digits_balanced`` for ``fd_balanced``, so the
+    name starts with the Fréchet distance's and sorts after the plain one)."""
+    if kind == "fd_balanced":
+        return f"eval/fd_{network}_balanced_{short_count(n)}"
     base = {"fd": "fid", "cs": "is"}.get(kind, kind) if network == "inception" else f"{kind}_{network}"
     return f"eval/{base}_{short_count(n)}"
 
@@ -96,9 +103,10 @@ def resolve_metric(metric_cfg: DictConfig, dataset_cfg: DictConfig) -> DictConfi
         raise DiffexpError(f"metric={cfg.name}: its feature network is a digit classifier, which does not fit "
                            f"dataset={dataset_cfg.name} ({dataset_cfg.channels} channel(s)); use metric=fid_is "
                            "(Inception) or metric=auto")
-    if "classes" in cfg.metrics and cfg.network != "digits":
-        raise DiffexpError(f"metric.metrics: classes needs a classifier of the dataset's classes (network: digits), "
-                           f"not {cfg.network}")
+    for kind in ("classes", "fd_balanced"):
+        if kind in cfg.metrics and cfg.network != "digits":
+            raise DiffexpError(f"metric.metrics: {kind} needs a classifier of the dataset's classes (network: digits), "
+                               f"not {cfg.network}")
     if not isinstance(cfg.num_samples, int) or cfg.num_samples < 2:
         raise DiffexpError(f"metric.num_samples={cfg.num_samples}: need an integer of at least 2 generated images")
     if cfg.get("num_real") is not None and (not isinstance(cfg.num_real, int) or cfg.num_real < 2):
@@ -172,9 +180,9 @@ def training_rng_untouched():
 
 
 def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor,
-          labels: torch.Tensor | None = None) -> dict[str, float]:
+          labels: torch.Tensor | None = None, real_logits: torch.Tensor | None = None) -> dict[str, float]:
     """Every metric of ``metric_cfg.metrics`` of the generated set (features ``fake``, logits) against the
-    real features, named ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from
+    real features (and, for ``fd_balanced`` and the class mix, the real logits), named ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from
     torch's global generator seeded with ``metric.seed`` inside ``training_rng_untouched``, which
     restores the training's state afterwards."""
     n, net = len(fake), metric_cfg.network
@@ -203,12 +211,18 @@ def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_l
                 out[metric_name(kind, net, n).replace(f"_{short_count(n)}", f"_std_{short_count(n)}")] = float(value[1])
             else:
                 out[metric_name(kind, net, n)] = float(value)
+    if "fd_balanced" in metric_cfg.metrics:
+        if real_logits is None:
+            raise ValueError("fd_balanced needs the real samples' logits (real_logits)")
+        out[metric_name("fd_balanced", net, n)] = class_balanced_fd(real, fake, real_logits, fake_logits)
     if "pr" in metric_cfg.metrics:
         precision, recall = precision_recall(real, fake, k=int(metric_cfg.get("pr_k", 3)))
         out[metric_name("precision", net, n)], out[metric_name("recall", net, n)] = precision, recall
     if "classes" in metric_cfg.metrics:
         for key, value in class_stats(fake_logits).items():
             out[metric_name(key, net, n)] = value
+        if real_logits is not None:
+            out[metric_name("classmix", net, n)] = class_mix_distance(fake_logits, real_logits)
         if labels is not None:
             out[metric_name("class_acc", net, n)] = class_accuracy(fake_logits, labels)
     return out
@@ -249,12 +263,15 @@ class Evaluator:
         self.accelerator = accelerator
         self.num_samples = int(metric_cfg.num_samples)
         self.net = load_feature_net(metric_cfg, accelerator)
-        self.reference = None
+        self.reference = self.reference_logits = None
         if accelerator.is_main_process:  # the metrics are computed there, once
             self.reference = reference_features(self.net, real_images_u8, metric_cfg=metric_cfg,
                                                 dataset_cfg=dataset_cfg, cache_dir=cache_dir, progress=True)
             if len(self.reference) < 2:
                 raise DiffexpError(f"metric.num_real={metric_cfg.get('num_real')}: need at least 2 real images")
+            if metric_cfg.network == "digits":  # its logits are a linear map of its features
+                with torch.inference_mode():
+                    self.reference_logits = self.net.head(self.reference.to(accelerator.device)).float().cpu()
         self.num_real = broadcast_object_list([None if self.reference is None else len(self.reference)])[0]
 
     def names(self) -> list[str]:
@@ -296,7 +313,7 @@ class Evaluator:
             fake = torch.cat([f for _, f, _, _ in gathered])
             logits = torch.cat([lg for _, _, lg, _ in gathered])
             labels = torch.cat([lb for _, _, _, lb in gathered]) if num_classes else None
-            results = score(self.cfg, self.reference, fake, logits, labels)
+            results = score(self.cfg, self.reference, fake, logits, labels, self.reference_logits)
         results = broadcast_object_list([results])[0]
         elapsed = time.perf_counter() - t0
         results["eval/seconds"] = elapsed

@@ -1,4 +1,5 @@
-"""Sample-quality numbers computed from feature tensors: k-NN precision/recall and class statistics.
+"""Sample-quality numbers computed from feature tensors: k-NN precision/recall, class statistics
+and the class-balanced Fréchet distance.
 
 Pure functions (no sampling, no I/O) on features and logits of a feature network such as
 ``diffexp.features.digits``. Fréchet distance, KID and IS-style scores come from torchmetrics,
@@ -79,3 +80,53 @@ def class_stats(logits: torch.Tensor) -> dict[str, float]:
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The fraction of samples that the classifier assigns to the class they were asked for (``labels``)."""
     return float((logits.argmax(1) == labels.to(logits.device)).double().mean())
+
+
+def class_shares(logits: torch.Tensor) -> torch.Tensor:
+    """The fraction (float64) of samples whose predicted (argmax) class is each of the C classes."""
+    return torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
+
+
+def class_mix_distance(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> float:
+    """Total variation distance between the predicted-class shares of generated and real samples:
+    half the L1 distance of the two share vectors, 0 (the same class mix) to 1 (no class in common).
+    n samples drawn independently from the real mix of C equal classes give about 0.4 * sqrt((C - 1) / n)
+    by chance (0.027 for 2,000 digits)."""
+    return float((class_shares(fake_logits) - class_shares(real_logits)).abs().sum() / 2)
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64; the trace of the root
+    is the sum of the square roots of the eigenvalues of sigma1 sigma2 (as torchmetrics computes it)."""
+    mu1, sigma1, mu2, sigma2 = (t.double() for t in (mu1, sigma1, mu2, sigma2))
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace)
+
+
+def weighted_mean_cov(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64) of weighted samples, the covariance with the reliability-weights
+    correction, so equal weights give ``torch.cov``'s unbiased (N - 1) estimate."""
+    x, w = features.flatten(1).double(), weights.double() / weights.double().sum()
+    mean = w @ x
+    centered = x - mean
+    return mean, (centered * w[:, None]).T @ centered / (1 - w.square().sum())
+
+
+def class_balanced_fd(real: torch.Tensor, fake: torch.Tensor, real_logits: torch.Tensor,
+                      fake_logits: torch.Tensor) -> float:
+    """Fréchet distance of the generated features reweighted to the real class mix, against the real ones.
+
+    Each generated sample of predicted class c weighs share_real(c) / share_fake(c), so every class
+    counts as much as it does among the real samples. What is left is the quality within the classes:
+    the chance class counts of a finite sample (multinomial noise), which dominate a classifier-feature
+    FD's spread over sampling seeds, no longer move it, and neither does a systematic tilt of the class
+    mix (``class_mix_distance`` measures that). A class that was never generated cannot be weighted
+    in; its absence still shows in the distance. Equal shares give the plain Fréchet distance.
+    """
+    real_share, fake_share = class_shares(real_logits), class_shares(fake_logits)
+    classes = fake_logits.argmax(1)
+    weights = real_share[classes] / fake_share[classes]
+    if not weights.sum() > 0:  # no generated sample is of a class the real samples have
+        weights = torch.ones(len(fake), dtype=torch.float64)
+    real = real.flatten(1).double()
+    return frechet_distance(*weighted_mean_cov(fake, weights), real.mean(0), torch.cov(real.T))

@@ -422,7 +422,8 @@ RUN_JOBS = ("train", "reproduce")
 # Which way each quality metric is better: distances (Fréchet, kernel) lower, scores higher.
 # Keys are the first word of the name: eval/fd_digits_1k -> fd, eval/kid_2k -> kid.
 QUALITY_GOALS = {"fd": "min", "fid": "min", "kid": "min", "is": "max", "cs": "max", "precision": "max",
-                 "recall": "max", "coverage": "max", "balance": "max", "confidence": "max", "class": "max"}
+                 "recall": "max", "coverage": "max", "balance": "max", "confidence": "max", "class": "max",
+                 "classmix": "min"}
 # The metric a comparison leads with, in order of preference: the Fréchet distances first.
 PRIMARY_ORDER = ("fd", "fid", "kid", "cs", "is")
 

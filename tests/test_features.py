@@ -19,7 +19,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from conftest import run_cli
 from diffexp import quality
 from diffexp.features.digits import NUM_FEATURES, WEIGHTS, digits_features, digits_split, load_digits_net
-from diffexp.quality import class_accuracy, class_stats, precision_recall
+from diffexp.quality import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_retraining_reproduces_the_packaged_weights(tmp_path, split):
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    fd = FrechetInceptionDistance(feature=Given(NUM_FEATURES))
+    fd = FrechetInceptionDistance(feature=Given(real.shape[1]))
     fd.update(real, real=True)
     fd.update(fake, real=False)
     return float(fd.compute())
@@ -217,3 +217,54 @@ def test_class_accuracy_known_answers():
     assert class_accuracy(logits, torch.tensor([1, 2, 3, 4])) == 1.0
     assert class_accuracy(logits, torch.tensor([1, 2, 3, 5])) == 0.75
     assert class_accuracy(logits, torch.tensor([0, 0, 0, 0])) == 0.0
+
+
+def test_class_mix_distance_known_answers():
+    assert class_mix_distance(confident(list(range(10)) * 3), confident(list(range(10)))) == 0.0
+    assert class_mix_distance(confident([3] * 10), confident([4] * 10)) == 1.0
+    # shares (0.5, 0.5) against (0.25, 0.75): half of |0.25| + |-0.25|
+    assert class_mix_distance(confident([0, 1]), confident([0, 1, 1, 1])) == pytest.approx(0.25)
+
+
+# --- the class-balanced Fréchet distance --------------------------------------------------------
+
+
+def clustered(counts: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of three far-apart Gaussian classes (``counts[c]`` samples of class c) and logits naming them."""
+    g = torch.Generator().manual_seed(seed)
+    centers = 6 * torch.eye(3, 16)
+    features = torch.cat([centers[c] + torch.randn(n, 16, generator=g) for c, n in enumerate(counts)])
+    return features.double(), confident([c for c, n in enumerate(counts) for _ in range(n)])
+
+
+def test_class_balanced_fd_removes_the_class_mix_and_keeps_the_rest():
+    real, real_logits = clustered([800, 800, 800], seed=0)
+    same_mix, same_logits = clustered([400, 400, 400], seed=1)
+    # Equal shares: every weight is 1, and it is the plain distance, as torchmetrics computes it.
+    plain_same = frechet_distance(real, same_mix)
+    assert class_balanced_fd(real, same_mix, real_logits, same_logits) == pytest.approx(plain_same, rel=1e-6)
+    # Twice as many of class 0: the plain distance grows many times over, the balanced one hardly
+    # moves (the extra samples are new draws, so it is not exactly equal).
+    tilted, tilted_logits = clustered([800, 400, 400], seed=1)
+    assert frechet_distance(real, tilted) > 5 * plain_same
+    assert class_balanced_fd(real, tilted, real_logits, tilted_logits) == pytest.approx(plain_same, rel=0.1)
+    # Worse samples within the classes show as before.
+    blurred = tilted.clone()
+    blurred[:, 3:] *= 1.5
+    assert class_balanced_fd(real, blurred, real_logits, tilted_logits) > 5 * plain_same
+
+
+def test_class_balanced_fd_on_digits(net, split):
+    real, real_logits = digits_features(net, split["train_images"])
+    held_out, held_out_logits = digits_features(net, split["test_images"])
+    assert abs(class_balanced_fd(real, real, real_logits, real_logits)) < 1e-6
+    clean = class_balanced_fd(real, held_out, real_logits, held_out_logits)
+    assert clean == pytest.approx(frechet_distance(real, held_out), rel=0.1)  # a stratified split: nearly equal shares
+    # Held-out digits without their 0s, 1s and 2s: reweighting cannot bring missing classes back,
+    # so the balanced distance grows as the plain one does (19.2 and 19.3 here, from 0.54 and 0.58).
+    rest = held_out_logits.argmax(1) > 2
+    plain_rest = frechet_distance(real, held_out[rest])
+    balanced_rest = class_balanced_fd(real, held_out[rest], real_logits, held_out_logits[rest])
+    assert plain_rest > 5 * clean and balanced_rest > 5 * clean
+    noisy_features, noisy_logits = digits_features(net, noisy(split["test_images"], 64))
+    assert class_balanced_fd(real, noisy_features, real_logits, noisy_logits) > 5 * clean

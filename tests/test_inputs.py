@@ -61,6 +61,8 @@ TRAIN_MISTAKES = [
     (["logger=wandb", "logger.mode=onlin"], "error: logger.mode=onlin: expected one of auto, online"),
     (["metric=digits", "dataset=flowers102"], "error: metric=digits: its feature network is a digit classifier"),
     (["metric.num_samples=1"], "error: metric.num_samples=1: need an integer of at least 2"),
+    (["metric=fid_is", "metric.metrics=[fd,fd_balanced]"],
+     "error: metric.metrics: fd_balanced needs a classifier of the dataset's classes (network: digits), not inception"),
     (["metric=digits", "metric.num_samples=3"], "error: metric.pr_k=3: precision/recall needs 1 <= pr_k < metric.num_samples (3)"),
     (["trainer.ema.inv_gamma=0"], "error: trainer.ema.inv_gamma=0: expected a number > 0"),
     (["+sampler.scheduler.no_such=1"], "error: sampler.scheduler.no_such: not an option of DPMSolverMultistepScheduler"),

@@ -49,9 +49,10 @@ def test_names_carry_the_feature_network_and_auto_picks_it_for_the_dataset():
     assert (digits.network, digits.num_samples) == ("digits", 500)
     real, fake = torch.randn(50, 128), torch.randn(40, 128) + 0.1
     logits = torch.randn(40, 10)
-    names = set(score(digits, real, fake, logits))
-    assert {"eval/fd_digits_40", "eval/cs_digits_40", "eval/kid_digits_40", "eval/precision_digits_40",
-            "eval/recall_digits_40", "eval/coverage_digits_40", "eval/balance_digits_40"} <= names
+    names = set(score(digits, real, fake, logits, real_logits=torch.randn(50, 10)))
+    assert {"eval/fd_digits_40", "eval/fd_digits_balanced_40", "eval/cs_digits_40", "eval/kid_digits_40",
+            "eval/precision_digits_40", "eval/recall_digits_40", "eval/coverage_digits_40", "eval/balance_digits_40",
+            "eval/classmix_digits_40"} <= names
     assert not any(n.startswith(("eval/fid", "eval/is_")) for n in names)  # never mistaken for Inception's
     rgb = compose_config(["dataset=flowers102"])
     assert resolve_metric(rgb.metric, rgb.dataset).network == "inception"
@@ -83,6 +84,7 @@ def test_a_short_default_run_logs_quality_to_metrics_and_wandb(train):
     for row in evals:
         assert row["eval/fd_digits_20"] > 0 and 1 <= row["eval/cs_digits_20"] <= 10
         assert 0 <= row["eval/precision_digits_20"] <= 1 and 0 <= row["eval/coverage_digits_20"] <= 1
+        assert row["eval/fd_digits_balanced_20"] > 0 and 0 <= row["eval/classmix_digits_20"] <= 1
     info = json.loads((run_dir / "run.json").read_text())
     assert info["eval_every"] == 2 and 0 < info["eval_seconds"] < info["loop_seconds"]
     assert OmegaConf.load(run_dir / "config.yaml").metric.network == "digits"  # auto, recorded as decided
@@ -91,6 +93,8 @@ def test_a_short_default_run_logs_quality_to_metrics_and_wandb(train):
     assert [h["train/step"] for h in history] == [2, 4, 6]
     assert [h["eval/fd_digits_20"] for h in history] == pytest.approx([r["eval/fd_digits_20"] for r in evals])
     assert wb.summary["eval/fd_digits_20"]["min"] == pytest.approx(min(r["eval/fd_digits_20"] for r in evals))
+    assert wb.summary["eval/fd_digits_balanced_20"]["min"] == pytest.approx(min(r["eval/fd_digits_balanced_20"] for r in evals))
+    assert wb.summary["eval/classmix_digits_20"]["min"] == pytest.approx(min(r["eval/classmix_digits_20"] for r in evals))
 
 
 def test_evaluation_leaves_the_training_random_streams_as_they_were(train):
