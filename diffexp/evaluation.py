@@ -7,7 +7,8 @@ diffexp (``network: digits``, for digit datasets, on any machine). On its featur
 - ``fd``: Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with our features);
 - ``fd_balanced``: the Fréchet distance with the samples reweighted to the real class mix
   (``diffexp.quality.class_balanced_fd``; a classifier network only): the quality within the
-  classes, without the chance class counts that dominate FD's spread over sampling seeds;
+  classes, without the chance class counts that dominate FD's spread over sampling seeds, and
+  without any tilt of the class mix (which ``classmix`` measures);
 - ``cs``: classifier score, IS-style (torchmetrics ``InceptionScore`` on the logits);
 - ``kid``: kernel distance (torchmetrics ``KernelInceptionDistance``);
 - ``pr``: improved precision and recall (Kynkäänniemi et al. 2019, ``diffexp.quality``);
@@ -182,9 +183,10 @@ def training_rng_untouched():
 def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor,
           labels: torch.Tensor | None = None, real_logits: torch.Tensor | None = None) -> dict[str, float]:
     """Every metric of ``metric_cfg.metrics`` of the generated set (features ``fake``, logits) against the
-    real features (and, for ``fd_balanced`` and the class mix, the real logits), named ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from
-    torch's global generator seeded with ``metric.seed`` inside ``training_rng_untouched``, which
-    restores the training's state afterwards."""
+    real features (and, for ``fd_balanced`` and the class mix, the real logits ``real_logits``), named
+    ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from torch's global generator
+    seeded with ``metric.seed`` inside ``training_rng_untouched``, which restores the training's state
+    afterwards."""
     n, net = len(fake), metric_cfg.network
     out: dict[str, float] = {}
     torchmetric: dict[str, Metric] = {}
