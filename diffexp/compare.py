@@ -449,10 +449,12 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def fmt_ci(cell: dict | None) -> str:
+def fmt_ci(cell: dict | None, n: int | None = None) -> str:
+    """``mean ± ci95``; with ``n`` (the row's count), a cell made of fewer values says how many: ``0.51 (n=1)``."""
     if not cell:
         return "–"
-    return fmt(cell["mean"]) if cell["ci95"] is None else f"{fmt(cell['mean'])} ± {fmt(cell['ci95'])}"
+    text = fmt(cell["mean"]) if cell["ci95"] is None else f"{fmt(cell['mean'])} ± {fmt(cell['ci95'])}"
+    return text if n is None or cell.get("n", n) == n else f"{text} (n={cell['n']})"
 
 
 def sampler_cell(row: dict | None, lead: str) -> str:
@@ -467,10 +469,12 @@ def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict
     """The report's tables of evaluate results: every sampler setting, and the best per NFE budget."""
     lead_base = uncounted(lead)  # each row shows its metrics at its own sample count (the samples column)
     own = [at_own_count(r) for r in rows]
-    columns = [lead_base, *sorted({k for values in own for k in values if k != lead_base})]
+    # the lead first, then its variants (eval/fd_digits_balanced after eval/fd_digits), then the rest by name
+    columns = [lead_base, *sorted({k for values in own for k in values if k != lead_base},
+                                  key=lambda k: (not k.startswith(lead_base), k))]
     header = [*axes, "sampler", "steps", "NFE", "samples", "guidance", "n", *map(heading, columns)]
     table = [[*r["axes"], r["sampler"], fmt(r["steps"]), fmt(r["nfe"]), fmt(r["num_samples"]), fmt(r["guidance_scale"]),
-              str(r["n"]), *(fmt_ci(values.get(c)) for c in columns)] for r, values in zip(rows, own)]
+              str(r["n"]), *(fmt_ci(values.get(c), r["n"]) for c in columns)] for r, values in zip(rows, own)]
     limits = [k for k in best[0] if k != "axes"]
     best_header = [*axes, *(f"best at {k.replace('nfe<=', 'NFE ≤ ')}" if k != "any" else "best at any NFE"
                             for k in limits)]
@@ -537,11 +541,12 @@ def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = 
                  fmt(s["final_loss"]), *(fmt(s.get(c)) for c in headline)] for s in summary["runs"]]
     group_cols = [c for c in (*SCALARS, *headline) if any(c in g for g in groups)]
     group_header = ["rank", *axes, "n", *map(heading, group_cols)]
-    group_table = [[fmt(g["rank"]), *g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in group_cols)] for g in groups]
+    group_table = [[fmt(g["rank"]), *g["axes"], str(g["n"]), *(fmt_ci(g.get(c), g["n"]) for c in group_cols)]
+                   for g in groups]
     tables = [("Groups (mean ± 95% CI over runs, Student t)", group_header, group_table)]
     if len(quality) > 1:
         tables.append(("Quality metrics per group (final value, mean ± 95% CI)", [*axes, "n", *map(heading, quality)],
-                       [[*g["axes"], str(g["n"]), *(fmt_ci(g.get(c)) for c in quality)] for g in groups]))
+                       [[*g["axes"], str(g["n"]), *(fmt_ci(g.get(c), g["n"]) for c in quality)] for g in groups]))
     tables.append(("Runs", run_header, run_rows))
     if "samplers" in summary:
         tables += sampler_tables(summary["samplers"]["rows"], axes, summary["samplers"]["metric"],

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, cli_env, run_main
 from diffexp.cli import compose_config
-from diffexp.compare import fmt
+from diffexp.compare import fmt, fmt_ci
 from diffexp.evaluation import auto_eval_every, resolve_metric, score
 from diffexp.wandb_files import find_runs
 
@@ -181,7 +181,14 @@ def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_number
     rows = [line.split("|") for line in lines if line.startswith(("| None | ddim |", "| None | dpmpp |"))]
     assert [row[5].strip() for row in rows] == ["12"] * 4 + ["6"]  # group, sampler, steps, NFE, samples
     assert rows[-1][8].strip() == fmt(six["eval/fd_digits_6"]) != "–"
-    assert "eval/fd_digits ↓" in "\n".join(lines)
+    assert "| eval/fd_digits ↓ | eval/fd_digits_balanced ↓ |" in "\n".join(lines)  # the lead, then its variant
+
+
+def test_a_cell_of_fewer_values_than_its_row_says_how_many():
+    pooled = {"mean": 0.6, "ci95": 0.09, "n": 15}
+    assert fmt_ci(pooled, 15) == "0.6 ± 0.09" and fmt_ci(pooled) == "0.6 ± 0.09"
+    assert fmt_ci({"mean": 0.5121, "ci95": None, "n": 1}, 15) == "0.5121 (n=1)"  # not a mean of the row's 15
+    assert fmt_ci(None, 3) == "–"
 
 
 # --- Inception: the real torch-fidelity code path, with a random-weights file ------------------------------
