@@ -56,6 +56,11 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return float(precision), float(recall)
 
 
+def class_shares(logits: torch.Tensor) -> torch.Tensor:
+    """The fraction (float64) of samples whose predicted (argmax) class is each of the C classes."""
+    return torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
+
+
 def class_stats(logits: torch.Tensor) -> dict[str, float]:
     """How a classifier sees a set of generated samples, from its logits (N x C).
 
@@ -68,7 +73,7 @@ def class_stats(logits: torch.Tensor) -> dict[str, float]:
       samples look like no class in particular).
     """
     num_classes = logits.shape[1]
-    share = torch.bincount(logits.argmax(1), minlength=num_classes).double() / len(logits)
+    share = class_shares(logits)
     nonzero = share[share > 0]  # 0 log 0 = 0
     return {
         "coverage": float((share >= 0.5 / num_classes).double().mean()),
@@ -80,11 +85,6 @@ def class_stats(logits: torch.Tensor) -> dict[str, float]:
 def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The fraction of samples that the classifier assigns to the class they were asked for (``labels``)."""
     return float((logits.argmax(1) == labels.to(logits.device)).double().mean())
-
-
-def class_shares(logits: torch.Tensor) -> torch.Tensor:
-    """The fraction (float64) of samples whose predicted (argmax) class is each of the C classes."""
-    return torch.bincount(logits.argmax(1), minlength=logits.shape[1]).double() / len(logits)
 
 
 def class_mix_distance(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> float:
