@@ -74,12 +74,16 @@ class DiffexpPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  class_labels: torch.Tensor | list[int] | None = None, guidance_scale: float = 1.0,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, latents: torch.Tensor | None = None,
+                 step_noise: list[torch.Tensor] | None = None):
         """``batch_size`` images in ``num_inference_steps`` scheduler steps.
 
         ``class_labels`` (one per image) asks a class-conditional model for those classes; with
         ``guidance_scale`` != 1 the prediction is ``uncond + scale * (cond - uncond)``.
         ``output_type``: ``"pil"``, ``"np"`` (floats in [0, 1], N x H x W x C) or ``"pt"``.
+        ``latents``: the starting noise (unit variance) instead of drawing it from ``generator``;
+        ``step_noise``: one unit-variance noise tensor per entry of the scheduler's ``timesteps``, handed to a
+        stochastic scheduler's ``step`` as ``variance_noise`` instead of drawing it (diffexp.coupling).
         """
         device = self._execution_device
         conditional = self.config.num_classes is not None
@@ -99,13 +103,21 @@ class DiffexpPipeline(DiffusionPipeline):
             labels = torch.cat([torch.full_like(labels, self.config.num_classes), labels])
 
         dtype = next(self.unet.parameters()).dtype
-        x = randn_tensor(self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
+        if latents is None:
+            x = randn_tensor(self.latent_shape(batch_size), generator=generator, device=device, dtype=dtype)
+        else:
+            x = latents.to(device=device, dtype=dtype)
         # Flow-matching schedulers start from unit noise and feed the sample as it is (they have neither).
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
         scale = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        for t in self.progress_bar(self.scheduler.timesteps):
+        accepted = inspect.signature(self.scheduler.step).parameters
+        if step_noise is not None and "variance_noise" not in accepted:
+            raise ValueError(f"{type(self.scheduler).__name__}.step takes no variance_noise: step_noise cannot be used")
+        step_kwargs = {"generator": generator} if "generator" in accepted else {}
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if step_noise is not None:
+                step_kwargs["variance_noise"] = step_noise[i].to(device)
             x_in = torch.cat([x, x]) if guided else x
             x_in = scale(x_in, t)
             out = self.denoise(x_in, t, labels)
