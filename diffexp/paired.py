@@ -1,0 +1,204 @@
+"""``python -m diffexp.paired run=RUN_DIR [sampler=dpmpp_sde] [seeds=[0,1,2]]``: is a fast sampler within
+``tolerance`` of ancestral DDPM over every training step, on the same run?
+
+Examples::
+
+    python -m diffexp.paired run=RUN_DIR                                   # the run's sampler, seed 0
+    python -m diffexp.paired run=RUN_DIR sampler=ddim sampler.steps=20 seeds=[0,1,2]
+    python -m diffexp.paired -m run=RUN_DIR sampler=dpmpp_sde,dpmpp sampler.steps=10,20
+
+For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (the images
+``evaluate sampler=ddpm`` scores for that seed; cached in ``RUN_DIR/paired/``, so they are made once per
+run, seed and count) and as many from the sampler, each the coupled twin of a DDPM image
+(``diffexp.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
+of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
+pairs; the sampler is *within tolerance* of DDPM when the interval's upper end is at most
+``tolerance`` (worse by at most that; better is fine). Results accumulate in
+``RUN_DIR/paired/results.json`` (the same sampler, steps, seeds and count again replace their own
+entry) and are printed as JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffexp import DiffexpError
+from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.records import RunDir, atomic_path, now, write_json_atomic
+
+log = logging.getLogger("diffexp.paired")
+KEY = ("sampler", "sampler_options", "sampler_steps", "seeds", "num_samples", "network")
+
+
+def weights_digest(run: RunDir) -> str:
+    """A short hash of the run's exported denoiser weights: cached reference images belong to them."""
+    digest = hashlib.sha256()
+    for path in sorted((run.model_dir).rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: int) -> Path:
+    """Where DDPM's ``n`` images of ``seed`` (chunks of ``batch_size``) are cached for this run's weights."""
+    return run.path / "paired" / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}_{weights_digest(run)}.npz"
+
+
+def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int) -> np.ndarray:
+    """DDPM's images over every training step for ``seed``: from the cache, else made (slow) and cached."""
+    from diffexp.coupling import reference_steps
+    from diffexp.sampling import generate, save_grid
+
+    steps = reference_steps(reference)
+    path = reference_file(run, steps=steps, seed=seed, n=n, batch_size=batch_size)
+    if path.is_file():
+        log.info("DDPM-%d images of seed %d: cached in %s", steps, seed, path)
+        return np.load(path)["images"]
+    log.info("DDPM-%d images of seed %d: making %d (%d network evaluations each; cached in %s)",
+             steps, seed, n, steps, path)
+    images = generate(denoiser, reference, n=n, steps=steps, seed=seed, batch_size=batch_size, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=images)
+    save_grid(images[:64], path.with_suffix(".png"))
+    return images
+
+
+def fd_against(real: torch.Tensor):
+    """``fd(features) -> float``: the Fréchet distance of a feature set against ``real`` (stats computed once)."""
+    from diffexp.quality import frechet_distance
+
+    real = real.flatten(1).double()
+    mu, cov = real.mean(0), torch.cov(real.T)
+
+    def fd(features: torch.Tensor) -> float:
+        features = features.flatten(1).double()
+        return frechet_distance(features.mean(0), torch.cov(features.T), mu, cov)
+
+    return fd
+
+
+def relative_differences(real: torch.Tensor, real_logits: torch.Tensor | None, ref: tuple, cand: tuple, *,
+                         resamples: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """``{kind: {reference, sampler, relative, low, high}}`` for ``fd`` (and ``fd_balanced`` with logits):
+    each set's value, ``sampler / reference - 1`` and its 95% percentile interval over ``resamples``
+    bootstrap resamples of the pairs (pair i = ``ref[.][i]``, ``cand[.][i]``; (features, logits) each)."""
+    from diffexp.quality import class_balanced_fd
+
+    fd = fd_against(real)
+    kinds = {"fd": lambda f, lg: fd(f)}
+    if real_logits is not None:
+        kinds["fd_balanced"] = lambda f, lg: class_balanced_fd(real, f, real_logits, lg)
+    n = len(ref[0])
+    generator = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(n, (n,), generator=generator) for _ in range(resamples)]
+    out = {}
+    for kind, stat in kinds.items():
+        a, b = stat(*ref), stat(*cand)
+        boot = np.array([stat(cand[0][i], cand[1][i]) / stat(ref[0][i], ref[1][i]) - 1 for i in draws])
+        low, high = np.percentile(boot, [2.5, 97.5])
+        out[kind] = {"reference": a, "sampler": b, "relative": b / a - 1, "low": float(low), "high": float(high)}
+    return out
+
+
+def paired(cfg: DictConfig) -> dict:
+    """Compare ``cfg.sampler`` (default: the run's) with DDPM over every training step on coupled pairs;
+    records and returns the result."""
+    from accelerate import Accelerator
+
+    from diffexp.build import build_sampler, resolve_sampler
+    from diffexp.coupling import coupled_generate, reference_steps
+    from diffexp.data import load_images
+    from diffexp.evaluate import locked
+    from diffexp.evaluation import Evaluator, features_of, metric_name, resolve_metric
+    from diffexp.quality import class_mix_distance
+    from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
+
+    run = RunDir(cfg.run).require()
+    run_cfg = run.config()
+    seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
+        raise DiffexpError(f"seeds={cfg.seeds}: expected a list of distinct integer sampling seeds, e.g. [0,1,2]")
+    if not isinstance(cfg.bootstrap, int) or cfg.bootstrap < 100:
+        raise DiffexpError(f"bootstrap={cfg.bootstrap}: expected an integer number of resamples of at least 100")
+    if not isinstance(cfg.tolerance, (int, float)) or cfg.tolerance <= 0:
+        raise DiffexpError(f"tolerance={cfg.tolerance}: expected a positive fraction (0.05 = 5%)")
+    metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
+    if metric_cfg.name == "none":
+        raise DiffexpError("metric=none: paired needs a feature network (metric=auto)")
+    ddpm_cfg = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / "ddpm.yaml")
+    reference = build_sampler(ddpm_cfg, run_cfg.scheduler)  # refuses objectives DDPM cannot sample
+    sampler_cfg = resolve_sampler(cfg.sampler if cfg.sampler.get("scheduler") else run_cfg.sampler, run_cfg.scheduler)
+    steps = int(cfg.sampler.steps if cfg.sampler.get("steps") is not None else sampler_cfg.steps)
+    sampler = build_sampler(sampler_cfg, run_cfg.scheduler)
+    check_steps(sampler, steps)
+    n, batch_size = int(metric_cfg.num_samples), int(metric_cfg.batch_size)
+
+    pipe = run.pipeline()
+    if class_names(run) is not None or getattr(pipe, "vae", None) is not None:
+        raise DiffexpError(f"run={run.path}: paired compares unconditional pixel-space runs only")
+    accelerator = Accelerator()
+    denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
+    evaluator = Evaluator(metric_cfg, accelerator, load_images(run_cfg.dataset, cfg.cache_dir), run_cfg.dataset,
+                          cfg.cache_dir)
+    ref, cand = [], []
+    for seed in seeds:
+        images = reference_images(run, denoiser, reference, seed=seed, n=n, batch_size=batch_size)
+        ref.append(features_of(evaluator.net, torch.from_numpy(images).permute(0, 3, 1, 2), int(metric_cfg.batch_size)))
+        twins = coupled_generate(denoiser, reference, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size,
+                                 progress=True)
+        cand.append(features_of(evaluator.net, torch.from_numpy(twins).permute(0, 3, 1, 2), int(metric_cfg.batch_size)))
+    ref = tuple(torch.cat(parts) for parts in zip(*ref))
+    cand = tuple(torch.cat(parts) for parts in zip(*cand))
+    diffs = relative_differences(evaluator.reference, evaluator.reference_logits, ref, cand,
+                                 resamples=int(cfg.bootstrap))
+    pairs = len(ref[0])
+    net = metric_cfg.network
+    result = {
+        "sampler": sampler_name(sampler_cfg), "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True),
+        "sampler_steps": steps, "nfe": network_evaluations(sampler, steps),
+        "reference": f"ddpm{reference_steps(reference)}", "seeds": seeds, "num_samples": n, "pairs": pairs,
+        "network": net, "tolerance": float(cfg.tolerance), "bootstrap": int(cfg.bootstrap),
+        "same_class": float((ref[1].argmax(1) == cand[1].argmax(1)).double().mean()) if net == "digits" else None,
+        "metrics": {metric_name(kind, net, pairs): {**d, "within_tolerance": d["high"] <= cfg.tolerance}
+                    for kind, d in diffs.items()},
+        "at": now(),
+    }
+    if evaluator.reference_logits is not None:
+        result["metrics"][metric_name("classmix", net, pairs)] = {
+            "reference": class_mix_distance(ref[1], evaluator.reference_logits),
+            "sampler": class_mix_distance(cand[1], evaluator.reference_logits)}
+    key = json.dumps([result[k] for k in KEY], sort_keys=True)
+    results_file = run.path / "paired" / "results.json"
+    with locked(run):
+        old = json.loads(results_file.read_text())["results"] if results_file.is_file() else []
+        kept = [r for r in old if json.dumps([r.get(k) for k in KEY], sort_keys=True) != key]
+        write_json_atomic(results_file, {"results": [*kept, result]})
+    for name, d in result["metrics"].items():
+        if "relative" in d:
+            log.info("%s: DDPM-%d %.4f, %s %d steps %.4f: %+.1f%% (95%% CI %+.1f%% .. %+.1f%%) -> %s", name,
+                     reference_steps(reference), d["reference"], result["sampler"], steps, d["sampler"],
+                     100 * d["relative"], 100 * d["low"], 100 * d["high"],
+                     f"within {100 * cfg.tolerance:g}%" if d["within_tolerance"] else
+                     f"not shown within {100 * cfg.tolerance:g}%")
+    accelerator.end_training()
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="paired")
+def main(cfg: DictConfig) -> None:
+    with report_errors():
+        result = paired(cfg)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Coupled twins of DDPM's images (diffexp.coupling) and the paired comparison command (diffexp.paired).
+
+The tiny run's denoiser is barely trained: what is tested is the sampling arithmetic, which any weights show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_main
+from diffexp.build import build_sampler
+from diffexp.coupling import coupled_generate, interval_weights, noise_weights, step_intervals
+from diffexp.records import RunDir
+from diffexp.sampling import generate
+
+DDPM = OmegaConf.load(REPO / "conf" / "sampler" / "ddpm.yaml")
+
+
+def parts(run):
+    run = RunDir(run)
+    return run.pipeline().unet.eval(), build_sampler(DDPM, run.config().scheduler)
+
+
+def test_with_the_same_steps_the_twin_of_a_ddpm_image_is_that_image(tiny_run):
+    # First-order DPM-Solver++ SDE over every timestep is DDPM's posterior step written in
+    # log-SNR: fed the reference's own draws, it must retrace DDPM's path (clipping off on both).
+    denoiser, reference = parts(tiny_run)
+    reference = DDPMScheduler.from_config(reference.config, clip_sample=False)
+    sde = DPMSolverMultistepScheduler.from_config(reference.config, algorithm_type="sde-dpmsolver++", solver_order=1,
+                                                  timestep_spacing="trailing", final_sigmas_type="zero")
+    steps = reference.config.num_train_timesteps
+    ddpm = generate(denoiser, reference, n=3, steps=steps, seed=5, batch_size=2)  # two chunks, two chunk seeds
+    twins = coupled_generate(denoiser, reference, sde, n=3, steps=steps, seed=5, batch_size=2)
+    assert np.abs(ddpm.astype(int) - twins.astype(int)).max() <= 1
+    others = coupled_generate(denoiser, reference, sde, n=3, steps=steps, seed=6, batch_size=2)
+    assert np.abs(ddpm.astype(int) - others.astype(int)).mean() > 20  # another seed: other images
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_the_summed_draws_have_exactly_the_noise_of_a_dpm_solver_sde_step(schedule):
+    cfg = OmegaConf.load(REPO / "conf" / "scheduler" / f"{schedule}.yaml")
+    reference = build_sampler(DDPM, cfg)
+    sde = build_sampler(OmegaConf.load(REPO / "conf" / "sampler" / "dpmpp_sde.yaml"), cfg)
+    sde.set_timesteps(20)
+    sigmas = [sde._sigma_to_alpha_sigma_t(s) for s in sde.sigmas]  # (alpha_t, sigma_t) at each step's start
+    intervals = step_intervals(sde.timesteps, 1000)
+    assert intervals[0] == (949, 999) and intervals[-1] == (0, 49)
+    for i, (lo, hi) in enumerate(intervals[:-1]):  # the last step goes to sigma = 0: no noise
+        (alpha_s, sigma_s), (alpha_t, sigma_t) = sigmas[i], sigmas[i + 1]
+        h = math.log(alpha_t / sigma_t) - math.log(alpha_s / sigma_s)
+        _, w = interval_weights(reference, lo, hi)
+        assert math.sqrt((w * w).sum()) == pytest.approx(float(sigma_t) * math.sqrt(1 - math.exp(-2 * h)), rel=1e-5)
+    for ks, w in noise_weights(reference, sde.timesteps):
+        assert (w * w).sum() == pytest.approx(1.0)
+
+
+def test_twins_of_a_20_step_sampler_are_closer_to_ddpm_than_other_samples(tiny_run):
+    denoiser, reference = parts(tiny_run)
+    sde = build_sampler(OmegaConf.load(REPO / "conf" / "sampler" / "dpmpp_sde.yaml"), RunDir(tiny_run).config().scheduler)
+    ddpm = generate(denoiser, reference, n=8, steps=1000, seed=0).astype(float)
+    twins = coupled_generate(denoiser, reference, sde, n=8, steps=20, seed=0).astype(float)
+    strangers = coupled_generate(denoiser, reference, sde, n=8, steps=20, seed=1).astype(float)
+    assert np.abs(ddpm - twins).mean() < 0.5 * np.abs(ddpm - strangers).mean()
+    # A sampler whose step takes no outside noise shares the starting noise only: the same images again.
+    euler = EulerDiscreteScheduler.from_config(reference.config)
+    first = coupled_generate(denoiser, reference, euler, n=4, steps=10, seed=0)
+    assert np.array_equal(first, coupled_generate(denoiser, reference, euler, n=4, steps=10, seed=0))
+    assert not np.array_equal(first, coupled_generate(denoiser, reference, euler, n=4, steps=10, seed=1))
+
+
+def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished_run):
+    args = [f"run={finished_run}", "metric.num_samples=20", "metric.batch_size=10", "seeds=[0,1]", "bootstrap=100"]
+    result = run_main("paired", *args, "sampler=dpmpp_sde", "sampler.steps=5", check=True)
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (line["sampler"], line["sampler_steps"], line["reference"], line["pairs"]) == ("dpmpp_sde", 5, "ddpm1000", 40)
+    fd = line["metrics"]["eval/fd_digits_40"]
+    assert fd["low"] <= fd["relative"] <= fd["high"]
+    assert fd["relative"] == pytest.approx(fd["sampler"] / fd["reference"] - 1)
+    assert fd["within_tolerance"] == (fd["high"] <= 0.05)
+    assert set(line["metrics"]) == {"eval/fd_digits_40", "eval/fd_digits_balanced_40", "eval/classmix_digits_40"}
+    assert 0 <= line["same_class"] <= 1
+    cached = sorted((finished_run / "paired").glob("ddpm1000_seed*.npz"))
+    assert [p.name.split("_")[1] for p in cached] == ["seed0", "seed1"]
+    # The cached DDPM images are evaluate's for that seed: generate's chunks of metric.batch_size.
+    denoiser, reference = parts(finished_run)
+    assert np.array_equal(np.load(cached[0])["images"], generate(denoiser, reference, n=20, steps=1000, seed=0, batch_size=10))
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    again = run_main("paired", *args, "sampler=ddim", "sampler.steps=5", check=True)
+    assert "cached in" in again.stdout + again.stderr
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    kept = json.loads((finished_run / "paired" / "results.json").read_text())["results"]
+    assert [r["sampler"] for r in kept] == ["dpmpp_sde", "ddim"]
+    ddim = json.loads(again.stdout.strip().splitlines()[-1])["metrics"]["eval/fd_digits_40"]
+    assert ddim["reference"] == pytest.approx(fd["reference"])  # the same DDPM images
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["seeds=[]"], "error: seeds=[]: expected a list of distinct integer sampling seeds"),
+    (["seeds=[0,0]"], "error: seeds=[0, 0]: expected a list of distinct integer sampling seeds"),
+    (["tolerance=0"], "error: tolerance=0: expected a positive fraction"),
+    (["bootstrap=5"], "error: bootstrap=5: expected an integer number of resamples of at least 100"),
+    (["sampler=fm_euler"], "error: sampler=FlowMatchEulerDiscreteScheduler: cannot sample a model trained with"),
+])
+def test_a_wrong_paired_input_is_one_line(args, expected, finished_run):
+    from test_inputs import one_error_line
+
+    result = run_main("paired", f"run={finished_run}", *args)
+    assert one_error_line(result).startswith(expected)
+    assert not (finished_run / "paired").exists()
