@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from omegaconf import OmegaConf
 
