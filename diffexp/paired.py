@@ -182,6 +182,9 @@ def paired(cfg: DictConfig) -> dict:
         old = json.loads(results_file.read_text())["results"] if results_file.is_file() else []
         kept = [r for r in old if json.dumps([r.get(k) for k in KEY], sort_keys=True) != key]
         write_json_atomic(results_file, {"results": [*kept, result]})
+    if result["same_class"] is not None:
+        log.info("the two images of a pair show the same digit in %.1f%% of %d pairs (10%% by chance)",
+                 100 * result["same_class"], pairs)
     for name, d in result["metrics"].items():
         if "relative" in d:
             log.info("%s: DDPM-%d %.4f, %s %d steps %.4f: %+.1f%% (95%% CI %+.1f%% .. %+.1f%%) -> %s", name,

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from omegaconf import OmegaConf
 
@@ -113,3 +114,19 @@ def test_a_wrong_paired_input_is_one_line(args, expected, finished_run):
     result = run_main("paired", f"run={finished_run}", *args)
     assert one_error_line(result).startswith(expected)
     assert not (finished_run / "paired").exists()
+
+
+def test_the_interval_resamples_pairs_not_sets():
+    # Twins that are the same image differ by nothing, in every resample: only a resampling that
+    # keeps pairs together gives exactly 0 (resampling each set on its own would spread it).
+    from diffexp.paired import relative_differences
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=generator)
+    fake = torch.randn(200, 8, generator=generator) * 1.3 + 0.2
+    logits = torch.randn(200, 10, generator=generator)
+    real_logits = torch.randn(300, 10, generator=generator)
+    same = relative_differences(real, real_logits, (fake, logits), (fake.clone(), logits.clone()), resamples=100)
+    assert {k: (d["relative"], d["low"], d["high"]) for k, d in same.items()} == {"fd": (0, 0, 0), "fd_balanced": (0, 0, 0)}
+    worse = relative_differences(real, None, (fake, logits), (fake * 1.2, logits), resamples=100)
+    assert set(worse) == {"fd"} and 0 < worse["fd"]["low"] <= worse["fd"]["relative"] <= worse["fd"]["high"]
