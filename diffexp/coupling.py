@@ -12,9 +12,8 @@ images can instead be driven by the same randomness (the coupling of multilevel 
 
 With DDPM's posterior step x_{k-1} = a_k x_k + (x_0 term) + sqrt(v_k) z_k, draw z_k reaches t with the
 weight sqrt(v_k) times a_j for every later step j = k - 1, ..., t + 1. The normalising sum of squares
-equals the noise variance sigma_t^2 (1 - exp(-2h)) of an exponential integrator's step (DPM-Solver++
-SDE, DDPM/DDIM with eta = 1) over the same interval, so for those samplers this is the Brownian path
-itself. Disjoint draws, unit variance: each sampler's images are distributed exactly as it samples
+equals the noise variance sigma_t^2 (1 - exp(-2h)) of DPM-Solver++ SDE's step (an exponential
+integrator) over the same interval, so for it this is the Brownian path itself (tested). Disjoint draws, unit variance: each sampler's images are distributed exactly as it samples
 alone (valid for any sampler); only their pairing is new. A deterministic sampler, or one whose step
 takes no ``variance_noise``, shares x_T only (its own step noise comes from a separate generator).
 
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from diffexp import DiffexpError
 from diffexp.sampling import chunk_seed, chunk_sizes, make_pipeline, to_uint8
 
-SEPARATE_STREAM = 7_919  # seed offset of a sampler's own step noise when it cannot take the reference's
+SEPARATE_STREAM = 1 << 62  # seed offset of noise not taken from the reference: off the chunk seeds' lattice
 
 
 def reference_steps(reference: DDPMScheduler) -> int:
@@ -45,7 +44,8 @@ def reference_steps(reference: DDPMScheduler) -> int:
 
 def check_reference(reference: SchedulerMixin) -> None:
     """The reference must be ancestral DDPM with its fixed posterior variance (what the weights assume)."""
-    if not isinstance(reference, DDPMScheduler) or reference.config.variance_type not in ("fixed_small", None):
+    if not isinstance(reference, DDPMScheduler) or reference.config.variance_type not in ("fixed_small",
+                                                                                           "fixed_small_log", None):
         raise DiffexpError(f"reference={type(reference).__name__} (variance_type="
                            f"{getattr(reference.config, 'variance_type', None)}): the coupled reference must be "
                            "DDPMScheduler with variance_type=fixed_small")

@@ -116,8 +116,8 @@ class DiffexpPipeline(DiffusionPipeline):
             raise ValueError(f"{type(self.scheduler).__name__}.step takes no variance_noise: step_noise cannot be used")
         step_kwargs = {"generator": generator} if "generator" in accepted else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            if step_noise is not None:
-                step_kwargs["variance_noise"] = step_noise[i].to(device)
+            if step_noise is not None:  # instead of the generator (DDIM refuses both at once)
+                step_kwargs = {"variance_noise": step_noise[i].to(device)}
             x_in = torch.cat([x, x]) if guided else x
             x_in = scale(x_in, t)
             out = self.denoise(x_in, t, labels)
