@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH, report_errors
-from diffexp.records import RunDir, atomic_path, now, write_json_atomic
+from diffexp.records import RunDir, now, write_json_atomic
 
 log = logging.getLogger("diffexp.paired")
 KEY = ("sampler", "sampler_options", "sampler_steps", "seeds", "num_samples", "network")
@@ -54,7 +54,7 @@ def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: in
 def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int) -> np.ndarray:
     """DDPM's images over every training step for ``seed``: from the cache, else made (slow) and cached."""
     from diffexp.coupling import reference_steps
-    from diffexp.sampling import generate, save_grid
+    from diffexp.sampling import generate, save_grid, save_npz
 
     steps = reference_steps(reference)
     path = reference_file(run, steps=steps, seed=seed, n=n, batch_size=batch_size)
@@ -64,10 +64,7 @@ def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, bat
     log.info("DDPM-%d images of seed %d: making %d (%d network evaluations each; cached in %s)",
              steps, seed, n, steps, path)
     images = generate(denoiser, reference, n=n, steps=steps, seed=seed, batch_size=batch_size, progress=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, images=images)
+    save_npz(path, images=images)  # atomic_path makes RUN_DIR/paired/
     save_grid(images[:64], path.with_suffix(".png"))
     return images
 

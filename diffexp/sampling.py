@@ -213,15 +213,20 @@ def grid(images: np.ndarray, upscale_to: int = 64, padding: int = 2, nrow: int |
     return Image.fromarray(array[:, :, 0] if images.shape[-1] == 1 else array)
 
 
-def save_samples(samples: Samples, out: Path) -> Path:
-    """Write ``samples`` as the ``sample`` command does: ``out`` (an ``.npz`` holding ``images``, and
-    ``labels`` for a class-conditional run) and a grid PNG beside it, each atomically; returns the grid's path."""
+def save_npz(out: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``out`` as a compressed ``.npz``, atomically."""
     from diffexp.records import atomic_path
 
-    arrays = {"images": samples.images} | ({"labels": samples.labels} if samples.labels is not None else {})
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
+
+
+def save_samples(samples: Samples, out: Path) -> Path:
+    """Write ``samples`` as the ``sample`` command does: ``out`` (an ``.npz`` holding ``images``, and
+    ``labels`` for a class-conditional run) and a grid PNG beside it, each atomically; returns the grid's path."""
+    arrays = {"images": samples.images} | ({"labels": samples.labels} if samples.labels is not None else {})
+    save_npz(out, **arrays)
     grid_file = Path(out).with_suffix(".png")
     save_grid(samples.images, grid_file)
     return grid_file
