@@ -38,9 +38,9 @@ def locked(run: RunDir):
         yield
 
 
-def key(result: dict) -> str:
-    """What makes two results the same measurement."""
-    return json.dumps([result.get(k) for k in KEY], sort_keys=True, default=str)
+def key(result: dict, fields: tuple[str, ...] = KEY) -> str:
+    """What makes two results the same measurement: their ``fields`` (evaluate's, or another result store's)."""
+    return json.dumps([result.get(k) for k in fields], sort_keys=True, default=str)
 
 
 def record_result(run: RunDir, result: dict) -> list[dict]:

@@ -48,7 +48,7 @@ def weights_digest(run: RunDir) -> str:
 
 def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: int) -> Path:
     """Where DDPM's ``n`` images of ``seed`` (chunks of ``batch_size``) are cached for this run's weights."""
-    return run.path / "paired" / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}_{weights_digest(run)}.npz"
+    return run.paired_dir / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}_{weights_digest(run)}.npz"
 
 
 def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int) -> np.ndarray:
@@ -122,7 +122,7 @@ def paired(cfg: DictConfig) -> dict:
     from diffexp.build import build_sampler, resolve_sampler
     from diffexp.coupling import coupled_generate, reference_steps
     from diffexp.data import load_images
-    from diffexp.evaluate import locked
+    from diffexp.evaluate import key, locked
     from diffexp.evaluation import Evaluator, features_of, metric_name, resolve_metric
     from diffexp.quality import class_mix_distance
     from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
@@ -184,11 +184,10 @@ def paired(cfg: DictConfig) -> dict:
         result["metrics"][metric_name("classmix", net, pairs)] = {
             "reference": class_mix_distance(ref[1], evaluator.reference_logits),
             "sampler": class_mix_distance(cand[1], evaluator.reference_logits)}
-    key = json.dumps([result[k] for k in KEY], sort_keys=True)
-    results_file = run.path / "paired" / "results.json"
+    results_file = run.paired_dir / "results.json"
     with locked(run):
         old = json.loads(results_file.read_text())["results"] if results_file.is_file() else []
-        kept = [r for r in old if json.dumps([r.get(k) for k in KEY], sort_keys=True) != key]
+        kept = [r for r in old if key(r, KEY) != key(result, KEY)]
         write_json_atomic(results_file, {"results": [*kept, result]})
     if result["same_class"] is not None:
         log.info("the two images of a pair show the same digit in %.1f%% of %d pairs (10%% by chance)",

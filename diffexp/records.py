@@ -182,6 +182,11 @@ class RunDir:
     def eval_file(self) -> Path:
         return self.path / "eval.json"
 
+    @property
+    def paired_dir(self) -> Path:
+        """``python -m diffexp.paired``'s results.json and cached DDPM images."""
+        return self.path / "paired"
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / STEP_DIR.format(step)
 
