@@ -14,8 +14,8 @@ run, seed and count) and as many from the sampler, each the coupled twin of a DD
 of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
 pairs (of FD at the pooled count, whose small-sample bias dilutes relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at most
 ``tolerance`` (worse by at most that; better is fine). Results accumulate in
-``RUN_DIR/paired/results.json`` (the same sampler, steps, seeds and count again replace their own
-entry) and are printed as JSON on the last line.
+``RUN_DIR/paired/results.json`` (the same sampler, steps, seeds, count and weights, hashed in ``weights``,
+again replace their own entry) and are printed as JSON on the last line.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ from diffexp.cli import CONFIG_PATH, report_errors
 from diffexp.records import RunDir, now, write_json_atomic
 
 log = logging.getLogger("diffexp.paired")
-KEY = ("sampler", "sampler_options", "sampler_steps", "seeds", "num_samples", "network")
+# What makes two results the same measurement: also the weights (a run re-exported after more training is
+# another model) and the real set the features are compared with.
+KEY = ("sampler", "sampler_options", "sampler_steps", "seeds", "num_samples", "network", "num_real", "weights")
 
 
 def weights_digest(run: RunDir) -> str:
@@ -132,6 +134,7 @@ def paired(cfg: DictConfig) -> dict:
     seeds = list(cfg.seeds) if OmegaConf.is_list(cfg.seeds) else [cfg.seeds]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
         raise DiffexpError(f"seeds={cfg.seeds}: expected a list of distinct integer sampling seeds, e.g. [0,1,2]")
+    seeds = sorted(seeds)  # the pooled pairs, their bootstrap and the results key do not depend on the order typed
     if not isinstance(cfg.bootstrap, int) or cfg.bootstrap < 100:
         raise DiffexpError(f"bootstrap={cfg.bootstrap}: expected an integer number of resamples of at least 100")
     if not isinstance(cfg.tolerance, (int, float)) or cfg.tolerance <= 0:
@@ -174,7 +177,7 @@ def paired(cfg: DictConfig) -> dict:
         "sampler": sampler_name(sampler_cfg), "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True),
         "sampler_steps": steps, "nfe": network_evaluations(sampler, steps),
         "reference": f"ddpm{reference_steps(reference)}", "seeds": seeds, "num_samples": n, "pairs": pairs,
-        "network": net, "tolerance": float(cfg.tolerance), "bootstrap": int(cfg.bootstrap),
+        "network": net, "num_real": evaluator.num_real, "weights": weights_digest(run), "tolerance": float(cfg.tolerance), "bootstrap": int(cfg.bootstrap),
         "same_class": float((ref[1].argmax(1) == cand[1].argmax(1)).double().mean()) if net == "digits" else None,
         "metrics": {metric_name(kind, net, pairs): {**d, "within_tolerance": d["high"] <= cfg.tolerance}
                     for kind, d in diffs.items()},

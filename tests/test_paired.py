@@ -77,8 +77,8 @@ def test_twins_of_a_20_step_sampler_are_closer_to_ddpm_than_other_samples(tiny_r
 
 
 def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished_run):
-    args = [f"run={finished_run}", "metric.num_samples=10", "metric.batch_size=10", "seeds=[0,1]", "bootstrap=100"]
-    result = run_main("paired", *args, "sampler=dpmpp_sde", "sampler.steps=5", check=True)
+    args = [f"run={finished_run}", "metric.num_samples=10", "metric.batch_size=10", "bootstrap=100"]
+    result = run_main("paired", *args, "seeds=[0,1]", "sampler=dpmpp_sde", "sampler.steps=5", check=True)
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert (line["sampler"], line["sampler_steps"], line["reference"], line["pairs"]) == ("dpmpp_sde", 5, "ddpm1000", 20)
     fd = line["metrics"]["eval/fd_digits_20"]
@@ -91,11 +91,12 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
     denoiser, reference = parts(finished_run)
     assert np.array_equal(np.load(cached[0])["images"], generate(denoiser, reference, n=10, steps=1000, seed=0, batch_size=10))
     stamps = [p.stat().st_mtime_ns for p in cached]
-    again = run_main("paired", *args, "sampler=ddim", "sampler.steps=5", check=True)
+    again = run_main("paired", *args, "sampler=ddim", "sampler.steps=5", "seeds=[1,0]", check=True)
     assert "cached in" in again.stdout + again.stderr and "making" not in again.stdout + again.stderr
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     kept = json.loads((finished_run / "paired" / "results.json").read_text())["results"]
-    assert [r["sampler"] for r in kept] == ["dpmpp_sde", "ddim"]
+    assert [(r["sampler"], r["seeds"]) for r in kept] == [("dpmpp_sde", [0, 1]), ("ddim", [0, 1])]
+    assert {r["weights"] for r in kept} == {cached[0].stem.rsplit("_", 1)[1]}  # the weights the cache is keyed by
     ddim = json.loads(again.stdout.strip().splitlines()[-1])["metrics"]["eval/fd_digits_20"]
     assert ddim["reference"] == pytest.approx(fd["reference"])  # the same DDPM images
 
