@@ -6,22 +6,32 @@ Examples::
     python -m diffexp.evaluate run=RUN_DIR metric=fid_is_kid metric.num_samples=50000 sampler=ddpm
     python -m diffexp.evaluate -m run=RUN_DIR sampler=ddim,dpmpp sampler.steps=10,20,50   # several samplers
     accelerate launch -m diffexp.evaluate run=RUN_DIR                                       # several GPUs
+    python -m diffexp.evaluate run=RUN_DIR images=FILE.npz                 # images made elsewhere
 
 Every result is kept in ``RUN_DIR/eval.json``, keyed by metric, sample count, sampler, steps and
 seed (the same key again replaces its own entry: it is the same measurement); the result is also
 printed as JSON on the last line.
+
+``images=FILE.npz`` scores the images in that file instead of sampling the run (all of them; an
+``.npz`` as ``sample`` writes it: ``images``, uint8 N x H x W x C, at the run's resolution and channels,
+and for a class-conditional run ``labels``) against the run's dataset with the same metrics. That
+result is printed only: the images need not be the run's, so eval.json does not keep it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
+from pathlib import Path
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diffexp import DiffexpError
 from diffexp.cli import CONFIG_PATH, report_errors
 from diffexp.records import RunDir, now, write_json_atomic
 from diffexp.tracking import add_to_wandb_summary
@@ -53,6 +63,57 @@ def record_result(run: RunDir, result: dict) -> list[dict]:
     return results
 
 
+def images_file(path: str, dataset_cfg: DictConfig) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """``(images, labels or None, sha256 of the file)`` of an ``.npz`` as ``sample`` writes it, refused in
+    one line unless its images are uint8 N x H x W x C (N >= 2) at the dataset's resolution and channels."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DiffexpError(f"images={path}: no such file (an .npz as python -m diffexp.sample writes)")
+    try:
+        with np.load(file) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError) as e:
+        raise DiffexpError(f"images={path}: not an .npz file ({e})") from None
+    if "images" not in arrays:
+        raise DiffexpError(f"images={path}: the file has no 'images' array (it has {sorted(arrays)})")
+    images, labels = arrays["images"], arrays.get("labels")
+    size, channels = int(dataset_cfg.resolution), int(dataset_cfg.channels)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, channels) or len(images) < 2:
+        raise DiffexpError(f"images={path}: expected at least 2 uint8 images of {size}x{size}x{channels} (the run's "
+                           f"dataset), got {images.dtype} {'x'.join(map(str, images.shape))}")
+    if labels is not None and labels.shape != (len(images),):
+        raise DiffexpError(f"images={path}: 'labels' has shape {labels.shape}, expected one per image ({len(images)})")
+    return images, labels, hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def evaluate_file(cfg: DictConfig) -> dict | None:
+    """Score the images of ``cfg.images`` against the dataset of ``cfg.run`` with its metric; the main
+    process gets the result (others None), nothing is recorded."""
+    from accelerate import Accelerator
+
+    from diffexp.data import load_images
+    from diffexp.evaluation import Evaluator, resolve_metric
+    from diffexp.sampling import class_names
+
+    run = RunDir(cfg.run).require()
+    run_cfg = run.config()
+    metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
+    images, labels, digest = images_file(str(cfg.images), run_cfg.dataset)
+    names = class_names(run)
+    if labels is not None and names and not ((labels >= 0) & (labels < len(names))).all():
+        raise DiffexpError(f"images={cfg.images}: labels outside the run's classes 0..{len(names) - 1}")
+    accelerator = Accelerator()
+    with accelerator.main_process_first():
+        real = load_images(run_cfg.dataset, cfg.cache_dir)
+    evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
+    scores = evaluator.score_images(images, labels if names else None)
+    result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
+              "network": metric_cfg.network, "num_samples": len(images), "num_real": evaluator.num_real,
+              "images": str(cfg.images), "images_sha256": digest[:16], "at": now()}
+    accelerator.end_training()
+    return result if accelerator.is_main_process else None
+
+
 def evaluate(cfg: DictConfig) -> dict | None:
     """Evaluate the EMA weights of ``cfg.run``; the main process records the result in eval.json and gets it (others None)."""
     from accelerate import Accelerator
@@ -62,6 +123,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from diffexp.evaluation import Evaluator, resolve_metric
     from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
 
+    if cfg.get("images"):
+        return evaluate_file(cfg)
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
     metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)

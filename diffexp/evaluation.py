@@ -34,6 +34,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
@@ -279,6 +280,23 @@ class Evaluator:
     def names(self) -> list[str]:
         """The metric names this evaluator logs (for W&B's summaries and the default comparison)."""
         return [metric_name(k, self.cfg.network, self.num_samples) for k in ("fd", "cs", "kid") if k in self.cfg.metrics]
+
+    def score_images(self, images_u8: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+        """Scores of given uint8 images (N x H x W x C; ``labels``: the classes asked for, if any),
+        computed on the main process and handed to every process, with ``eval/seconds``."""
+        t0 = time.perf_counter()
+        results = None
+        if self.accelerator.is_main_process:
+            fake, logits = features_of(self.net, torch.from_numpy(images_u8).permute(0, 3, 1, 2),
+                                       int(self.cfg.batch_size), progress=True)
+            results = score(self.cfg, self.reference, fake, logits,
+                            None if labels is None else torch.as_tensor(labels).long(), self.reference_logits)
+        results = broadcast_object_list([results])[0]
+        results["eval/seconds"] = time.perf_counter() - t0
+        if self.accelerator.is_main_process:
+            log.info("evaluation of %d given images: %s", len(images_u8),
+                     ", ".join(f"{k}={v:.4g}" for k, v in results.items() if k != "eval/seconds"))
+        return results
 
     def __call__(self, denoiser, sampler, steps: int, *, vae=None, num_classes: int | None = None,
                  guidance_scale: float = 1.0) -> dict[str, float]:

@@ -184,6 +184,29 @@ def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_number
     assert "| eval/fd_digits ↓ | eval/fd_digits_balanced ↓ |" in "\n".join(lines)  # the lead, then its variant
 
 
+def test_evaluate_scores_a_file_of_images_with_the_numbers_of_its_own_samples(finished_run, cache_dir, tmp_path):
+    # `sample` writes seed 3's images (one chunk); evaluate gives that file the numbers it gives when it
+    # samples seed 3 itself, and keeps the file's result out of eval.json (the images need not be the run's).
+    from test_inputs import one_error_line
+
+    images = tmp_path / "seed3.npz"
+    run_main("sample", f"run={finished_run}", "n=12", "seed=3", f"out={images}", check=True)
+    common = [f"run={finished_run}", f"cache_dir={cache_dir}", "metric.seed=3", "metric.batch_size=12"]
+    own = json.loads(run_main("evaluate", *common, "metric.num_samples=12", check=True).stdout.strip().splitlines()[-1])
+    kept = (finished_run / "eval.json").read_bytes()
+    given = json.loads(run_main("evaluate", *common, f"images={images}", check=True).stdout.strip().splitlines()[-1])
+    scores = {k: v for k, v in own.items() if k.startswith("eval/") and k != "eval/seconds"}
+    assert len(scores) > 5 and {k: given[k] for k in scores} == scores
+    assert (given["num_samples"], given["images"]) == (12, str(images)) and "sampler" not in given
+    assert (finished_run / "eval.json").read_bytes() == kept
+    # Another resolution than the run's dataset is refused in one line, before anything is loaded.
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((4, 16, 16, 1), np.uint8))
+    size = OmegaConf.load(finished_run / "config.yaml").dataset.resolution
+    assert one_error_line(run_main("evaluate", *common, f"images={wrong}")) == (
+        f"error: images={wrong}: expected at least 2 uint8 images of {size}x{size}x1 (the run's dataset), got uint8 4x16x16x1")
+
+
 def test_a_cell_of_fewer_values_than_its_row_says_how_many():
     pooled = {"mean": 0.6, "ci95": 0.09, "n": 15}
     assert fmt_ci(pooled, 15) == "0.6 ± 0.09" and fmt_ci(pooled) == "0.6 ± 0.09"
