@@ -181,6 +181,12 @@ def training_rng_untouched():
     return torch.random.fork_rng(devices=gpus)
 
 
+def sampling_precision(device: torch.device):
+    """The numerics evaluation samples with: bf16 autocast on a GPU, float32 elsewhere (CPU autocast would be
+    slower). Only the sampling: the feature network stays float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
 def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor,
           labels: torch.Tensor | None = None, real_logits: torch.Tensor | None = None) -> dict[str, float]:
     """Every metric of ``metric_cfg.metrics`` of the generated set (features ``fake``, logits) against the
@@ -317,8 +323,7 @@ class Evaluator:
                   disable=not acc.is_main_process) as bar:
             for c in range(acc.process_index, len(sizes), acc.num_processes):
                 labels = None if not num_classes else torch.arange(starts[c], starts[c] + sizes[c]) % num_classes
-                # bf16 autocast on GPU only: CPU autocast would be slower; the feature network stays float32.
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=acc.device.type == "cuda"):
+                with sampling_precision(acc.device):
                     images = generate_chunk(pipe, count=sizes[c], steps=steps, seed=chunk_seed(self.cfg.seed, c),
                                             labels=labels, guidance_scale=guidance_scale)
                 feats, logits = features_of(self.net, torch.from_numpy(images).permute(0, 3, 1, 2),

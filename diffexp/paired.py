@@ -7,9 +7,9 @@ Examples::
     python -m diffexp.paired run=RUN_DIR sampler=ddim sampler.steps=20 seeds=[0,1,2]
     python -m diffexp.paired -m run=RUN_DIR sampler=dpmpp_sde,dpmpp sampler.steps=10,20
 
-For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (on a CPU, the
-images ``evaluate sampler=ddpm`` scores for that seed; cached in ``RUN_DIR/paired/``, so they are made once per
-run, seed and count) and as many from the sampler, each the coupled twin of a DDPM image
+For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (the images
+``evaluate sampler=ddpm`` scores for that seed, sampled as it samples: bf16 autocast on a GPU; cached in
+``RUN_DIR/paired/``, so they are made once per run, seed and count) and as many from the sampler, each the coupled twin of a DDPM image
 (``diffexp.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
 of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
 pairs (of FD at the pooled count, whose small-sample bias dilutes relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at most
@@ -56,6 +56,7 @@ def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: in
 def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int) -> np.ndarray:
     """DDPM's images over every training step for ``seed``: from the cache, else made (slow) and cached."""
     from diffexp.coupling import reference_steps
+    from diffexp.evaluation import sampling_precision
     from diffexp.sampling import generate, save_grid, save_npz
 
     steps = reference_steps(reference)
@@ -65,7 +66,8 @@ def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, bat
         return np.load(path)["images"]
     log.info("DDPM-%d images of seed %d: making %d (%d network evaluations each; cached in %s)",
              steps, seed, n, steps, path)
-    images = generate(denoiser, reference, n=n, steps=steps, seed=seed, batch_size=batch_size, progress=True)
+    with sampling_precision(denoiser.device):  # as evaluate samples: these are its images of the seed
+        images = generate(denoiser, reference, n=n, steps=steps, seed=seed, batch_size=batch_size, progress=True)
     save_npz(path, images=images)  # atomic_path makes RUN_DIR/paired/
     save_grid(images[:64], path.with_suffix(".png"))
     return images
@@ -125,7 +127,7 @@ def paired(cfg: DictConfig) -> dict:
     from diffexp.coupling import coupled_generate, reference_steps
     from diffexp.data import load_images
     from diffexp.evaluate import key, locked
-    from diffexp.evaluation import Evaluator, features_of, metric_name, resolve_metric
+    from diffexp.evaluation import Evaluator, features_of, metric_name, resolve_metric, sampling_precision
     from diffexp.quality import class_mix_distance
     from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
 
@@ -164,8 +166,9 @@ def paired(cfg: DictConfig) -> dict:
     for seed in seeds:
         images = reference_images(run, denoiser, reference, seed=seed, n=n, batch_size=batch_size)
         ref.append(features_of(evaluator.net, torch.from_numpy(images).permute(0, 3, 1, 2), int(metric_cfg.batch_size)))
-        twins = coupled_generate(denoiser, reference, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size,
-                                 progress=True)
+        with sampling_precision(denoiser.device):
+            twins = coupled_generate(denoiser, reference, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size,
+                                     progress=True)
         cand.append(features_of(evaluator.net, torch.from_numpy(twins).permute(0, 3, 1, 2), int(metric_cfg.batch_size)))
     ref = tuple(torch.cat(parts) for parts in zip(*ref))
     cand = tuple(torch.cat(parts) for parts in zip(*cand))
