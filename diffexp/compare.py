@@ -323,6 +323,32 @@ def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
     return out, lead
 
 
+def paired_table(runs, keys: list[tuple], axes: list[str]) -> tuple[list[dict], tuple | None]:
+    """The runs' ``python -m diffexp.paired`` results (a row each, in run order) and their report table:
+    each metric's ``sampler / reference - 1`` with its 95% interval and the verdict at the result's tolerance."""
+    rows = [{"axes": list(key), "run": run.path.name, **r}
+            for run, key in zip(runs, keys) for r in (run.paired_results() if hasattr(run, "paired_results") else [])]
+    if not rows:
+        return [], None
+    columns = list(dict.fromkeys(uncounted(k) for r in rows for k, d in r["metrics"].items() if "relative" in d))
+
+    def cell(r: dict, column: str) -> str:
+        d = next((d for k, d in r["metrics"].items() if uncounted(k) == column and "relative" in d), None)
+        if d is None:
+            return "–"
+        verdict = "within" if d["within_tolerance"] else "not shown within"
+        return (f"{100 * d['relative']:+.1f}% ({100 * d['low']:+.1f}% .. {100 * d['high']:+.1f}%): "
+                f"{verdict} {100 * r['tolerance']:g}%")
+
+    header = [*axes, "run", "sampler", "steps", "against", "pairs", "same class", *(f"{c} vs reference" for c in columns)]
+    table = [[*r["axes"], r["run"], r["sampler"], fmt(r["sampler_steps"]), r["reference"], fmt(r["pairs"]),
+              "–" if r.get("same_class") is None else f"{100 * r['same_class']:.1f}%", *(cell(r, c) for c in columns)]
+             for r in rows]
+    title = ("Against the reference sampler on coupled pairs (python -m diffexp.paired; sampler / reference - 1, "
+             "95% bootstrap interval over the pairs)")
+    return rows, (title, header, table)
+
+
 def uncounted(key: str) -> str:
     """A metric name without its sample count: ``eval/fd_digits`` for ``eval/fd_digits_2k``."""
     return key.rsplit("_", 1)[0]
@@ -529,6 +555,9 @@ def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = 
     rows, eval_lead = sampler_rows(runs, keys)  # the runs' evaluate results, if any
     if rows:
         summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead)}
+    paired, paired_tab = paired_table(runs, keys, axes)  # the runs' paired results, if any
+    if paired:
+        summary["paired"] = paired
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
     # The tables lead with one quality metric; every quality metric's final value has its own table.
@@ -551,6 +580,8 @@ def write_report(runs, axes: list[str] | None, out: Path, *, rank: str | None = 
     if "samplers" in summary:
         tables += sampler_tables(summary["samplers"]["rows"], axes, summary["samplers"]["metric"],
                                  summary["samplers"]["best"])
+    if paired_tab:
+        tables.append(paired_tab)
     titles_of = {"loss": "Training loss" + (f" (smoothed {weight:g}; faint: raw)" if weight > 0 else ""),
                  "quality": f"Sample quality: {lead}", "grids": "Last sample grids"}
     shown = [(titles_of[k], f"{k}.png") for k, ok in plots.items() if ok]

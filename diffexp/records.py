@@ -238,6 +238,12 @@ class RunDir:
         data = json.loads(self.eval_file.read_text())
         return data["results"] if "results" in data else [data]
 
+    def paired_results(self) -> list[dict[str, Any]]:
+        """The results ``diffexp.paired`` recorded in paired/results.json (one per sampler, steps, seeds,
+        count and weights)."""
+        file = self.paired_dir / "results.json"
+        return json.loads(file.read_text())["results"] if file.is_file() else []
+
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""
         if not self.metrics_file.exists():

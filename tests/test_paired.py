@@ -100,6 +100,20 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
     ddim = json.loads(again.stdout.strip().splitlines()[-1])["metrics"]["eval/fd_digits_20"]
     assert ddim["reference"] == pytest.approx(fd["reference"])  # the same DDPM images
 
+    # compare shows them, a row per result, with the verdicts paired printed.
+    from diffexp.compare import main as compare
+
+    compare([str(finished_run), f"out={finished_run / 'cmp'}"])
+    report = (finished_run / "cmp" / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "| ddpm1000 |" in line]
+    verdict = "within" if fd["within_tolerance"] else "not shown within"
+    assert len(rows) == 2 and "| dpmpp_sde | 5 | ddpm1000 | 20 |" in rows[0] and "| ddim | 5 |" in rows[1]
+    assert (f"{100 * fd['relative']:+.1f}% ({100 * fd['low']:+.1f}% .. {100 * fd['high']:+.1f}%): {verdict} 5%"
+            in rows[0])
+    assert "eval/fd_digits vs reference | eval/fd_digits_balanced vs reference |" in report
+    summary = json.loads((finished_run / "cmp" / "summary.json").read_text())
+    assert [r["sampler"] for r in summary["paired"]] == ["dpmpp_sde", "ddim"]
+
 
 @pytest.mark.parametrize("args,expected", [
     (["seeds=[]"], "error: seeds=[]: expected a list of distinct integer sampling seeds"),
