@@ -264,6 +264,16 @@ def result_nfe(result: dict, scheduler_cfg) -> int | None:
         return None
 
 
+def usual_options(results: list[dict]) -> dict[str, dict[str, str]]:
+    """Per sampler name: each option's most common value (as JSON) among the results of that sampler."""
+    usual = {}
+    for name in {r["sampler"] for r in results}:
+        settings = [r.get("sampler_options") or {} for r in results if r["sampler"] == name]
+        usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
+                       for k in set().union(*settings)}
+    return usual
+
+
 def sampler_label(result: dict, usual: dict[str, dict[str, str]]) -> str:
     """``dpmpp_sde``, or ``dpmpp_sde use_karras_sigmas=True`` for a result whose options differ from the
     usual ones (the most common value of each option among the results of that sampler)."""
@@ -285,11 +295,7 @@ def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
         found += [(key, r, result_nfe(r, scheduler_cfg)) for r in results]
     if not found:
         return [], None
-    usual = {}  # per sampler name: each option's most common value among its results
-    for name in {r["sampler"] for _, r, _ in found}:
-        settings = [r.get("sampler_options") or {} for _, r, _ in found if r["sampler"] == name]
-        usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
-                       for k in set().union(*settings)}
+    usual = usual_options([r for _, r, _ in found])
     lead = primary_quality([{k for k in r if quality_goal(k)} for _, r, _ in found])
     if lead is None:
         return [], None
@@ -341,7 +347,8 @@ def paired_table(runs, keys: list[tuple], axes: list[str]) -> tuple[list[dict], 
                 f"{verdict} {100 * r['tolerance']:g}%")
 
     header = [*axes, "run", "sampler", "steps", "against", "pairs", "same class", *(f"{c} vs reference" for c in columns)]
-    table = [[*r["axes"], r["run"], r["sampler"], fmt(r["sampler_steps"]), r["reference"], fmt(r["pairs"]),
+    usual = usual_options(rows)
+    table = [[*r["axes"], r["run"], sampler_label(r, usual), fmt(r["sampler_steps"]), r["reference"], fmt(r["pairs"]),
               "–" if r.get("same_class") is None else f"{100 * r['same_class']:.1f}%", *(cell(r, c) for c in columns)]
              for r in rows]
     title = ("Against the reference sampler on coupled pairs (python -m diffexp.paired; sampler / reference - 1, "

@@ -63,23 +63,32 @@ def record_result(run: RunDir, result: dict) -> list[dict]:
     return results
 
 
+def metric_id(metric_cfg: DictConfig) -> str:
+    """How a result names its (resolved) metric config: its name, ``auto:<network>`` for ``metric=auto``."""
+    return metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}"
+
+
 def images_file(path: str, dataset_cfg: DictConfig) -> tuple[np.ndarray, np.ndarray | None, str]:
     """``(images, labels or None, sha256 of the file)`` of an ``.npz`` as ``sample`` writes it, refused in
-    one line unless its images are uint8 N x H x W x C (N >= 2) at the dataset's resolution and channels."""
+    one line unless its images are uint8 N x H x W x C at the dataset's resolution and channels."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DiffexpError(f"images={path}: no such file (an .npz as python -m diffexp.sample writes)")
     try:
-        with np.load(file) as data:
-            arrays = {k: data[k] for k in data.files}
+        data = np.load(file)
     except (ValueError, OSError) as e:
         raise DiffexpError(f"images={path}: not an .npz file ({e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy: one array, no names
+        raise DiffexpError(f"images={path}: not an .npz file (one {type(data).__name__}; save it with "
+                           "np.savez(FILE, images=...))")
+    with data:
+        arrays = {k: data[k] for k in data.files}
     if "images" not in arrays:
         raise DiffexpError(f"images={path}: the file has no 'images' array (it has {sorted(arrays)})")
     images, labels = arrays["images"], arrays.get("labels")
     size, channels = int(dataset_cfg.resolution), int(dataset_cfg.channels)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, channels) or len(images) < 2:
-        raise DiffexpError(f"images={path}: expected at least 2 uint8 images of {size}x{size}x{channels} (the run's "
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, channels):
+        raise DiffexpError(f"images={path}: expected uint8 images of {size}x{size}x{channels} (the run's "
                            f"dataset), got {images.dtype} {'x'.join(map(str, images.shape))}")
     if labels is not None and labels.shape != (len(images),):
         raise DiffexpError(f"images={path}: 'labels' has shape {labels.shape}, expected one per image ({len(images)})")
@@ -97,8 +106,11 @@ def evaluate_file(cfg: DictConfig) -> dict | None:
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
-    metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
     images, labels, digest = images_file(str(cfg.images), run_cfg.dataset)
+    try:  # the file's count is the sample count: the metrics' own checks apply to it (pr_k < count, ...)
+        metric_cfg = resolve_metric(OmegaConf.merge(cfg.metric, {"num_samples": len(images)}), run_cfg.dataset)
+    except DiffexpError as e:
+        raise DiffexpError(f"images={cfg.images} ({len(images)} images): {e}") from None
     names = class_names(run)
     if labels is not None and names and not ((labels >= 0) & (labels < len(names))).all():
         raise DiffexpError(f"images={cfg.images}: labels outside the run's classes 0..{len(names) - 1}")
@@ -107,8 +119,7 @@ def evaluate_file(cfg: DictConfig) -> dict | None:
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
     scores = evaluator.score_images(images, labels if names else None)
-    result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
-              "network": metric_cfg.network, "num_samples": len(images), "num_real": evaluator.num_real,
+    result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network, "num_samples": len(images), "num_real": evaluator.num_real,
               "images": str(cfg.images), "images_sha256": digest[:16], "at": now()}
     accelerator.end_training()
     return result if accelerator.is_main_process else None
@@ -144,8 +155,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
     scores = evaluator(denoiser, sampler, steps, vae=vae, num_classes=len(names) if names else None,
                        guidance_scale=float(guidance))
-    result = {**scores, "metric": metric_cfg.name if metric_cfg.name != "auto" else f"auto:{metric_cfg.network}",
-              "network": metric_cfg.network, "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
+    result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network,
+              "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
               "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),

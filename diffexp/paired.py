@@ -48,19 +48,22 @@ def weights_digest(run: RunDir) -> str:
     return digest.hexdigest()[:12]
 
 
-def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: int) -> Path:
-    """Where DDPM's ``n`` images of ``seed`` (chunks of ``batch_size``) are cached for this run's weights."""
-    return run.paired_dir / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}_{weights_digest(run)}.npz"
+def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: int, weights: str, bf16: bool) -> Path:
+    """Where DDPM's ``n`` images of ``seed`` (chunks of ``batch_size``) are cached for the weights hashed
+    ``weights``, sampled in float32 or (``bf16``, on a GPU) under bf16 autocast."""
+    return run.paired_dir / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}{'_bf16' if bf16 else ''}_{weights}.npz"
 
 
-def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int) -> np.ndarray:
+def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int,
+                     weights: str) -> np.ndarray:
     """DDPM's images over every training step for ``seed``: from the cache, else made (slow) and cached."""
     from diffexp.coupling import reference_steps
-    from diffexp.evaluation import sampling_precision
+    from diffexp.evaluation import samples_in_bf16, sampling_precision
     from diffexp.sampling import generate, save_grid, save_npz
 
     steps = reference_steps(reference)
-    path = reference_file(run, steps=steps, seed=seed, n=n, batch_size=batch_size)
+    bf16 = samples_in_bf16(denoiser.device)  # the twins are made the same way
+    path = reference_file(run, steps=steps, seed=seed, n=n, batch_size=batch_size, weights=weights, bf16=bf16)
     if path.is_file():
         log.info("DDPM-%d images of seed %d: cached in %s", steps, seed, path)
         return np.load(path)["images"]
@@ -162,9 +165,10 @@ def paired(cfg: DictConfig) -> dict:
     denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
     evaluator = Evaluator(metric_cfg, accelerator, load_images(run_cfg.dataset, cfg.cache_dir), run_cfg.dataset,
                           cfg.cache_dir)
+    weights = weights_digest(run)  # once: the cache and the result name the same weights
     ref, cand = [], []
     for seed in seeds:
-        images = reference_images(run, denoiser, reference, seed=seed, n=n, batch_size=batch_size)
+        images = reference_images(run, denoiser, reference, seed=seed, n=n, batch_size=batch_size, weights=weights)
         ref.append(features_of(evaluator.net, torch.from_numpy(images).permute(0, 3, 1, 2), int(metric_cfg.batch_size)))
         with sampling_precision(denoiser.device):
             twins = coupled_generate(denoiser, reference, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size,
@@ -180,7 +184,7 @@ def paired(cfg: DictConfig) -> dict:
         "sampler": sampler_name(sampler_cfg), "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True),
         "sampler_steps": steps, "nfe": network_evaluations(sampler, steps),
         "reference": f"ddpm{reference_steps(reference)}", "seeds": seeds, "num_samples": n, "pairs": pairs,
-        "network": net, "num_real": evaluator.num_real, "weights": weights_digest(run), "tolerance": float(cfg.tolerance), "bootstrap": int(cfg.bootstrap),
+        "network": net, "num_real": evaluator.num_real, "weights": weights, "tolerance": float(cfg.tolerance), "bootstrap": int(cfg.bootstrap),
         "same_class": float((ref[1].argmax(1) == cand[1].argmax(1)).double().mean()) if net == "digits" else None,
         "metrics": {metric_name(kind, net, pairs): {**d, "within_tolerance": d["high"] <= cfg.tolerance}
                     for kind, d in diffs.items()},

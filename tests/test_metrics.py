@@ -204,7 +204,14 @@ def test_evaluate_scores_a_file_of_images_with_the_numbers_of_its_own_samples(fi
     np.savez(wrong, images=np.zeros((4, 16, 16, 1), np.uint8))
     size = OmegaConf.load(finished_run / "config.yaml").dataset.resolution
     assert one_error_line(run_main("evaluate", *common, f"images={wrong}")) == (
-        f"error: images={wrong}: expected at least 2 uint8 images of {size}x{size}x1 (the run's dataset), got uint8 4x16x16x1")
+        f"error: images={wrong}: expected uint8 images of {size}x{size}x1 (the run's dataset), got uint8 4x16x16x1")
+    # Too few images for a metric (precision/recall's 3 neighbours), and a .npy, likewise.
+    few, npy = tmp_path / "few.npz", tmp_path / "images.npy"
+    np.savez(few, images=np.zeros((3, size, size, 1), np.uint8))
+    np.save(npy, np.zeros((4, size, size, 1), np.uint8))
+    assert one_error_line(run_main("evaluate", *common, f"images={few}")).startswith(
+        f"error: images={few} (3 images): metric.pr_k=3: precision/recall needs")
+    assert one_error_line(run_main("evaluate", *common, f"images={npy}")).startswith(f"error: images={npy}: not an .npz")
 
 
 def test_a_cell_of_fewer_values_than_its_row_says_how_many():
