@@ -119,8 +119,8 @@ def evaluate_file(cfg: DictConfig) -> dict | None:
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
     scores = evaluator.score_images(images, labels if names else None)
-    result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network, "num_samples": len(images), "num_real": evaluator.num_real,
-              "images": str(cfg.images), "images_sha256": digest[:16], "at": now()}
+    result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network, "num_samples": len(images),
+              "num_real": evaluator.num_real, "images": str(cfg.images), "images_sha256": digest[:16], "at": now()}
     accelerator.end_training()
     return result if accelerator.is_main_process else None
 

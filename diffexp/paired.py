@@ -9,8 +9,8 @@ Examples::
 
 For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (the images
 ``evaluate sampler=ddpm`` scores for that seed, sampled as it samples: bf16 autocast on a GPU; cached in
-``RUN_DIR/paired/``, so they are made once per run, seed and count) and as many from the sampler, each the coupled twin of a DDPM image
-(``diffexp.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
+``RUN_DIR/paired/``, so they are made once per run, seed and count) and as many from the sampler, each
+the coupled twin of a DDPM image (``diffexp.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
 of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
 pairs (of FD at the pooled count, whose small-sample bias dilutes relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at most
 ``tolerance`` (worse by at most that; better is fine). Results accumulate in
@@ -184,7 +184,8 @@ def paired(cfg: DictConfig) -> dict:
         "sampler": sampler_name(sampler_cfg), "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True),
         "sampler_steps": steps, "nfe": network_evaluations(sampler, steps),
         "reference": f"ddpm{reference_steps(reference)}", "seeds": seeds, "num_samples": n, "pairs": pairs,
-        "network": net, "num_real": evaluator.num_real, "weights": weights, "tolerance": float(cfg.tolerance), "bootstrap": int(cfg.bootstrap),
+        "network": net, "num_real": evaluator.num_real, "weights": weights, "tolerance": float(cfg.tolerance),
+        "bootstrap": int(cfg.bootstrap),
         "same_class": float((ref[1].argmax(1) == cand[1].argmax(1)).double().mean()) if net == "digits" else None,
         "metrics": {metric_name(kind, net, pairs): {**d, "within_tolerance": d["high"] <= cfg.tolerance}
                     for kind, d in diffs.items()},
@@ -194,11 +195,9 @@ def paired(cfg: DictConfig) -> dict:
         result["metrics"][metric_name("classmix", net, pairs)] = {
             "reference": class_mix_distance(ref[1], evaluator.reference_logits),
             "sampler": class_mix_distance(cand[1], evaluator.reference_logits)}
-    results_file = run.paired_dir / "results.json"
     with locked(run):
-        old = json.loads(results_file.read_text())["results"] if results_file.is_file() else []
-        kept = [r for r in old if key(r, KEY) != key(result, KEY)]
-        write_json_atomic(results_file, {"results": [*kept, result]})
+        kept = [r for r in run.paired_results() if key(r, KEY) != key(result, KEY)]
+        write_json_atomic(run.paired_file, {"results": [*kept, result]})
     if result["same_class"] is not None:
         log.info("the two images of a pair show the same digit in %.1f%% of %d pairs (10%% by chance)",
                  100 * result["same_class"], pairs)

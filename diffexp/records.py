@@ -187,6 +187,11 @@ class RunDir:
         """``python -m diffexp.paired``'s results.json and cached DDPM images."""
         return self.path / "paired"
 
+    @property
+    def paired_file(self) -> Path:
+        """``python -m diffexp.paired``'s results (``paired_results``)."""
+        return self.paired_dir / "results.json"
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / STEP_DIR.format(step)
 
@@ -241,8 +246,7 @@ class RunDir:
     def paired_results(self) -> list[dict[str, Any]]:
         """The results ``diffexp.paired`` recorded in paired/results.json (one per sampler, steps, seeds,
         count and weights)."""
-        file = self.paired_dir / "results.json"
-        return json.loads(file.read_text())["results"] if file.is_file() else []
+        return json.loads(self.paired_file.read_text())["results"] if self.paired_file.is_file() else []
 
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""
