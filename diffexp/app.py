@@ -1,12 +1,12 @@
 """``python -m diffexp.app [app.runs=outputs] [app.host=127.0.0.1] [app.port=7860] [app.share=false]``.
 
-A Gradio page over the run directories below ``app.runs``, all read through ``diffexp.records``:
+A Gradio page over the run directories below ``app.runs``, all read through ``diffexp.records.rundir``:
 
 - the runs table (name, status, steps, wall time, final loss, best quality metric, dataset, model,
   objective), read again every ``app.refresh_s`` seconds while runs train;
 - the selected run's loss and quality curves, its sample grids through training (a slider), its
   config and ``run.json``;
-- sampling through ``diffexp.sampling.sample_run``, what ``python -m diffexp.sample`` uses (the same
+- sampling through ``diffexp.sampling.generate.sample_run``, what ``python -m diffexp.sample`` uses (the same
   seed gives the same images), downloadable as the sample command writes them (``.npz`` + grid PNG);
 - two or more runs side by side, sampled with the same settings.
 
@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError, first_line
-from diffexp.cli import CONFIG_PATH, report_errors
 from diffexp.compare import ARROW, fmt
-from diffexp.records import RunDir, primary_quality, quality_goal, run_dirs, step_of, summarize
+from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.records.rundir import RunDir, primary_quality, quality_goal, run_dirs, step_of, summarize
 from diffexp.runs import shown_path, wall_time
-from diffexp.sampling import class_names, sample_run, sampler_name, save_samples
+from diffexp.sampling.generate import class_names, sample_run, sampler_name, save_samples
 
 log = logging.getLogger("diffexp.app")
 OWN = "own"  # the sampler menu's value for "the run's own sampler"

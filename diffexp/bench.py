@@ -2,7 +2,7 @@
 
 Measures, after warm-up, on the composed training config (same groups and overrides as train):
 
-- training images/s of OUR loop (the real ``diffexp.loop.train`` into a temporary run directory)
+- training images/s of OUR loop (the real ``diffexp.training.loop.train`` into a temporary run directory)
   against a plain PyTorch loop of the tutorial kind on the same model and batch (add noise,
   predict, MSE, backward, clip, AdamW step), in alternating repeats (the order flips each repeat),
   and their ratio with spread;
@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, report_errors
 
 PHASES = ("data", "forward_backward", "optimizer", "ema", "logging")
 # Dense bf16 peak of cards we know (TFLOP/s, vendor datasheets, SXM parts), for "fraction of peak".
@@ -88,10 +88,10 @@ def bench_train_config(cfg: DictConfig, steps: int) -> DictConfig:
 
 
 def time_ours(cfg: DictConfig, steps: int) -> float:
-    """Images/s of ``diffexp.loop.train`` over ``steps`` steps after as many warm-up steps, as the
+    """Images/s of ``diffexp.training.loop.train`` over ``steps`` steps after as many warm-up steps, as the
     loop itself measures it (the interval ends in the loop's one host-device sync)."""
-    from diffexp.loop import train
-    from diffexp.records import RunDir
+    from diffexp.records.rundir import RunDir
+    from diffexp.training.loop import train
 
     with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp:
         train(bench_train_config(cfg, steps), tmp)
@@ -108,7 +108,7 @@ def profile_ours(cfg: DictConfig, steps: int, device) -> tuple[dict, float | Non
     Also returns the host-device synchronisations per step (``syncs_per_step``)."""
     from torch.profiler import profile
 
-    from diffexp.loop import train
+    from diffexp.training.loop import train
 
     with tempfile.TemporaryDirectory(prefix="diffexp-bench-") as tmp, profile(activities=activities(device)) as prof:
         train(bench_train_config(cfg, steps), tmp)
@@ -184,7 +184,7 @@ class PlainLoop:
     def __init__(self, cfg: DictConfig, images_u8, device):
         import torch
 
-        from diffexp.build import build_model, build_noise_scheduler
+        from diffexp.models.build import build_model, build_noise_scheduler
 
         torch.manual_seed(cfg.seed)
         self.device = device
@@ -200,7 +200,7 @@ class PlainLoop:
         import torch.nn.functional as F
         from torch.profiler import record_function as phase
 
-        from diffexp.data import to_float
+        from diffexp.data.datasets import to_float
 
         # The phases are named as in ours, for the side-by-side breakdown (free without a profiler).
         with phase("data"):
@@ -241,7 +241,7 @@ class PlainLoop:
 
 def time_input_pipeline(cfg: DictConfig, images_u8, device, n: int) -> float:
     """Images/s of ``Batches.get`` alone (data already on the device), after one warm-up epoch load."""
-    from diffexp.data import Batches
+    from diffexp.data.datasets import Batches
 
     t = cfg.trainer
     batches = Batches(images_u8, batch_size=t.batch_size, grad_accum=t.grad_accum, num_processes=1, process_index=0,
@@ -258,8 +258,8 @@ def time_input_pipeline(cfg: DictConfig, images_u8, device, n: int) -> float:
 
 def time_sampling(cfg: DictConfig, unet, device) -> list[dict]:
     """Images/s of ``diffexp.sampling.generate`` for each sampler and step count of ``bench``."""
-    from diffexp.build import build_sampler
-    from diffexp.sampling import generate
+    from diffexp.models.build import build_sampler
+    from diffexp.sampling.generate import generate
 
     rows = []
     n = cfg.bench.sample_n
@@ -283,8 +283,8 @@ def time_evaluation(cfg: DictConfig, unet, images_u8) -> dict:
     """Seconds of one evaluation of ``cfg.metric`` on ``bench.eval_samples`` samples, or why it was not measured."""
     from accelerate import Accelerator
 
-    from diffexp.build import build_sampler
-    from diffexp.evaluation import Evaluator, WeightsMissing, resolve_metric
+    from diffexp.models.build import build_sampler
+    from diffexp.quality.evaluator import Evaluator, WeightsMissing, resolve_metric
 
     if cfg.metric.name == "none":
         return {"measured": False, "note": "metric=none: no evaluation; its cost is sampling (above) plus the metric"}
@@ -344,9 +344,8 @@ def run_bench(cfg: DictConfig) -> dict:
     import torch
     from accelerate import PartialState
 
-    from diffexp.build import build_model
-    from diffexp.data import load_images
-    from diffexp.build import fused_adamw
+    from diffexp.data.datasets import load_images
+    from diffexp.models.build import build_model, fused_adamw
 
     b = cfg.bench
     for key in ("steps", "repeats", "profile_steps", "data_batches", "sample_n"):

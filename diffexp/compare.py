@@ -30,9 +30,17 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from diffexp import DiffexpError
-from diffexp.cli import report_errors
-from diffexp.records import (STATUSES, iter_runs, primary_quality, quality_goal, run_status, sample_count, summarize,
-                             wandb_runs)
+from diffexp.config import report_errors
+from diffexp.records.rundir import (
+    STATUSES,
+    iter_runs,
+    primary_quality,
+    quality_goal,
+    run_status,
+    sample_count,
+    summarize,
+    wandb_runs,
+)
 
 OPTIONS = ("by", "out", "source", "project", "sweep", "status", "rank", "smooth")
 # Keys that never make runs incomparable: where they were written, what they were called, seeds.
@@ -254,8 +262,8 @@ def result_nfe(result: dict, scheduler_cfg) -> int | None:
     worked out from its sampler settings and the run's training schedule (None if that fails)."""
     if result.get("nfe") is not None:
         return int(result["nfe"])
-    from diffexp.build import build_sampler
-    from diffexp.sampling import network_evaluations
+    from diffexp.models.build import build_sampler
+    from diffexp.sampling.generate import network_evaluations
 
     try:
         node = OmegaConf.create({"name": result.get("sampler"), "scheduler": result["sampler_options"]})
@@ -330,7 +338,7 @@ def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
 
 
 def paired_table(runs, keys: list[tuple], axes: list[str]) -> tuple[list[dict], tuple | None]:
-    """The runs' ``python -m diffexp.paired`` results (a row each, in run order) and their report table:
+    """The runs' ``python -m diffexp.research.paired`` results (a row each, in run order) and their report table:
     each metric's ``sampler / reference - 1`` with its 95% interval and the verdict at the result's tolerance."""
     rows = [{"axes": list(key), "run": run.path.name, **r}
             for run, key in zip(runs, keys) for r in (run.paired_results() if hasattr(run, "paired_results") else [])]
@@ -351,7 +359,7 @@ def paired_table(runs, keys: list[tuple], axes: list[str]) -> tuple[list[dict], 
     table = [[*r["axes"], r["run"], sampler_label(r, usual), fmt(r["sampler_steps"]), r["reference"], fmt(r["pairs"]),
               "–" if r.get("same_class") is None else f"{100 * r['same_class']:.1f}%", *(cell(r, c) for c in columns)]
              for r in rows]
-    title = ("Against the reference sampler on coupled pairs (python -m diffexp.paired; sampler / reference - 1, "
+    title = ("Against the reference sampler on coupled pairs (python -m diffexp.research.paired; sampler / reference - 1, "
              "95% bootstrap interval over the pairs)")
     return rows, (title, header, table)
 

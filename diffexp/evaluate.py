@@ -32,9 +32,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, report_errors
-from diffexp.records import RunDir, now, write_json_atomic
-from diffexp.tracking import add_to_wandb_summary
+from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.records.rundir import RunDir, now, write_json_atomic
+from diffexp.records.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
 KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale")
@@ -100,9 +100,9 @@ def evaluate_file(cfg: DictConfig) -> dict | None:
     process gets the result (others None), nothing is recorded."""
     from accelerate import Accelerator
 
-    from diffexp.data import load_images
-    from diffexp.evaluation import Evaluator, resolve_metric
-    from diffexp.sampling import class_names
+    from diffexp.data.datasets import load_images
+    from diffexp.quality.evaluator import Evaluator, resolve_metric
+    from diffexp.sampling.generate import class_names
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
@@ -129,10 +129,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     """Evaluate the EMA weights of ``cfg.run``; the main process records the result in eval.json and gets it (others None)."""
     from accelerate import Accelerator
 
-    from diffexp.build import build_sampler, resolve_sampler
-    from diffexp.data import load_images
-    from diffexp.evaluation import Evaluator, resolve_metric
-    from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
+    from diffexp.data.datasets import load_images
+    from diffexp.models.build import build_sampler, resolve_sampler
+    from diffexp.quality.evaluator import Evaluator, resolve_metric
+    from diffexp.sampling.generate import check_steps, class_names, network_evaluations, sampler_name
 
     if cfg.get("images"):
         return evaluate_file(cfg)

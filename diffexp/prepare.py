@@ -15,14 +15,14 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
-from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, report_errors
 
 
 def main(argv: list[str] | None = None) -> None:
     """Compose the training config with the overrides in ``argv`` (default: the command line),
     cache its dataset, print the cache file."""
     overrides = sys.argv[1:] if argv is None else argv
-    from diffexp.data import cache_path, load_images
+    from diffexp.data.datasets import cache_path, load_images
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with report_errors():

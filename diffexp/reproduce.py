@@ -27,8 +27,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, apply_overrides, report_errors, session_dirs
-from diffexp.records import RunDir, effective_config, git_state, package_versions, wandb_run
+from diffexp.config import CONFIG_PATH, apply_overrides, report_errors, session_dirs
+from diffexp.records.rundir import RunDir, effective_config, git_state, package_versions, wandb_run
 
 OWN_KEYS = ("run", "check", "check_tol")
 
@@ -82,9 +82,9 @@ def loss_check(original: list[dict], new: list[dict]) -> tuple[int, float, int |
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="reproduce")
 def main(cfg: DictConfig) -> None:
-    from diffexp.evaluation import resolve_metric
-    from diffexp.loop import train
-    from diffexp.validate import check_train_config  # heavy imports after Hydra has parsed the command line
+    from diffexp.config import check_train_config  # heavy imports after Hydra has parsed the command line
+    from diffexp.quality.evaluator import resolve_metric
+    from diffexp.training.loop import train
 
     with report_errors():
         source = open_source(str(cfg.run))

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from diffexp import DiffexpError
-from diffexp.cli import report_errors
 from diffexp.compare import ARROW, counted, fmt, parse_args, parse_statuses
-from diffexp.records import STATUSES, RunDir, iter_runs, primary_quality, quality_goal, run_status, summarize
+from diffexp.config import report_errors
+from diffexp.records.rundir import STATUSES, RunDir, iter_runs, primary_quality, quality_goal, run_status, summarize
 
 OPTIONS = ("status", "remove", "yes")
 REMOVABLE = ("failed", "empty")

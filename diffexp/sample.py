@@ -14,8 +14,8 @@ import hydra
 from omegaconf import DictConfig
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, report_errors
-from diffexp.records import RunDir
+from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.records.rundir import RunDir
 
 log = logging.getLogger("diffexp.sample")
 
@@ -32,7 +32,7 @@ def out_path(cfg: DictConfig, run: RunDir, sampler: str, steps: int) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from diffexp.sampling import sample_run, save_samples
+    from diffexp.sampling.generate import sample_run, save_samples
 
     with report_errors():
         run = RunDir(cfg.run).require()

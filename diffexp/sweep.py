@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from diffexp import DiffexpError, first_line
-from diffexp.cli import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, report_errors
 
 SCHEMA = "schemas/wandb_sweep_config.json"
 SWEEP_OPTIONS = ("runs", "sample_seed")

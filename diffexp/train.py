@@ -21,8 +21,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, record_choices, report_errors, session_dirs
-from diffexp.records import RunDir, effective_config
+from diffexp.config import CONFIG_PATH, record_choices, report_errors, session_dirs
+from diffexp.records.rundir import RunDir, effective_config
 
 log = logging.getLogger("diffexp.train")
 
@@ -113,9 +113,9 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
     into ``run_dir`` or continue ``cfg.resume``; returns the run's final status. Nothing is written
     before every check has passed; ``session_dir`` (Hydra's scratch record of this command) is
     adopted by the run when it starts."""
-    from diffexp.build import resolve_sampler
-    from diffexp.evaluation import resolve_metric
-    from diffexp.validate import check_train_config
+    from diffexp.config import check_train_config
+    from diffexp.models.build import resolve_sampler
+    from diffexp.quality.evaluator import resolve_metric
 
     resume, unchanged = bool(cfg.resume), False
     if resume:
@@ -131,7 +131,7 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
         return "finished"
     with open_dict(cfg):
         cfg.metric = resolve_metric(cfg.metric, cfg.dataset)
-    from diffexp.loop import train  # heavy imports after the checks
+    from diffexp.training.loop import train  # heavy imports after the checks
 
     return train(cfg, run_dir, resume=resume, session_dir=session_dir)
 

@@ -1,7 +1,7 @@
 """Shared fixtures: run diffexp's commands as a user would, with no network.
 
 Training runs in-process (``train``): the config is composed with Hydra's compose API
-(``diffexp.cli.compose_config``, what ``main`` receives) and handed to ``diffexp.train.run``,
+(``diffexp.config.compose_config``, what ``main`` receives) and handed to ``diffexp.train.run``,
 under the same one-line error reporting as the command line. Subprocesses (``run_cli``) are kept
 for what only a process shows: exit codes of the real command line, signals, Hydra's own
 parsing, multirun and the multi-process runs.
@@ -98,7 +98,7 @@ def captured():
 
 def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True) -> Result:
     """``python -m diffexp.train overrides...`` in this process (``run_dir`` instead of ``hydra.run.dir``)."""
-    from diffexp.cli import compose_config, report_errors
+    from diffexp.config import compose_config, report_errors
     from diffexp.train import run
 
     code = 0

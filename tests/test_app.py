@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
 from PIL import Image
 
-from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
-from diffexp.records import RunDir
+from diffexp.records.rundir import RunDir
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 # The README's screenshot is rewritten only when asked: DIFFEXP_SCREENSHOT=docs/app.png (else a temporary file).
@@ -137,7 +137,7 @@ def test_samples_as_the_cli_does_for_the_same_seed(client, runs, tmp_path):
     assert np.array_equal(ours["images"], theirs["images"])
     assert np.array_equal(np.asarray(Image.open(grid_file)), np.asarray(Image.open(tmp_path / "cli.png")))
     # The run's own sampler (sampler= left out on the command line), and another seed.
-    from diffexp.sampling import sample_run
+    from diffexp.sampling.generate import sample_run
 
     _, line, (own, _) = sample(client, "digits16", sampler="own", steps=4, seed=7, n=3)
     assert "dpmpp_sde in 4 steps, seed 7" in line

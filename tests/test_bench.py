@@ -93,8 +93,8 @@ def test_attention_is_pytorch_sdpa():
     from diffusers.models.attention_processor import Attention
     from hydra import compose, initialize_config_dir
 
-    from diffexp.build import build_model
-    from diffexp.cli import CONFIG_PATH
+    from diffexp.config import CONFIG_PATH
+    from diffexp.models.build import build_model
 
     with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
         cfg = compose(config_name="bench", overrides=["model=unet_small"])

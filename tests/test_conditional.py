@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
-from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
-from diffexp.build import build_model
-from diffexp.cli import compose_config
-from diffexp.data import load_data
-from diffexp.sampling import sample_run
+from diffexp.config import compose_config
+from diffexp.data.datasets import load_data
+from diffexp.models.build import build_model
+from diffexp.sampling.generate import sample_run
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from diffexp.build import build_model, build_noise_scheduler, build_optimizer, build_lr_scheduler, build_sampler
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH
+from diffexp.config import CONFIG_PATH
+from diffexp.models.build import build_lr_scheduler, build_model, build_noise_scheduler, build_optimizer, build_sampler
 
 CONF = Path(CONFIG_PATH)
 

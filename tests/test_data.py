@@ -12,13 +12,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import cli_env, run_cli, run_main
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH
-from diffexp.data import Batches, cache_path, load_images
-from conftest import cli_env, run_cli, run_main
+from diffexp.config import CONFIG_PATH
+from diffexp.data.datasets import Batches, cache_path, load_images
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +182,7 @@ def test_unreachable_hub_without_offline_flag_fails_at_once(tmp_path):
 TIME_LOAD_HUB = """
 import time
 from diffexp import DiffexpError
-from diffexp.data import load_hub
+from diffexp.data.datasets import load_hub
 start = time.monotonic()
 try:
     load_hub("huggan/smithsonian_butterflies_subset")

@@ -11,15 +11,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from torchvision.transforms.v2.functional import gaussian_blur
 
-from conftest import run_cli
-from diffexp import quality
-from diffexp.features.digits import NUM_FEATURES, WEIGHTS, digits_features, digits_split, load_digits_net
-from diffexp.quality import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
+from diffexp.quality import stats as quality
+from diffexp.quality.features.digits import NUM_FEATURES, WEIGHTS, digits_features, digits_split, load_digits_net
+from diffexp.quality.stats import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_rgb_and_numpy_samples_give_the_grayscale_answer(net, split):
 
 def test_retraining_reproduces_the_packaged_weights(tmp_path, split):
     out = tmp_path / "digits.safetensors"
-    proc = run_cli("features.train_digits", "--out", str(out), timeout=300)
+    proc = run_cli("quality.features.train_digits", "--out", str(out), timeout=300)
     assert "held-out accuracy" in proc.stdout
     with safe_open(str(WEIGHTS), "pt") as f:
         packaged_on = f.metadata()

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY, cli_env, run_cli, run_main
 
 

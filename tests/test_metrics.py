@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from omegaconf import OmegaConf
-
 from conftest import REPO, cli_env, run_main
-from diffexp.cli import compose_config
+from omegaconf import OmegaConf
+from wandb_files import find_runs
+
 from diffexp.compare import fmt, fmt_ci
-from diffexp.evaluation import auto_eval_every, resolve_metric, score
-from diffexp.wandb_files import find_runs
+from diffexp.config import compose_config
+from diffexp.quality.evaluator import auto_eval_every, resolve_metric, score
 
 SMALL = ["metric.num_samples=8", "metric.num_real=16", "metric.batch_size=8"]
 
@@ -110,10 +110,10 @@ def test_evaluation_leaves_the_training_random_streams_as_they_were(train):
 
     from accelerate import Accelerator
 
-    from diffexp.build import build_sampler
-    from diffexp.data import load_images
-    from diffexp.evaluation import Evaluator
-    from diffexp.records import RunDir
+    from diffexp.data.datasets import load_images
+    from diffexp.models.build import build_sampler
+    from diffexp.quality.evaluator import Evaluator
+    from diffexp.records.rundir import RunDir
 
     cfg = RunDir(with_eval).config()
     evaluator = Evaluator(cfg.metric, Accelerator(cpu=True), load_images(cfg.dataset, cfg.cache_dir), cfg.dataset,

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import crashed_copy, run_train
 from omegaconf import OmegaConf
 
-from conftest import crashed_copy, run_train
-from diffexp.build import build_objective, build_sampler
-from diffexp.cli import compose_config
-from diffexp.sampling import network_evaluations, sample_run
+from diffexp.config import compose_config
+from diffexp.models.build import build_objective, build_sampler
+from diffexp.sampling.generate import network_evaluations, sample_run
 
 torch.manual_seed(0)
 CLEAN = torch.rand(4, 1, 8, 8) * 2 - 1

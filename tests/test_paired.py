@@ -1,4 +1,4 @@
-"""Coupled twins of DDPM's images (diffexp.coupling) and the paired comparison command (diffexp.paired).
+"""Coupled twins of DDPM's images (diffexp.research.coupling) and the paired comparison command (diffexp.research.paired).
 
 The tiny run's denoiser is barely trained: what is tested is the sampling arithmetic, which any weights show.
 """
@@ -11,14 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run_main
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_main
-from diffexp.build import build_sampler
-from diffexp.coupling import coupled_generate, interval_weights, noise_weights, step_intervals
-from diffexp.records import RunDir
-from diffexp.sampling import generate
+from diffexp.models.build import build_sampler
+from diffexp.records.rundir import RunDir
+from diffexp.research.coupling import coupled_generate, interval_weights, noise_weights, step_intervals
+from diffexp.sampling.generate import generate
 
 DDPM = OmegaConf.load(REPO / "conf" / "sampler" / "ddpm.yaml")
 
@@ -78,7 +78,7 @@ def test_twins_of_a_20_step_sampler_are_closer_to_ddpm_than_other_samples(tiny_r
 
 def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished_run):
     args = [f"run={finished_run}", "metric.num_samples=10", "metric.batch_size=10", "bootstrap=100"]
-    result = run_main("paired", *args, "seeds=[0,1]", "sampler=dpmpp_sde", "sampler.steps=5", check=True)
+    result = run_main("research.paired", *args, "seeds=[0,1]", "sampler=dpmpp_sde", "sampler.steps=5", check=True)
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert (line["sampler"], line["sampler_steps"], line["reference"], line["pairs"]) == ("dpmpp_sde", 5, "ddpm1000", 20)
     fd = line["metrics"]["eval/fd_digits_20"]
@@ -91,7 +91,7 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
     denoiser, reference = parts(finished_run)
     assert np.array_equal(np.load(cached[0])["images"], generate(denoiser, reference, n=10, steps=1000, seed=0, batch_size=10))
     stamps = [p.stat().st_mtime_ns for p in cached]
-    again = run_main("paired", *args, "sampler=ddim", "sampler.steps=5", "seeds=[1,0]", check=True)
+    again = run_main("research.paired", *args, "sampler=ddim", "sampler.steps=5", "seeds=[1,0]", check=True)
     assert "cached in" in again.stdout + again.stderr and "making" not in again.stdout + again.stderr
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     kept = json.loads((finished_run / "paired" / "results.json").read_text())["results"]
@@ -125,7 +125,7 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
 def test_a_wrong_paired_input_is_one_line(args, expected, finished_run):
     from test_inputs import one_error_line
 
-    result = run_main("paired", f"run={finished_run}", *args)
+    result = run_main("research.paired", f"run={finished_run}", *args)
     assert one_error_line(result).startswith(expected)
     assert not (finished_run / "paired").exists()
 
@@ -133,7 +133,7 @@ def test_a_wrong_paired_input_is_one_line(args, expected, finished_run):
 def test_the_interval_resamples_pairs_not_sets():
     # Twins that are the same image differ by nothing, in every resample: only a resampling that
     # keeps pairs together gives exactly 0 (resampling each set on its own would spread it).
-    from diffexp.paired import relative_differences
+    from diffexp.research.paired import relative_differences
 
     generator = torch.Generator().manual_seed(0)
     real = torch.randn(300, 8, generator=generator)
@@ -150,7 +150,7 @@ def test_the_basic_interval_undoes_the_resamples_pull_towards_zero():
     # Resamples repeat a third of their pairs: the extra small-sample bias in both sets shrinks every
     # resampled ratio towards 0. The basic interval reflects the resamples about the estimate, so it
     # sits on the far side of it from 0, where the plain percentiles would sit on the near side.
-    from diffexp.paired import relative_differences
+    from diffexp.research.paired import relative_differences
 
     generator = torch.Generator().manual_seed(1)
     real = torch.randn(2000, 32, generator=generator)

@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline
-from diffusers import ModelMixin
+from conftest import run_train
+from diffusers import DDPMPipeline, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import BaseOutput
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_train
 from diffexp import DiffexpError
-from diffexp.build import build_sampler
-from diffexp.cli import CONFIG_PATH, compose_config
-from diffexp.sampling import generate, sample_run, save_grid
+from diffexp.config import CONFIG_PATH, compose_config
+from diffexp.models.build import build_sampler
+from diffexp.sampling.generate import generate, sample_run, save_grid
 
 SAMPLERS = sorted(p.stem for p in (Path(CONFIG_PATH) / "sampler").glob("*.yaml"))
 DDPM_SAMPLERS = [s for s in SAMPLERS if not s.startswith(("fm_", "edm_"))]
@@ -120,7 +119,7 @@ def test_flow_matching_and_edm_samplers_draw_from_the_trained_distribution(sched
 def gaussian_model(scheduler: str, prediction_type: str) -> tuple[GaussianDenoiser, object]:
     cfg = compose_config([f"scheduler={scheduler}", f"scheduler.prediction_type={prediction_type}",
                           "scheduler.clip_sample=false"])
-    from diffexp.build import build_noise_scheduler
+    from diffexp.models.build import build_noise_scheduler
 
     abar = build_noise_scheduler(cfg.scheduler).alphas_cumprod.tolist()
     return GaussianDenoiser(abar, prediction_type), cfg.scheduler

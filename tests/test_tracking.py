@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
+from conftest import REPO, TINY, cli_env, run_cli, run_main
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from wandb_files import find_runs, iter_records
 
-from diffexp.cli import CONFIG_PATH
-from diffexp.records import RunDir
-from diffexp.tracking import make_tracker, wandb_mode
-from diffexp.wandb_files import find_runs, iter_records
-from conftest import REPO, TINY, cli_env, run_cli, run_main
+from diffexp.config import CONFIG_PATH
+from diffexp.records.rundir import RunDir
+from diffexp.records.tracking import make_tracker, wandb_mode
 
 WARNING = "tracking off"
 

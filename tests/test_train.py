@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_main, run_train
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-
-from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_main, run_train
 
 
 def losses(run_dir):
@@ -225,8 +224,8 @@ def test_other_prediction_targets_and_grad_accumulation_train(train, prediction_
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
     """min(SNR, gamma) / SNR at SNR = 0 is 0/0 unless written with its limit (1)."""
-    from diffexp.build import build_objective
-    from diffexp.cli import compose_config
+    from diffexp.config import compose_config
+    from diffexp.models.build import build_objective
 
     cfg = compose_config(["scheduler.rescale_betas_zero_snr=true", f"scheduler.prediction_type={prediction_type}",
                           "trainer.loss_weighting=min_snr"])
@@ -242,7 +241,7 @@ def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
 
 
 def test_ema_is_diffusers_ema_at_every_step_and_folds_skipped_decays():
-    from diffexp.loop import EMA
+    from diffexp.training.loop import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 3), torch.nn.Linear(3, 2))
@@ -362,7 +361,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checked_checkpoint(train):
 
 
 def test_a_checkpoint_swap_cut_short_by_a_crash_is_recovered_and_never_listed_twice(finished_run):
-    from diffexp.records import RunDir
+    from diffexp.records.rundir import RunDir
 
     run = RunDir(finished_run)
     folder = run.checkpoints_dir

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hydra.core.hydra_config import HydraConfig
+from conftest import REPO, cli_env, run_cli, run_main
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
-from diffexp.cli import CONFIG_PATH
 from diffexp.compare import smooth
+from diffexp.config import CONFIG_PATH
 from diffexp.sweep import combinations, load_definition, schema_violations
-from conftest import REPO, cli_env, run_cli, run_main
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 CONF = Path(CONFIG_PATH)

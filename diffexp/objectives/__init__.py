@@ -3,7 +3,7 @@
 An objective turns clean images into the network's input, its noise-level conditioning, the
 target it must output and a per-sample loss weight (``Noised``); the loop does the rest
 (``loss = weight * |net(input, timestep) - target|^2``). Sampling is a diffusers scheduler's job,
-built from the same config node by ``diffexp.build.build_sampler``; an objective names the
+built from the same config node by ``diffexp.models.build.build_sampler``; an objective names the
 sampler classes that can integrate what it trains (``compatible_samplers``) and its default
 (``default_sampler``, a ``conf/sampler`` option).
 

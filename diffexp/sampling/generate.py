@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError, first_line
-from diffexp.pipeline import DiffexpPipeline
+from diffexp.sampling.pipeline import DiffexpPipeline
 
 CHUNK_SEED_STRIDE = 1_000_003  # chunk c of seed s uses s + c * stride: chunk 0 is plain `seed`
 
@@ -97,7 +97,7 @@ class Samples:
 
 def class_names(run) -> list[str] | None:
     """The class names of a class-conditional run (index = class id), None for an unconditional one."""
-    from diffexp.records import RunDir
+    from diffexp.records.rundir import RunDir
 
     run = RunDir(run) if not isinstance(run, RunDir) else run
     if (run.config().get("conditioning") or {}).get("kind", "none") != "class":
@@ -130,8 +130,8 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     with classifier-free guidance ``guidance_scale`` (default: the run's ``conditioning.guidance_scale``);
     both are refused for unconditional runs.
     """
-    from diffexp.build import build_sampler, resolve_sampler
-    from diffexp.records import RunDir
+    from diffexp.models.build import build_sampler, resolve_sampler
+    from diffexp.records.rundir import RunDir
 
     run = RunDir(run) if not isinstance(run, RunDir) else run
     run_cfg = run.config()
@@ -215,7 +215,7 @@ def grid(images: np.ndarray, upscale_to: int = 64, padding: int = 2, nrow: int |
 
 def save_npz(out: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``out`` as a compressed ``.npz``, atomically."""
-    from diffexp.records import atomic_path
+    from diffexp.records.rundir import atomic_path
 
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:
@@ -234,7 +234,7 @@ def save_samples(samples: Samples, out: Path) -> Path:
 
 def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Image.Image:
     """Write ``grid(images)`` as a PNG at ``path`` (atomically); returns the image."""
-    from diffexp.records import atomic_path
+    from diffexp.records.rundir import atomic_path
 
     image = grid(images, nrow=nrow)
     with atomic_path(path) as tmp:

@@ -6,12 +6,12 @@ diffexp (``network: digits``, for digit datasets, on any machine). On its featur
 
 - ``fd``: Fréchet distance (torchmetrics ``FrechetInceptionDistance`` with our features);
 - ``fd_balanced``: the Fréchet distance with the samples reweighted to the real class mix
-  (``diffexp.quality.class_balanced_fd``; a classifier network only): the quality within the
+  (``diffexp.quality.stats.class_balanced_fd``; a classifier network only): the quality within the
   classes, without the chance class counts that dominate FD's spread over sampling seeds, and
   without any tilt of the class mix (which ``classmix`` measures);
 - ``cs``: classifier score, IS-style (torchmetrics ``InceptionScore`` on the logits);
 - ``kid``: kernel distance (torchmetrics ``KernelInceptionDistance``);
-- ``pr``: improved precision and recall (Kynkäänniemi et al. 2019, ``diffexp.quality``);
+- ``pr``: improved precision and recall (Kynkäänniemi et al. 2019, ``diffexp.quality.stats``);
 - ``classes``: class coverage, balance and confidence of the samples, the distance of their class
   mix from the real one (``classmix``, total variation), and, for class-conditional runs, the
   accuracy of the class asked for.
@@ -20,7 +20,7 @@ Names carry the network, so no number is mistaken for a paper's FID: Inception g
 ``eval/fid_2k``, ``eval/is_2k``, ``eval/kid_2k``; the digits network ``eval/fd_digits_500``,
 ``eval/fd_digits_balanced_500``, ``eval/cs_digits_500``, ``eval/precision_digits_500``, ...
 
-Under several processes, each generates whole chunks of the samples (``diffexp.sampling``: chunk
+Under several processes, each generates whole chunks of the samples (``diffexp.sampling.generate``: chunk
 ``c`` has its own seed), the features are gathered in chunk order and the main process computes the
 metrics once: the numbers do not depend on the number of processes.
 """
@@ -44,10 +44,10 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelI
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
-from diffexp.features.inception import WeightsMissing, how_to_get_weights, weights_available
-from diffexp.quality import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
-from diffexp.records import atomic_path
-from diffexp.sampling import chunk_seed, chunk_sizes, generate_chunk, make_pipeline
+from diffexp.quality.features.inception import WeightsMissing, how_to_get_weights, weights_available
+from diffexp.quality.stats import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
+from diffexp.records.rundir import atomic_path
+from diffexp.sampling.generate import chunk_seed, chunk_sizes, generate_chunk, make_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,13 @@ def load_feature_net(metric_cfg: DictConfig, accelerator: Accelerator) -> torch.
     answer, so all raise the same WeightsMissing together and none waits on the others.
     """
     if metric_cfg.network == "digits":
-        from diffexp.features.digits import WEIGHTS, load_digits_net
-        from diffexp.features.inception import file_digest
+        from diffexp.quality.features.digits import WEIGHTS, load_digits_net
+        from diffexp.quality.features.inception import file_digest
 
         net = load_digits_net(accelerator.device)
         net.name, net.digest = "digits", file_digest(WEIGHTS)
         return net
-    from diffexp.features.inception import InceptionNet, inception_weights
+    from diffexp.quality.features.inception import InceptionNet, inception_weights
 
     answer: list = [None]
     if accelerator.is_main_process:
@@ -422,8 +422,8 @@ def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator: Evaluator, ne
     denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
     network evaluations (twice with guidance), the decoder of latents and the feature network).
     ``t``: the trainer settings in force; ``data``: the loop's ``TrainingData``."""
-    from diffexp.build import resolve_sampler
-    from diffexp.pipeline import call_denoiser
+    from diffexp.models.build import resolve_sampler
+    from diffexp.sampling.pipeline import call_denoiser
 
     if t.eval_every != "auto":
         return int(t.eval_every)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError, first_line
-from diffexp.records import QUALITY_GOALS, RunDir, reachable
+from diffexp.records.rundir import QUALITY_GOALS, RunDir, reachable
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,24 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffexp import DiffexpError
-from diffexp.build import (build_lr_scheduler, build_model, build_objective, build_optimizer, build_sampler,
-                           fused_adamw, resolve_sampler)
-from diffexp.data import Batches, TrainingData, grid_labels, prepare_data
-from diffexp.evaluation import evaluation_interval, make_evaluator
-from diffexp.export import export_pipeline
-from diffexp.perf import configure_backends, dynamo_plugin, optimize_model
-from diffexp.pipeline import call_denoiser
-from diffexp.records import RunDir, effective_config, replace_path
-from diffexp.sampling import check_steps, generate, save_grid
-from diffexp.tracking import check_logger_cfg, make_tracker
+from diffexp.data.datasets import Batches
+from diffexp.data.training_data import TrainingData, grid_labels, prepare_data
+from diffexp.models.build import (
+    build_lr_scheduler,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_sampler,
+    fused_adamw,
+    resolve_sampler,
+)
+from diffexp.quality.evaluator import evaluation_interval, make_evaluator
+from diffexp.records.rundir import RunDir, effective_config, replace_path
+from diffexp.records.tracking import check_logger_cfg, make_tracker
+from diffexp.sampling.export import export_pipeline
+from diffexp.sampling.generate import check_steps, generate, save_grid
+from diffexp.sampling.pipeline import call_denoiser
+from diffexp.training.perf import configure_backends, dynamo_plugin, optimize_model
 
 log = logging.getLogger(__name__)
 

@@ -105,7 +105,7 @@ def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictC
     it; any other sampler config as it is."""
     from pathlib import Path
 
-    from diffexp.cli import CONFIG_PATH
+    from diffexp.config import CONFIG_PATH
 
     if sampler_cfg.get("name") != "auto":
         return sampler_cfg

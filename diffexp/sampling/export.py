@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from diffexp import pipeline as pipeline_module
-from diffexp import schedulers as schedulers_module
-from diffexp.build import is_transformer
-from diffexp.pipeline import DiffexpPipeline
-from diffexp.records import RunDir, atomic_path
-
+from diffexp.models.build import is_transformer
+from diffexp.records.rundir import RunDir, atomic_path
+from diffexp.sampling import pipeline as pipeline_module
+from diffexp.sampling import schedulers as schedulers_module
+from diffexp.sampling.pipeline import DiffexpPipeline
 
 # Samplers whose initial noise is unscaled and whose network input is the sample itself: the
 # loop of diffusers' DDPMPipeline runs them as they are.

@@ -2,7 +2,7 @@
 
 It plays the part Inception plays for FID/KID/IS, for the default dataset (``dataset=digits``):
 weights ship in the package (``digits.safetensors``), so the metric works offline, and a forward
-pass costs microseconds per image on a CPU. ``python -m diffexp.features.train_digits`` retrains
+pass costs microseconds per image on a CPU. ``python -m diffexp.quality.features.train_digits`` retrains
 the weights reproducibly on ``digits_split()``'s training part.
 """
 
@@ -82,17 +82,17 @@ def digits_split(size: int = INPUT_SIZE) -> dict[str, torch.Tensor]:
     """The fixed train / held-out split of scikit-learn's 1,797 digits, as the harness renders them.
 
     Returns ``{"train_images", "train_labels", "test_images", "test_labels"}``: uint8 N x 1 x size x size
-    images made by ``diffexp.data`` (``load_digits`` then ``preprocess``: Pillow bicubic from 8 x 8, the
+    images made by ``diffexp.data.datasets`` (``load_digits`` then ``preprocess``: Pillow bicubic from 8 x 8, the
     pixels a ``dataset=digits dataset.resolution=size`` run trains on) and int64 labels. The split is
     stratified by class, 1,297 train / 500 held-out, and the same on every call and machine.
     """
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    from diffexp.data import load_digits, preprocess_dataset
+    from diffexp.data.datasets import load_digits, preprocess_dataset
 
     images = preprocess_dataset(load_digits(), size, channels=1)
-    labels = torch.from_numpy(sklearn_digits().target).long()  # same order as diffexp.data.load_digits
+    labels = torch.from_numpy(sklearn_digits().target).long()  # same order as diffexp.data.datasets.load_digits
     # sklearn draws the split from numpy's legacy RandomState, whose stream numpy keeps frozen.
     train, test = train_test_split(torch.arange(len(labels)).numpy(), test_size=NUM_HELD_OUT,
                                    random_state=SPLIT_SEED, stratify=labels.numpy())

@@ -1,16 +1,16 @@
-"""``python -m diffexp.paired run=RUN_DIR [sampler=dpmpp_sde] [seeds=[0,1,2]]``: is a fast sampler within
+"""``python -m diffexp.research.paired run=RUN_DIR [sampler=dpmpp_sde] [seeds=[0,1,2]]``: is a fast sampler within
 ``tolerance`` of ancestral DDPM over every training step, on the same run?
 
 Examples::
 
-    python -m diffexp.paired run=RUN_DIR                                   # the run's sampler, seed 0
-    python -m diffexp.paired run=RUN_DIR sampler=ddim sampler.steps=20 seeds=[0,1,2]
-    python -m diffexp.paired -m run=RUN_DIR sampler=dpmpp_sde,dpmpp sampler.steps=10,20
+    python -m diffexp.research.paired run=RUN_DIR                                   # the run's sampler, seed 0
+    python -m diffexp.research.paired run=RUN_DIR sampler=ddim sampler.steps=20 seeds=[0,1,2]
+    python -m diffexp.research.paired -m run=RUN_DIR sampler=dpmpp_sde,dpmpp sampler.steps=10,20
 
 For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (the images
 ``evaluate sampler=ddpm`` scores for that seed, sampled as it samples: bf16 autocast on a GPU; cached in
 ``RUN_DIR/paired/``, so they are made once per run, seed and count) and as many from the sampler, each
-the coupled twin of a DDPM image (``diffexp.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
+the coupled twin of a DDPM image (``diffexp.research.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
 of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
 pairs (of FD at the pooled count, whose small-sample bias dilutes relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at most
 ``tolerance`` (worse by at most that; better is fine). Results accumulate in
@@ -31,10 +31,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
-from diffexp.cli import CONFIG_PATH, report_errors
-from diffexp.records import RunDir, now, write_json_atomic
+from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.records.rundir import RunDir, now, write_json_atomic
 
-log = logging.getLogger("diffexp.paired")
+log = logging.getLogger("diffexp.research.paired")
 # What makes two results the same measurement: also the weights (a run re-exported after more training is
 # another model) and the real set the features are compared with.
 KEY = ("sampler", "sampler_options", "sampler_steps", "seeds", "num_samples", "network", "num_real", "weights")
@@ -57,9 +57,9 @@ def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: in
 def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int,
                      weights: str) -> np.ndarray:
     """DDPM's images over every training step for ``seed``: from the cache, else made (slow) and cached."""
-    from diffexp.coupling import reference_steps
-    from diffexp.evaluation import samples_in_bf16, sampling_precision
-    from diffexp.sampling import generate, save_grid, save_npz
+    from diffexp.quality.evaluator import samples_in_bf16, sampling_precision
+    from diffexp.research.coupling import reference_steps
+    from diffexp.sampling.generate import generate, save_grid, save_npz
 
     steps = reference_steps(reference)
     bf16 = samples_in_bf16(denoiser.device)  # the twins are made the same way
@@ -78,7 +78,7 @@ def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, bat
 
 def fd_against(real: torch.Tensor):
     """``fd(features) -> float``: the Fréchet distance of a feature set against ``real`` (stats computed once)."""
-    from diffexp.quality import frechet_distance
+    from diffexp.quality.stats import frechet_distance
 
     real = real.flatten(1).double()
     mu, cov = real.mean(0), torch.cov(real.T)
@@ -98,7 +98,7 @@ def relative_differences(real: torch.Tensor, real_logits: torch.Tensor | None, r
 
     Both are of FD at this many samples: its small-sample bias (about 13% of the default run's
     DDPM-1000 FD at 6,000 samples) is in both sets and dilutes a relative difference towards 0."""
-    from diffexp.quality import class_balanced_fd
+    from diffexp.quality.stats import class_balanced_fd
 
     fd = fd_against(real)
     kinds = {"fd": lambda f, lg: fd(f)}
@@ -126,13 +126,13 @@ def paired(cfg: DictConfig) -> dict:
     records and returns the result."""
     from accelerate import Accelerator
 
-    from diffexp.build import build_sampler, resolve_sampler
-    from diffexp.coupling import coupled_generate, reference_steps
-    from diffexp.data import load_images
+    from diffexp.data.datasets import load_images
     from diffexp.evaluate import key, locked
-    from diffexp.evaluation import Evaluator, features_of, metric_name, resolve_metric, sampling_precision
-    from diffexp.quality import class_mix_distance
-    from diffexp.sampling import check_steps, class_names, network_evaluations, sampler_name
+    from diffexp.models.build import build_sampler, resolve_sampler
+    from diffexp.quality.evaluator import Evaluator, features_of, metric_name, resolve_metric, sampling_precision
+    from diffexp.quality.stats import class_mix_distance
+    from diffexp.research.coupling import coupled_generate, reference_steps
+    from diffexp.sampling.generate import check_steps, class_names, network_evaluations, sampler_name
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
@@ -161,7 +161,7 @@ def paired(cfg: DictConfig) -> dict:
     accelerator = Accelerator()
     if accelerator.num_processes > 1:
         raise DiffexpError(f"paired runs in one process (this launch has {accelerator.num_processes}): "
-                           "use python -m diffexp.paired, not accelerate launch")
+                           "use python -m diffexp.research.paired, not accelerate launch")
     denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
     evaluator = Evaluator(metric_cfg, accelerator, load_images(run_cfg.dataset, cfg.cache_dir), run_cfg.dataset,
                           cfg.cache_dir)

@@ -2,7 +2,7 @@
 and the class-balanced Fréchet distance.
 
 Pure functions (no sampling, no I/O) on features and logits of a feature network such as
-``diffexp.features.digits``. Fréchet distance, KID and IS-style scores come from torchmetrics,
+``diffexp.quality.features.digits``. Fréchet distance, KID and IS-style scores come from torchmetrics,
 which takes the same features through an identity ``feature=`` module.
 """
 

@@ -31,6 +31,8 @@ PACKAGES = ("diffexp", "torch", "diffusers", "accelerate", "hydra-core", "omegac
             "torch-fidelity", "datasets", "numpy", "scikit-learn")
 STEP_DIR = "step_{:07d}"
 STEP_DIR_RE = re.compile(r"step_(\d{7})")
+# Classes that configs saved before diffexp's stage folders name by their old module (``_target_``).
+MOVED_TARGETS = {"diffexp.data.": "diffexp.data.datasets.", "diffexp.schedulers.": "diffexp.sampling.schedulers."}
 
 
 def step_of(path: str | os.PathLike) -> int:
@@ -184,12 +186,12 @@ class RunDir:
 
     @property
     def paired_dir(self) -> Path:
-        """``python -m diffexp.paired``'s results.json and cached DDPM images."""
+        """``python -m diffexp.research.paired``'s results.json and cached DDPM images."""
         return self.path / "paired"
 
     @property
     def paired_file(self) -> Path:
-        """``python -m diffexp.paired``'s results (``paired_results``)."""
+        """``python -m diffexp.research.paired``'s results (``paired_results``)."""
         return self.paired_dir / "results.json"
 
     def checkpoint_dir(self, step: int) -> Path:
@@ -209,9 +211,13 @@ class RunDir:
         return self
 
     def config(self) -> DictConfig:
-        """The run's saved config; a one-line DiffexpError when it cannot be read."""
+        """The run's saved config (``_target_``s of moved classes renamed, see MOVED_TARGETS); a one-line
+        DiffexpError when it cannot be read."""
         try:
-            return OmegaConf.load(self.require().config_file)
+            text = self.require().config_file.read_text()
+            for old, new in MOVED_TARGETS.items():
+                text = re.sub(rf"(_target_: ){re.escape(old)}(?=\w+\s*$)", rf"\g<1>{new}", text, flags=re.M)
+            return OmegaConf.create(text)
         except DiffexpError:
             raise
         except Exception as e:  # noqa: BLE001 - a corrupt YAML file raises the parser's own errors
@@ -244,7 +250,7 @@ class RunDir:
         return data["results"] if "results" in data else [data]
 
     def paired_results(self) -> list[dict[str, Any]]:
-        """The results ``diffexp.paired`` recorded in paired/results.json (one per sampler, steps, seeds,
+        """The results ``diffexp.research.paired`` recorded in paired/results.json (one per sampler, steps, seeds,
         count and weights)."""
         return json.loads(self.paired_file.read_text())["results"] if self.paired_file.is_file() else []
 

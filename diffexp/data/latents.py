@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
-from diffexp.data import Batches, cache_path, hub_reachable
-from diffexp.records import atomic_path
+from diffexp.data.datasets import Batches, cache_path, hub_reachable
+from diffexp.records.rundir import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ integrator) over the same interval, so for it this is the Brownian path itself (
 alone (valid for any sampler); only their pairing is new. A deterministic sampler, or one whose step
 takes no ``variance_noise``, shares x_T only (its own step noise comes from a separate generator).
 
-Each image then has a twin, and quality differences are measured on pairs (``diffexp.paired``):
+Each image then has a twin, and quality differences are measured on pairs (``diffexp.research.paired``):
 on the default run's cosine schedule, 88% of DPM-Solver++ SDE 20-step images show the same digit
 as their DDPM-1000 twin.
 """
@@ -32,7 +32,7 @@ from diffusers import DDPMScheduler, SchedulerMixin
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
-from diffexp.sampling import chunk_seed, chunk_sizes, make_pipeline, to_uint8
+from diffexp.sampling.generate import chunk_seed, chunk_sizes, make_pipeline, to_uint8
 
 SEPARATE_STREAM = 1 << 62  # seed offset of noise not taken from the reference: off the chunk seeds' lattice
 

@@ -83,7 +83,7 @@ class DiffexpPipeline(DiffusionPipeline):
         ``output_type``: ``"pil"``, ``"np"`` (floats in [0, 1], N x H x W x C) or ``"pt"``.
         ``latents``: the starting noise (unit variance) instead of drawing it from ``generator``;
         ``step_noise``: one unit-variance noise tensor per entry of the scheduler's ``timesteps``, handed to a
-        stochastic scheduler's ``step`` as ``variance_noise`` instead of drawing it (diffexp.coupling).
+        stochastic scheduler's ``step`` as ``variance_noise`` instead of drawing it (diffexp.research.coupling).
         """
         device = self._execution_device
         conditional = self.config.num_classes is not None

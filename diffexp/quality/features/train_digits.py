@@ -1,4 +1,4 @@
-"""Retrain DigitsNet's packaged weights: ``python -m diffexp.features.train_digits [--out PATH]``.
+"""Retrain DigitsNet's packaged weights: ``python -m diffexp.quality.features.train_digits [--out PATH]``.
 
 Reproducible: one CPU thread, deterministic kernels, every random draw from one seeded generator,
 so the same torch build on the same kind of CPU writes bit-identical weights. Training sees the
@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffexp.features.digits import INPUT_SIZE, WEIGHTS, DigitsNet, digits_features, digits_split
+from diffexp.quality.features.digits import INPUT_SIZE, WEIGHTS, DigitsNet, digits_features, digits_split
 
 SEED = 0
 EPOCHS = 30
