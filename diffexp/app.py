@@ -32,7 +32,7 @@ from PIL import Image
 
 from diffexp import DiffexpError, first_line
 from diffexp.compare import ARROW, fmt
-from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, check_app_config, report_errors
 from diffexp.records.rundir import RunDir, primary_quality, quality_goal, run_dirs, step_of, summarize
 from diffexp.runs import shown_path, wall_time
 from diffexp.sampling.generate import class_names, sample_run, sampler_name, save_samples
@@ -436,8 +436,7 @@ def select_row(event: gr.SelectData) -> str:
 def main(cfg: DictConfig) -> None:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # Blocks(analytics_enabled=False) and what gradio starts itself
     with report_errors():
-        if not Path(str(cfg.app.runs)).expanduser().is_dir():
-            raise DiffexpError(f"app.runs={cfg.app.runs}: no such folder")
+        check_app_config(cfg)
         with tempfile.TemporaryDirectory(prefix="diffexp-app-") as scratch:
             page = Page(cfg, sampler_configs(), Path(scratch))
             log.info("serving %s on http://%s:%s (Ctrl-C stops)", page.root, cfg.app.host, cfg.app.port)

@@ -164,7 +164,8 @@ def need_int(cfg: DictConfig, key: str, minimum: int, *, allow: tuple = ()) -> N
     if v in allow and not isinstance(v, bool):
         return
     if isinstance(v, bool) or not isinstance(v, Integral) or v < minimum:
-        what = f"an integer >= {minimum}" + (f" or {' or '.join(map(str, allow))}" if allow else "")
+        allowed = ["null" if a is None else str(a) for a in allow]
+        what = f"an integer >= {minimum}" + (f" or {' or '.join(allowed)}" if allow else "")
         raise DiffexpError(f"{key}={v}: expected {what}")
 
 
@@ -249,6 +250,43 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
     if cfg.trainer.lr > 0.1:
         warnings.append(f"trainer.lr={cfg.trainer.lr} is unusually large for Adam (1e-4 to 2e-3 is typical)")
     return warnings
+
+
+
+def need_guidance(cfg: DictConfig, key: str = "guidance_scale") -> None:
+    """``key`` is null (the run's own) or a finite number >= 0 (1: no guidance)."""
+    need_number(cfg, key, low=0, high=float("inf"), high_open=True, allow_none=True)
+
+
+def check_sample_config(cfg: DictConfig) -> None:
+    """``python -m diffexp.sample``'s own settings (the run-dependent ones, a class for an unconditional
+    run say, are checked against the run before any sampling)."""
+    need_int(cfg, "n", 1)
+    need_int(cfg, "seed", 0)
+    need_int(cfg, "batch_size", 1)
+    need_int(cfg, "sampler.steps", 1, allow=(None,))
+    need_int(cfg, "class_label", 0, allow=(None,))
+    need_guidance(cfg)
+    if cfg.out is not None and Path(str(cfg.out)).suffix != ".npz":
+        raise DiffexpError(f"out={cfg.out}: expected a file name ending in .npz (the grid PNG is written beside it)")
+
+
+def check_evaluate_config(cfg: DictConfig) -> None:
+    """``python -m diffexp.evaluate``'s own settings (the metric's are checked with the run's dataset)."""
+    need_int(cfg, "sampler.steps", 1, allow=(None,))
+    need_guidance(cfg)
+    if not isinstance(cfg.wandb, bool):
+        raise DiffexpError(f"wandb={cfg.wandb}: expected true or false")
+
+
+def check_app_config(cfg: DictConfig) -> None:
+    """``python -m diffexp.app``'s settings."""
+    a = "app"
+    if not Path(str(cfg.app.runs)).expanduser().is_dir():
+        raise DiffexpError(f"app.runs={cfg.app.runs}: no such folder")
+    need_int(cfg, f"{a}.port", 0)
+    need_number(cfg, f"{a}.refresh_s", low=0, low_open=True)
+    need_int(cfg, f"{a}.max_images", 1)
 
 
 register_resolvers()

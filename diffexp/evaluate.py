@@ -32,7 +32,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
-from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, check_evaluate_config, report_errors
 from diffexp.records.rundir import RunDir, now, write_json_atomic
 from diffexp.records.tracking import add_to_wandb_summary
 
@@ -130,37 +130,41 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from accelerate import Accelerator
 
     from diffexp.data.datasets import load_images
-    from diffexp.models.build import build_sampler, resolve_sampler
+    from diffexp.models.build import build_sampler
     from diffexp.quality.evaluator import Evaluator, resolve_metric
-    from diffexp.sampling.generate import check_steps, class_names, network_evaluations, sampler_name
+    from diffexp.sampling.generate import (
+        check_steps,
+        choose_guidance,
+        choose_sampler,
+        class_names,
+        load_run_model,
+        network_evaluations,
+        sampler_name,
+    )
 
     if cfg.get("images"):
         return evaluate_file(cfg)
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
-    metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
-    sampler_cfg = resolve_sampler(cfg.sampler if cfg.sampler.get("scheduler") else run_cfg.sampler, run_cfg.scheduler)
-    steps = int(cfg.sampler.steps if cfg.sampler.get("steps") is not None else sampler_cfg.steps)
-    accelerator = Accelerator()
-    pipe = run.pipeline()
-    denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
-    vae = pipe.vae.to(accelerator.device) if getattr(pipe, "vae", None) is not None else None
     names = class_names(run)
-    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else (
-        run_cfg.conditioning.get("guidance_scale", 1.0) if names else 1.0)
-    sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=getattr(pipe, "vae", None) is not None)
+    metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
+    sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
+    guidance = choose_guidance(cfg.guidance_scale, run_cfg, names)
+    accelerator = Accelerator()
+    model = load_run_model(run, accelerator.device)
+    sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
-    scores = evaluator(denoiser, sampler, steps, vae=vae, num_classes=len(names) if names else None,
-                       guidance_scale=float(guidance))
+    scores = evaluator(model.denoiser, sampler, steps, vae=model.vae, num_classes=len(names) if names else None,
+                       guidance_scale=guidance)
     result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network,
               "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
               "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),
-              "guidance_scale": float(guidance) if names else None,
+              "guidance_scale": guidance if names else None,
               "num_processes": accelerator.num_processes, "at": now()}
     main_process = accelerator.is_main_process
     if main_process:
@@ -174,6 +178,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with report_errors():
+        check_evaluate_config(cfg)
         result = evaluate(cfg)
     if result is not None:
         print(json.dumps(result), flush=True)

@@ -13,20 +13,16 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from diffexp import DiffexpError
-from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, check_sample_config, report_errors
 from diffexp.records.rundir import RunDir
 
 log = logging.getLogger("diffexp.sample")
 
 
 def out_path(cfg: DictConfig, run: RunDir, sampler: str, steps: int) -> Path:
-    """Where the images go: ``out`` (must end in .npz), else RUN_DIR/samples/sample_<sampler>_<steps>steps_s<seed>.npz."""
+    """Where the images go: ``out`` (an .npz, checked by ``check_sample_config``), else RUN_DIR/samples/sample_<sampler>_<steps>steps_s<seed>.npz."""
     if cfg.out:
-        out = Path(str(cfg.out)).expanduser()
-        if out.suffix != ".npz":
-            raise DiffexpError(f"out={cfg.out}: expected a file name ending in .npz (the grid PNG is written beside it)")
-        return out
+        return Path(str(cfg.out)).expanduser()
     return run.samples_dir / f"sample_{sampler}_{steps}steps_s{cfg.seed}.npz"
 
 
@@ -35,8 +31,8 @@ def main(cfg: DictConfig) -> None:
     from diffexp.sampling.generate import sample_run, save_samples
 
     with report_errors():
+        check_sample_config(cfg)
         run = RunDir(cfg.run).require()
-        out_path(cfg, run, "", 0)  # a bad out= is refused before any sampling
         samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler, steps=cfg.sampler.steps,
                              batch_size=int(cfg.batch_size), class_label=cfg.class_label,
                              guidance_scale=cfg.guidance_scale, progress=True)

@@ -108,8 +108,8 @@ def test_the_real_command_line_exits_2_with_one_line(tmp_path):
 
 
 SAMPLE_MISTAKES = [
-    (["n=0"], "error: n=0: must be at least 1"),
-    (["sampler.steps=0"], "error: sampler.steps=0: must be at least 1"),
+    (["n=0"], "error: n=0: expected an integer >= 1"),
+    (["sampler.steps=0"], "error: sampler.steps=0: expected an integer >= 1 or null"),
     (["sampler=ddpm", "sampler.steps=5000"], "error: sampler.steps=5000: `num_inference_steps`: 5000 cannot be larger"),
     (["out=x.png"], "error: out=x.png: expected a file name ending in .npz"),
     (["class_label=3"], "is an unconditional run"),

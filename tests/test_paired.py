@@ -18,14 +18,14 @@ from omegaconf import OmegaConf
 from diffexp.models.build import build_sampler
 from diffexp.records.rundir import RunDir
 from diffexp.research.coupling import coupled_generate, interval_weights, noise_weights, step_intervals
-from diffexp.sampling.generate import generate
+from diffexp.sampling.generate import generate, load_run_model
 
 DDPM = OmegaConf.load(REPO / "conf" / "sampler" / "ddpm.yaml")
 
 
 def parts(run):
-    run = RunDir(run)
-    return run.pipeline().unet.eval(), build_sampler(DDPM, run.config().scheduler)
+    model = load_run_model(run, "cpu")
+    return model.denoiser, build_sampler(DDPM, model.cfg.scheduler)
 
 
 def test_with_the_same_steps_the_twin_of_a_ddpm_image_is_that_image(tiny_run):

@@ -19,6 +19,7 @@ from PIL import Image
 from diffexp import DiffexpError
 from diffexp.config import CONFIG_PATH, compose_config
 from diffexp.models.build import build_sampler
+from diffexp.records.rundir import RunDir
 from diffexp.sampling.generate import generate, sample_run, save_grid
 
 SAMPLERS = sorted(p.stem for p in (Path(CONFIG_PATH) / "sampler").glob("*.yaml"))
@@ -182,3 +183,64 @@ def test_grids_sample_and_the_exported_pipeline_give_the_same_images(sampler, tm
     cfg = OmegaConf.load(run / "config.yaml")
     assert json.loads((run / "model" / "model_index.json").read_text())["scheduler"][1] == \
         type(build_sampler(cfg.sampler, cfg.scheduler)).__name__
+
+
+def test_sample_draws_in_the_chunks_evaluate_draws_in():
+    # The same seed gives `evaluate`'s images only while both cut the images into the same chunks.
+    sample = OmegaConf.load(Path(CONFIG_PATH) / "sample.yaml")
+    metric = OmegaConf.load(Path(CONFIG_PATH) / "metric" / "base" / "common.yaml")
+    assert sample.batch_size == metric.batch_size
+
+
+def planted(run: Path) -> Path:
+    """Make the run's model/ carry code that leaves a marker file when imported, and name it in
+    model_index.json as plain diffusers would load it (trust_remote_code)."""
+    marker = run / "IMPORTED"
+    model = run / "model"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (model / "pipeline.py").write_text(code + "from diffusers import DDPMPipeline as DiffexpPipeline\n")
+    (model / "scheduler" / "schedulers.py").write_text(code)
+    index = json.loads((model / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline", "DiffexpPipeline"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    return marker
+
+
+def test_no_command_runs_code_from_a_run_folder(finished_run, cache_dir, tmp_path):
+    from conftest import run_main
+
+    from diffexp.app import OWN, Settings, draw
+
+    marker = planted(finished_run)
+    run_main("sample", f"run={finished_run}", "n=2", f"out={tmp_path / 's.npz'}", check=True)
+    run_main("evaluate", f"run={finished_run}", "metric.num_samples=4", "metric.num_real=8", "metric.batch_size=4",
+             f"cache_dir={cache_dir}", check=True)
+    draw(RunDir(finished_run), Settings(OWN, 2, 0, 2), {}, tmp_path)
+    assert not marker.exists()
+
+
+def test_a_model_folder_naming_a_class_from_elsewhere_is_one_line(finished_run, tmp_path):
+    from conftest import run_main
+
+    index_file = finished_run / "model" / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index["scheduler"] = ["schedulers", "os"]  # a module attribute that is no scheduler
+    index_file.write_text(json.dumps(index))
+    result = run_main("sample", f"run={finished_run}", "n=2", f"out={tmp_path / 's.npz'}")
+    assert result.returncode == 2 and "error: " in result.stderr and "scheduler is schedulers.os" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5"])
+def test_a_guidance_scale_that_is_no_scale_is_one_line(finished_run, value):
+    from conftest import run_main
+
+    for command in ("sample", "evaluate"):
+        result = run_main(command, f"run={finished_run}", f"guidance_scale={value}")
+        assert result.returncode == 2 and f"error: guidance_scale={value.replace('inf', 'inf')}" in result.stderr, result.stderr
+
+
+def test_evaluate_refuses_guidance_on_an_unconditional_run(finished_run):
+    from conftest import run_main
+
+    result = run_main("evaluate", f"run={finished_run}", "guidance_scale=3")
+    assert result.returncode == 2 and "is an unconditional run" in result.stderr

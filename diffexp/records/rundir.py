@@ -223,15 +223,12 @@ class RunDir:
         except Exception as e:  # noqa: BLE001 - a corrupt YAML file raises the parser's own errors
             raise DiffexpError(f"{self.config_file}: cannot be read as a saved config ({type(e).__name__})") from None
 
-    def pipeline(self):
-        """The run's exported diffusers pipeline (EMA weights), loaded as diffusers loads it, or a
-        DiffexpError while there is none."""
-        from diffusers import DiffusionPipeline
-
+    def require_model(self) -> Path:
+        """The run's exported ``model/`` folder, or a DiffexpError while there is none."""
         if not self.require().model_dir.is_dir():
             raise DiffexpError(f"run={self.path}: no model/ yet (the run has not finished); "
                                f"finish it with python -m diffexp.train resume={self.path}")
-        return DiffusionPipeline.from_pretrained(str(self.model_dir), trust_remote_code=True)
+        return self.model_dir
 
     def info(self) -> dict[str, Any]:
         if not self.info_file.exists():

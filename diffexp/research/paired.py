@@ -128,11 +128,11 @@ def paired(cfg: DictConfig) -> dict:
 
     from diffexp.data.datasets import load_images
     from diffexp.evaluate import key, locked
-    from diffexp.models.build import build_sampler, resolve_sampler
+    from diffexp.models.build import build_sampler
     from diffexp.quality.evaluator import Evaluator, features_of, metric_name, resolve_metric, sampling_precision
     from diffexp.quality.stats import class_mix_distance
     from diffexp.research.coupling import coupled_generate, reference_steps
-    from diffexp.sampling.generate import check_steps, class_names, network_evaluations, sampler_name
+    from diffexp.sampling.generate import check_steps, choose_sampler, load_run_model, network_evaluations, sampler_name
 
     run = RunDir(cfg.run).require()
     run_cfg = run.config()
@@ -149,20 +149,19 @@ def paired(cfg: DictConfig) -> dict:
         raise DiffexpError("metric=none: paired needs a feature network (metric=auto)")
     ddpm_cfg = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / "ddpm.yaml")
     reference = build_sampler(ddpm_cfg, run_cfg.scheduler)  # refuses objectives DDPM cannot sample
-    sampler_cfg = resolve_sampler(cfg.sampler if cfg.sampler.get("scheduler") else run_cfg.sampler, run_cfg.scheduler)
-    steps = int(cfg.sampler.steps if cfg.sampler.get("steps") is not None else sampler_cfg.steps)
+    sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler)
     check_steps(sampler, steps)
     n, batch_size = int(metric_cfg.num_samples), int(metric_cfg.batch_size)
 
-    pipe = run.pipeline()
-    if class_names(run) is not None or getattr(pipe, "vae", None) is not None:
+    model = load_run_model(run, "cpu")
+    if model.names is not None or model.vae is not None:
         raise DiffexpError(f"run={run.path}: paired compares unconditional pixel-space runs only")
     accelerator = Accelerator()
     if accelerator.num_processes > 1:
         raise DiffexpError(f"paired runs in one process (this launch has {accelerator.num_processes}): "
                            "use python -m diffexp.research.paired, not accelerate launch")
-    denoiser = pipe.unet.to(accelerator.device).eval().requires_grad_(False)
+    denoiser = model.denoiser.to(accelerator.device)
     evaluator = Evaluator(metric_cfg, accelerator, load_images(run_cfg.dataset, cfg.cache_dir), run_cfg.dataset,
                           cfg.cache_dir)
     weights = weights_digest(run)  # once: the cache and the result name the same weights

@@ -1,4 +1,5 @@
-"""``model/``: what a finished run exports, a diffusers pipeline anyone can load."""
+"""``model/``: what a finished run exports, a diffusers pipeline anyone can load, and the one way
+diffexp loads it back (``load_pipeline``: weights and configs only, never code from the folder)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import ModelMixin, SchedulerMixin
 
+from diffexp import DiffexpError, first_line
 from diffexp.models.build import is_transformer
 from diffexp.records.rundir import RunDir, atomic_path
 from diffexp.sampling import pipeline as pipeline_module
@@ -50,3 +54,50 @@ def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
             shutil.copyfile(Path(schedulers_module.__file__), tmp / "scheduler" / "schedulers.py")
             index["scheduler"] = ["schedulers", type(sampler).__name__]
         index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _component_class(model_dir: Path, name: str, entry) -> type:
+    """The class of ``model_index.json``'s entry ``name`` (``["diffusers", "UNet2DModel"]``), taken from
+    diffusers itself or from diffexp's own schedulers (``["schedulers", ...]``): the folder names a
+    class, it never supplies one."""
+    library, class_name = entry
+    if library == "schedulers":  # what export_pipeline writes for diffexp's own schedulers
+        cls = getattr(schedulers_module, str(class_name), None)
+    else:
+        cls = getattr(diffusers, str(class_name), None) if library == "diffusers" else None
+    if not (isinstance(cls, type) and issubclass(cls, (ModelMixin, SchedulerMixin))):
+        raise DiffexpError(f"{model_dir}/model_index.json: {name} is {library}.{class_name}, not a diffusers "
+                           "model or scheduler diffexp can load")
+    return cls
+
+
+def load_pipeline(model_dir: str | Path) -> DiffexpPipeline:
+    """The pipeline ``export_pipeline`` wrote to ``model_dir`` (a ``DDPMPipeline`` or ``DiffexpPipeline``
+    folder), built from diffexp's and diffusers' own classes: only JSON configs and safetensors weights
+    are read, so a ``pipeline.py`` or scheduler code in the folder is never imported. Every command
+    that samples a run (``sample``, ``evaluate``, the app, research) loads it here, U-Net and DiT alike."""
+    model_dir = Path(model_dir)
+    try:
+        index = json.loads((model_dir / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DiffexpError(f"{model_dir}: not an exported diffexp model ({type(e).__name__} reading "
+                           "model_index.json)") from None
+    parts = {}
+    for name in ("unet", "transformer", "scheduler", "vae"):  # DiT exports of diffexp 0.1 named it transformer
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            continue
+        cls = _component_class(model_dir, name, entry)
+        try:
+            if issubclass(cls, SchedulerMixin):
+                parts[name] = cls.from_pretrained(model_dir, subfolder=name)
+            else:
+                parts[name] = cls.from_pretrained(model_dir, subfolder=name, use_safetensors=True)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise DiffexpError(f"{model_dir / name}: cannot be loaded as {cls.__name__} ({first_line(e)})") from None
+    denoiser = parts.get("unet", parts.get("transformer"))
+    if denoiser is None or "scheduler" not in parts:
+        raise DiffexpError(f"{model_dir}/model_index.json: no denoiser (unet) or no scheduler")
+    pipe = DiffexpPipeline(unet=denoiser.eval(), scheduler=parts["scheduler"], vae=parts.get("vae"),
+                           num_classes=index.get("num_classes"), class_names=index.get("class_names"))
+    return pipe

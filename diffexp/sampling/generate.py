@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
@@ -59,7 +60,7 @@ def generate_chunk(pipe: DiffexpPipeline, *, count: int, steps: int, seed: int, 
     return to_uint8(out)
 
 
-def generate(denoiser, scheduler: SchedulerMixin, *, n: int, steps: int, seed: int, batch_size: int = 256,
+def generate(denoiser, scheduler: SchedulerMixin, *, n: int, steps: int, seed: int, batch_size: int = 250,
              vae=None, num_classes: int | None = None, labels=None, guidance_scale: float = 1.0,
              progress: bool = False) -> np.ndarray:
     """``n`` images as uint8 N x H x W x C; the same arguments give the same images.
@@ -118,19 +119,71 @@ def requested_labels(names: list[str] | None, n: int, class_label: int | None) -
     return np.full(n, class_label)
 
 
-def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 256,
+def choose_sampler(requested, run_cfg) -> tuple[DictConfig, int]:
+    """The sampler config and step count a command samples run config ``run_cfg``'s model with: the
+    ``sampler=`` group it was given (a node with ``scheduler``), else the run's own sampler; the steps
+    from ``requested.steps`` when set, else the chosen sampler's. The one place every command
+    (``sample``, ``evaluate``, the app, research) decides this."""
+    from diffexp.models.build import resolve_sampler
+
+    own = requested is None or not requested.get("scheduler")
+    sampler_cfg = resolve_sampler(run_cfg.sampler if own else requested, run_cfg.scheduler)
+    steps = requested.get("steps") if requested is not None else None
+    return sampler_cfg, int(steps if steps is not None else sampler_cfg.steps)
+
+
+def choose_guidance(requested: float | None, run_cfg, names: list[str] | None) -> float:
+    """The classifier-free guidance scale to sample with: ``requested``, else the run's own
+    (``conditioning.guidance_scale``); 1 (none) for an unconditional run, which refuses a requested
+    scale in one line, as it does a scale that is not a finite number >= 0."""
+    if requested is None:
+        return float(run_cfg.conditioning.get("guidance_scale", 1.0)) if names else 1.0
+    if names is None:
+        raise DiffexpError(f"guidance_scale={requested}: {run_cfg.get('name') or 'the run'} is an unconditional run "
+                           "(no classes to guide towards)")
+    if isinstance(requested, bool) or not isinstance(requested, (int, float)) or not 0 <= requested < math.inf:
+        raise DiffexpError(f"guidance_scale={requested}: expected a finite number >= 0 (1: no guidance)")
+    return float(requested)
+
+
+@dataclass
+class RunModel:
+    """A run's exported model ready to sample (``load_run_model``): its config, class names (None when
+    unconditional), the denoiser and the autoencoder (None in pixel space), on one device."""
+
+    cfg: DictConfig
+    names: list[str] | None
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module | None
+
+
+def load_run_model(run, device: str | torch.device) -> RunModel:
+    """Run directory ``run``'s exported EMA weights (``model/``, through ``export.load_pipeline``) on
+    ``device``, frozen, with the run's config and classes."""
+    from diffexp.records.rundir import RunDir
+    from diffexp.sampling.export import load_pipeline
+
+    run = RunDir(run) if not isinstance(run, RunDir) else run
+    cfg = run.config()
+    pipe = load_pipeline(run.require_model())
+    vae = pipe.vae.to(device) if pipe.vae is not None else None
+    return RunModel(cfg, class_names(run), pipe.unet.to(device).eval().requires_grad_(False), vae)
+
+
+def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 250,
                class_label: int | None = None, guidance_scale: float | None = None, device: str | None = None,
                progress: bool = False) -> Samples:
     """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``) with
     ``sampler_cfg`` (default: the run's own sampler) in ``steps`` steps (default: the sampler's).
 
     The one way the ``sample`` command (and the app) samples a finished run; the sampler is built
-    as in training (``build_sampler``), so the same seed gives the training grid's images.
+    as in training (``build_sampler``), so the same seed gives the training grid's images, and, in
+    chunks of the metric's ``batch_size`` (250), the images ``evaluate`` scores.
     Class-conditional runs (``class_names``) sample ``class_label`` (default: every class in turn)
-    with classifier-free guidance ``guidance_scale`` (default: the run's ``conditioning.guidance_scale``);
-    both are refused for unconditional runs.
+    with classifier-free guidance ``guidance_scale`` (``choose_guidance``); both are refused for
+    unconditional runs.
     """
-    from diffexp.models.build import build_sampler, resolve_sampler
+    from diffexp.models.build import build_sampler
     from diffexp.records.rundir import RunDir
 
     run = RunDir(run) if not isinstance(run, RunDir) else run
@@ -138,27 +191,22 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     if n < 1:
         raise DiffexpError(f"n={n}: must be at least 1")
     names = class_names(run)
-    if names is None and (class_label is not None or guidance_scale is not None):
-        what = "class_label" if class_label is not None else "guidance_scale"
-        raise DiffexpError(f"{what}={class_label if class_label is not None else guidance_scale}: {run.path} "
-                           "is an unconditional run (no classes to ask for)")
+    if names is None and class_label is not None:
+        raise DiffexpError(f"class_label={class_label}: {run.path} is an unconditional run (no classes to ask for)")
     labels = requested_labels(names, n, class_label)
-    if names is not None and guidance_scale is None:
-        guidance_scale = float(run_cfg.conditioning.get("guidance_scale", 1.0))
-    sampler_cfg = sampler_cfg if sampler_cfg is not None and sampler_cfg.get("scheduler") else run_cfg.sampler
-    sampler_cfg = resolve_sampler(sampler_cfg, run_cfg.scheduler)
-    steps = int(steps if steps is not None else sampler_cfg.steps)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = run.pipeline()
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # DiTPipeline names its denoiser transformer
-    vae = getattr(pipe, "vae", None)
-    sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=vae is not None)
+    guidance_scale = choose_guidance(guidance_scale, run_cfg, names)
+    if sampler_cfg is not None and steps is not None:
+        sampler_cfg = OmegaConf.merge(sampler_cfg, {"steps": steps})
+    elif steps is not None:
+        sampler_cfg = OmegaConf.create({"steps": steps})
+    sampler_cfg, steps = choose_sampler(sampler_cfg, run_cfg)
+    model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
-    images = generate(denoiser.to(device), sampler, n=n, steps=steps, seed=seed,
-                      batch_size=batch_size, vae=vae.to(device) if vae is not None else None,
+    images = generate(model.denoiser, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size, vae=model.vae,
                       num_classes=len(names) if names else None,
                       labels=torch.from_numpy(labels) if labels is not None else None,
-                      guidance_scale=guidance_scale or 1.0, progress=progress)
+                      guidance_scale=guidance_scale, progress=progress)
     return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed)
 
 
