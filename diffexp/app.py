@@ -33,6 +33,7 @@ from PIL import Image
 from diffexp import DiffexpError, first_line
 from diffexp.compare import ARROW, fmt
 from diffexp.config import CONFIG_PATH, check_app_config, report_errors
+from diffexp.models.build import sampler_config, sampler_names
 from diffexp.records.rundir import RunDir, primary_quality, quality_goal, run_dirs, step_of, summarize
 from diffexp.runs import shown_path, wall_time
 from diffexp.sampling.generate import class_names, sample_run, sampler_name, save_samples
@@ -135,12 +136,8 @@ def curves(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def sampler_configs() -> dict[str, DictConfig]:
-    """The samplers the sample command offers (``conf/sampler/*.yaml``), each as ``sampler=NAME``
-    composes it there; needs Hydra's global state, as inside ``main``."""
-    from hydra import compose
-
-    names = sorted(p.stem for p in (Path(CONFIG_PATH) / "sampler").glob("*.yaml"))
-    return {name: compose(config_name="sample", overrides=[f"sampler={name}"]).sampler for name in names}
+    """The samplers the sample command offers (``conf/sampler/*.yaml``; the run's own is ``OWN``)."""
+    return {name: sampler_config(name) for name in sampler_names()}
 
 
 @dataclass

@@ -258,16 +258,13 @@ def time_input_pipeline(cfg: DictConfig, images_u8, device, n: int) -> float:
 
 def time_sampling(cfg: DictConfig, unet, device) -> list[dict]:
     """Images/s of ``diffexp.sampling.generate`` for each sampler and step count of ``bench``."""
-    from diffexp.models.build import build_sampler
+    from diffexp.models.build import build_sampler, sampler_config
     from diffexp.sampling.generate import generate
 
     rows = []
     n = cfg.bench.sample_n
     for name in cfg.bench.samplers:
-        sampler_file = Path(CONFIG_PATH) / "sampler" / f"{name}.yaml"
-        if not sampler_file.is_file():
-            raise DiffexpError(f"bench.samplers: no sampler config {name} (conf/sampler/{name}.yaml)")
-        sampler = build_sampler(OmegaConf.load(sampler_file), cfg.scheduler)
+        sampler = build_sampler(sampler_config(name), cfg.scheduler)
         generate(unet, sampler, n=min(n, 2), steps=2, seed=0)  # warm-up
         for steps in cfg.bench.sampler_steps:
             sync(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
@@ -99,18 +100,31 @@ def objective_class(scheduler_cfg: DictConfig) -> type:
     return cls
 
 
+def sampler_config(name: str) -> DictConfig:
+    """The sampler config ``conf/sampler/<name>.yaml`` (what ``sampler=<name>`` composes): the one way a
+    command loads a sampler option by name."""
+    from diffexp.config import CONFIG_PATH
+
+    path = Path(CONFIG_PATH) / "sampler" / f"{name}.yaml"
+    if not path.is_file():
+        raise DiffexpError(f"sampler={name}: no conf/sampler/{name}.yaml")
+    return OmegaConf.load(path)
+
+
+def sampler_names() -> list[str]:
+    """The options of the ``sampler`` config group (``auto`` is not one: it names the objective's own)."""
+    from diffexp.config import CONFIG_PATH
+
+    return sorted(p.stem for p in (Path(CONFIG_PATH) / "sampler").glob("*.yaml") if p.stem != "auto")
+
+
 def resolve_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig) -> DictConfig:
     """``sampler=auto`` (the default) as the objective's own sampler config (``conf/sampler/<name>.yaml``),
     with the ``sampler.steps`` and ``sampler.scheduler.*`` options given on the command line applied to
     it; any other sampler config as it is."""
-    from pathlib import Path
-
-    from diffexp.config import CONFIG_PATH
-
     if sampler_cfg.get("name") != "auto":
         return sampler_cfg
-    name = objective_class(scheduler_cfg).default_sampler
-    resolved = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / f"{name}.yaml")
+    resolved = sampler_config(objective_class(scheduler_cfg).default_sampler)
     if sampler_cfg.get("steps") is not None:
         resolved.steps = sampler_cfg.steps
     if sampler_cfg.get("scheduler") is not None:

@@ -128,7 +128,7 @@ def paired(cfg: DictConfig) -> dict:
 
     from diffexp.data.datasets import load_images
     from diffexp.evaluate import key, locked
-    from diffexp.models.build import build_sampler
+    from diffexp.models.build import build_sampler, sampler_config
     from diffexp.quality.evaluator import Evaluator, features_of, metric_name, resolve_metric, sampling_precision
     from diffexp.quality.stats import class_mix_distance
     from diffexp.research.coupling import coupled_generate, reference_steps
@@ -147,8 +147,7 @@ def paired(cfg: DictConfig) -> dict:
     metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
     if metric_cfg.name == "none":
         raise DiffexpError("metric=none: paired needs a feature network (metric=auto)")
-    ddpm_cfg = OmegaConf.load(Path(CONFIG_PATH) / "sampler" / "ddpm.yaml")
-    reference = build_sampler(ddpm_cfg, run_cfg.scheduler)  # refuses objectives DDPM cannot sample
+    reference = build_sampler(sampler_config("ddpm"), run_cfg.scheduler)  # refuses objectives DDPM cannot sample
     sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler)
     check_steps(sampler, steps)
