@@ -44,6 +44,7 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelI
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
+from diffexp.data.datasets import cache_key
 from diffexp.quality.features.inception import WeightsMissing, how_to_get_weights, weights_available
 from diffexp.quality.stats import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
 from diffexp.records.rundir import atomic_path
@@ -245,19 +246,20 @@ def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_l
 def reference_features(net: torch.nn.Module, real_images_u8: torch.Tensor, *, metric_cfg: DictConfig,
                        dataset_cfg: DictConfig, cache_dir: str | Path, progress: bool = False) -> torch.Tensor:
     """Features (float32, CPU) of the real images, computed once and cached on disk under a key of
-    everything they depend on (dataset config, image count, network weights).
+    everything they depend on (dataset config, the pixels' cache key: a local folder's file names, sizes
+    and times and the preprocessing version; image count, network weights).
 
     ``metric.num_real`` images are a fixed random subset (all when null or larger than the dataset).
     """
     num_real = metric_cfg.get("num_real")
     n = len(real_images_u8) if not num_real else min(int(num_real), len(real_images_u8))
     key = {"dataset": OmegaConf.to_container(dataset_cfg, resolve=True), "num_images": n, "network": net.name,
-           "weights_sha256": net.digest}
+           "weights_sha256": net.digest, "pixels": cache_key(dataset_cfg)}  # the images' content, preprocessing version
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "metrics" / f"reference-{net.name}-{dataset_cfg.name}-{dataset_cfg.resolution}px-{n}-{digest}.pt"
     if path.is_file():
         log.info("reference statistics: cache hit %s", path)
-        return torch.load(path)["features"]
+        return torch.load(path, weights_only=True)["features"]
     t0 = time.perf_counter()
     order = torch.randperm(len(real_images_u8), generator=torch.Generator().manual_seed(0))[:n]
     features, _ = features_of(net, real_images_u8[order], int(metric_cfg.batch_size), progress, "reference images")

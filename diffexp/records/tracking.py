@@ -85,7 +85,9 @@ def check_logger_cfg(logger_cfg: DictConfig) -> None:
 
 def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
     """Continue ``run``'s W&B run (its id is in run.json) just long enough to put the numeric
-    ``values`` in its summary. A W&B failure costs one warning; a run without a W&B run is an error."""
+    ``values`` in its summary, and close it with the exit code its training ended with (run.json's
+    status), so its state stays what it was. A W&B failure costs one warning; a run without a W&B run
+    is an error."""
     run_id = run.info().get("wandb_run_id")
     if not run_id:
         raise DiffexpError(f"wandb=true: {run.path} has no W&B run (it was not trained with logger=wandb)")
@@ -98,7 +100,8 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
         wb = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity or None,
                         dir=wandb_parent, mode=wandb_mode(logger_cfg.mode, starting_in=wandb_parent))
         wb.summary.update(numbers)
-        wb.finish()
+        # closed as the training left it: adding results never turns a crashed or interrupted run finished
+        wb.finish(exit_code=EXIT_CODES.get(run.info().get("status"), 1))
     except Exception as e:  # noqa: BLE001 - eval.json already holds the result
         _warn_off("wandb", "could not add the evaluation to the W&B run", e)
     drop_latest_run_link(wandb_parent)
