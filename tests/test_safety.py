@@ -57,3 +57,42 @@ def test_reference_statistics_follow_an_image_folder_changed_in_place(tmp_path, 
         after = features()
     assert "cache hit" not in caplog.text and not after.equal(before)
     assert len(list((tmp_path / "cache" / "metrics").glob("reference-*.pt"))) == 2
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_resume_matches_the_uninterrupted_run(train, tmp_path):
+    from conftest import crashed_copy, run_train
+    from test_train import losses, same_weights
+
+    from diffexp.records.rundir import MANIFEST, RunDir
+
+    common = ["trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10",
+              "trainer.log_every=2", "trainer.sample_every=0"]
+    full, _ = train(*common, name="full")
+    assert all((c / MANIFEST).is_file() for c in RunDir(full).checkpoints())
+    crashed = crashed_copy(full, tmp_path / "crashed", checkpoint=6, logged=3)
+    newest = crashed / "checkpoints" / "step_0000006"
+    weights = next(newest.glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk filled up mid-copy
+    result = run_train(f"resume={crashed}")
+    log_text = result.stdout + result.stderr + "".join(p.read_text() for p in crashed.glob("*.log"))
+    assert f"checkpoint {newest} is damaged ({weights.name} is" in log_text
+    assert "resumed from" in log_text and "step_0000004" in log_text
+    assert losses(crashed) == losses(full) and same_weights(crashed, full)
+
+
+def test_checksums_catch_a_changed_byte_and_pruning_keeps_the_newest_complete_checkpoint(finished_run):
+    from diffexp.records.rundir import RunDir
+
+    run = RunDir(finished_run)
+    older, newest = run.checkpoints()[-2:]
+    weights = next(newest.glob("model*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum tells
+    weights.write_bytes(bytes(data))
+    assert run.checkpoints()[-1] == newest and run.latest_checkpoint() == older
+    (newest / "optimizer.bin").unlink()  # now damaged by size too: not counted, not removed
+    run.prune_checkpoints(1)
+    assert run.checkpoints() == [older] and newest.is_dir()
+    (older / "optimizer.bin").unlink()  # no complete checkpoint left: a resume is one error line
+    result = run_main("train", f"resume={finished_run}", "trainer.max_steps=9")
+    assert result.returncode == 2 and "no checkpoint" in result.stderr.splitlines()[-1]

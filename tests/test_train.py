@@ -283,6 +283,7 @@ def test_a_checkpoint_of_diffexp_0_1_still_resumes(finished_run):
            "collected_params": None}
     torch.save(old, ckpt / "custom_checkpoint_1.pkl")
     torch.save({"step": 4}, ckpt / "custom_checkpoint_2.pkl")
+    (ckpt / "manifest.json").unlink()  # diffexp 0.1 wrote none
     exported = weights(run)
     run_train(f"resume={run}", "trainer.max_steps=5")
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5]

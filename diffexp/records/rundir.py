@@ -9,7 +9,9 @@ Layout (see README): ``config.yaml`` (resolved config), ``run.json`` (provenance
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -31,6 +33,8 @@ PACKAGES = ("diffexp", "torch", "diffusers", "accelerate", "hydra-core", "omegac
             "torch-fidelity", "datasets", "numpy", "scikit-learn")
 STEP_DIR = "step_{:07d}"
 STEP_DIR_RE = re.compile(r"step_(\d{7})")
+MANIFEST = "manifest.json"  # a checkpoint's file list (sizes, sha256), written last: its seal of completeness
+log = logging.getLogger(__name__)
 # Classes that configs saved before diffexp's stage folders name by their old module (``_target_``).
 MOVED_TARGETS = {"diffexp.data.": "diffexp.data.datasets.", "diffexp.schedulers.": "diffexp.sampling.schedulers."}
 
@@ -104,6 +108,53 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Seal a checkpoint folder whose files are all written: ``manifest.json`` lists each file's size and
+    sha256, and is written last (``checkpoint_damage`` checks a folder against it)."""
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    write_json_atomic(folder / MANIFEST, {"files": files})
+
+
+def checkpoint_damage(folder: Path, *, checksums: bool = False) -> str | None:
+    """Why checkpoint ``folder`` cannot be used (a file missing, cut short or, with ``checksums``,
+    changed since its manifest was written; an unreadable manifest), or None when it is complete.
+    Checkpoints of diffexp before manifests have none and are trusted: they were renamed into place whole."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        return f"{MANIFEST} cannot be read"
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{name} is {path.stat().st_size} bytes, its manifest says {want['size']}"
+        if checksums and _sha256(path) != want["sha256"]:
+            return f"{name} differs from its manifest (sha256)"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_damaged(folder: Path, why: str) -> None:
+    if str(folder) not in _WARNED:  # once per folder and process
+        _WARNED.add(str(folder))
+        log.warning("checkpoint %s is damaged (%s): skipped", folder, why)
 
 
 def reachable(url: str, timeout: float = 3.0) -> str | None:
@@ -267,7 +318,8 @@ class RunDir:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first: ``step_XXXXXXX`` folders only (temporary and side
-        folders of an interrupted write are never listed). A checkpoint that a crash left under its
+        folders of an interrupted write are never listed), whose files have the sizes their manifest
+        lists (a damaged one is skipped with one warning line naming it). A checkpoint that a crash left under its
         side name during a swap (see ``replace_path``) is put back first, and a side folder whose
         swap finished is removed."""
         if not self.checkpoints_dir.is_dir():
@@ -280,11 +332,25 @@ class RunDir:
                 shutil.rmtree(side, ignore_errors=True)
             else:
                 os.replace(side, final)
-        return sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR_RE.fullmatch(p.name))
+        found = sorted(p for p in self.checkpoints_dir.iterdir() if p.is_dir() and STEP_DIR_RE.fullmatch(p.name))
+        complete = []
+        for folder in found:
+            why = checkpoint_damage(folder)
+            if why:
+                _warn_damaged(folder, why)
+            else:
+                complete.append(folder)
+        return complete
 
     def latest_checkpoint(self) -> Path | None:
-        found = self.checkpoints()
-        return found[-1] if found else None
+        """The newest complete checkpoint whose files also match their manifest's checksums (what a
+        resume loads); newer damaged ones are skipped with a warning line each."""
+        for folder in reversed(self.checkpoints()):
+            why = checkpoint_damage(folder, checksums=True)
+            if not why:
+                return folder
+            _warn_damaged(folder, why)
+        return None
 
     def sample_grids(self) -> list[Path]:
         return sorted(self.samples_dir.glob("step_*.png")) if self.samples_dir.is_dir() else []
@@ -350,6 +416,8 @@ class RunDir:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def prune_checkpoints(self, keep: int) -> None:
+        """Remove all but the newest ``keep`` complete checkpoints (damaged ones are neither counted nor
+        removed, so the newest complete checkpoint always stays)."""
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 

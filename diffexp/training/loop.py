@@ -40,7 +40,7 @@ from diffexp.models.build import (
     resolve_sampler,
 )
 from diffexp.quality.evaluator import evaluation_interval, make_evaluator
-from diffexp.records.rundir import RunDir, effective_config, replace_path
+from diffexp.records.rundir import RunDir, effective_config, replace_path, write_manifest
 from diffexp.records.tracking import check_logger_cfg, make_tracker
 from diffexp.sampling.export import export_pipeline
 from diffexp.sampling.generate import check_steps, generate, save_grid
@@ -192,7 +192,8 @@ def all_finite(accelerator: Accelerator, state: TrainState, *models: torch.nn.Mo
 
 
 def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> Path:
-    """Full training state, written to a temporary folder and renamed into place (atomic)."""
+    """Full training state, written to a temporary folder, sealed with its manifest and renamed into
+    place (atomic)."""
     final = run.checkpoint_dir(step)
     tmp = final.with_name(f".tmp_{final.name}")  # one name for every process: each writes its RNG state there
     if accelerator.is_main_process:
@@ -201,6 +202,7 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int)
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_manifest(tmp)  # last: sizes and checksums of every file the processes wrote
         replace_path(tmp, final)
         run.prune_checkpoints(keep)
     accelerator.wait_for_everyone()
