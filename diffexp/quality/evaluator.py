@@ -129,10 +129,10 @@ def load_feature_net(metric_cfg: DictConfig, accelerator: Accelerator) -> torch.
     """
     if metric_cfg.network == "digits":
         from diffexp.quality.features.digits import WEIGHTS, load_digits_net
-        from diffexp.quality.features.inception import file_digest
+        from diffexp.records.rundir import file_sha256
 
         net = load_digits_net(accelerator.device)
-        net.name, net.digest = "digits", file_digest(WEIGHTS)
+        net.name, net.digest = "digits", file_sha256(WEIGHTS)
         return net
     from diffexp.quality.features.inception import InceptionNet, inception_weights
 

@@ -110,7 +110,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file (read in blocks): checkpoint manifests, feature-network weights in cache keys."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -121,7 +122,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: Path) -> None:
     """Seal a checkpoint folder whose files are all written: ``manifest.json`` lists each file's size and
     sha256, and is written last (``checkpoint_damage`` checks a folder against it)."""
-    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
              for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
     write_json_atomic(folder / MANIFEST, {"files": files})
 
@@ -143,7 +144,7 @@ def checkpoint_damage(folder: Path, *, checksums: bool = False) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != want["size"]:
             return f"{name} is {path.stat().st_size} bytes, its manifest says {want['size']}"
-        if checksums and _sha256(path) != want["sha256"]:
+        if checksums and file_sha256(path) != want["sha256"]:
             return f"{name} differs from its manifest (sha256)"
     return None
 

@@ -7,7 +7,6 @@ The weights are not shipped: ``metric.weights=FILE``, else the torch hub cache, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from diffexp import DiffexpError, first_line
+from diffexp.records.rundir import file_sha256
 
 NAME = "inception"
 POOL, LOGITS = "2048", "logits_unbiased"
@@ -64,15 +64,6 @@ def weights_available(metric_cfg: DictConfig) -> bool:
     return hub_weights_file().is_file()
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a weights file (part of the reference-statistics cache key)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class InceptionNet(torch.nn.Module):
     """``(pool features N x 2048, logits N x 1008)`` of uint8 N x C x H x W images (gray repeated to RGB)."""
 
@@ -87,7 +78,7 @@ class InceptionNet(torch.nn.Module):
         except Exception as e:  # a truncated download or a file of the wrong network
             raise DiffexpError(f"metric.weights={weights}: not an InceptionV3 weights file ({type(e).__name__}: "
                                f"{first_line(e)[:200]})") from e
-        self.digest = file_digest(weights)
+        self.digest = file_sha256(weights)
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images_u8.shape[1] == 1:
