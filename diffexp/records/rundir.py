@@ -513,6 +513,18 @@ def quality_goal(key: str) -> str | None:
     return QUALITY_GOALS.get(key[len("eval/"):].split("_")[0], "min")
 
 
+def metric_goal(key: str) -> str | None:
+    """Which way ``key`` is better, the one place that knows it: ``min`` for the training loss,
+    ``quality_goal`` for a sample-quality metric, None for anything else (a rate, a step)."""
+    return "min" if key == "train/loss" else quality_goal(key)
+
+
+def goal_sign(key: str) -> int:
+    """1 where lower is better, -1 where higher is: ``sorted(values, key=lambda v: goal_sign(k) * v)``
+    puts the best first (a key without a direction sorts as a distance)."""
+    return -1 if metric_goal(key) == "max" else 1
+
+
 def sample_count(key: str) -> int:
     """The sample count a metric name carries: 2000 for ``eval/fid_2k``, 500 for ``eval/kid_digits_500``."""
     last = key.rsplit("_", 1)[-1].lower()
@@ -572,6 +584,5 @@ def summarize(run) -> dict[str, Any]:
     for key in sorted({k for r in rows for k in r if quality_goal(k)}):
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         if values:
-            best = min(values) if quality_goal(key) == "min" else max(values)
-            out[f"final {key}"], out[f"best {key}"] = values[-1], best
+            out[f"final {key}"], out[f"best {key}"] = values[-1], min(values, key=lambda v: goal_sign(key) * v)
     return out
