@@ -146,25 +146,25 @@ HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
 INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
-def split_positional(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the positional arguments: those without ``=``, or naming an existing path; the rest, in order:
-    ``key=value`` overrides and Hydra's flags with their values)."""
-    positional, rest = [], []
+def split_positional(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(the positional arguments: those without ``=``, or naming an existing path; the ``key=value``
+    overrides; Hydra's flags with their values), each in the order typed."""
+    positional, overrides, flags = [], [], []
     args = iter(argv)
     for a in args:
         if a.startswith("-"):
-            rest.append(a)
+            flags.append(a)
             if a in HYDRA_VALUE_FLAGS:
                 following = next(args, None)
                 if following is not None and a in ("--info", "-i") and following not in INFO_TOPICS:
                     positional.append(following)
                 elif following is not None:
-                    rest.append(following)
+                    flags.append(following)
         elif "=" not in a or Path(a).expanduser().exists():
             positional.append(a)
         else:
-            rest.append(a)
-    return positional, rest
+            overrides.append(a)
+    return positional, overrides, flags
 
 
 def hydra_quoted(text: str) -> str:
@@ -181,9 +181,9 @@ def hydra_args(argv: list[str], positional: str, *, lists: tuple[str, ...] = (),
     (``compare RUN_DIR... by=model``): the positional arguments become one list override
     ``positional=['RUN_DIR',...]`` (quoted: a path may hold any character), ``key=a,b`` of a ``lists``
     key becomes the list ``key=[a,b]`` (not a multirun sweep), and a ``paths`` key's value is quoted."""
-    found, rest = split_positional(argv)
-    out = []
-    for a in rest:
+    found, overrides, flags = split_positional(argv)
+    out = []  # flags first: Hydra's parser takes the overrides as one run of arguments after them
+    for a in overrides:
         key, _, value = a.partition("=")
         plain = value and value[0] not in "[\'\""
         if key in lists and plain and "," in value:
@@ -191,7 +191,15 @@ def hydra_args(argv: list[str], positional: str, *, lists: tuple[str, ...] = (),
         elif key in paths and plain:
             a = f"{key}={hydra_quoted(value)}"
         out.append(a)
-    return [*out, f"{positional}=[{','.join(map(hydra_quoted, found))}]"] if found else out
+    listed = [f"{positional}=[{','.join(map(hydra_quoted, found))}]"] if found else []
+    return [*flags, *out, *listed]
+
+
+def option_text(value) -> str:
+    """An option as the user typed it: ``finished,failed`` for the list ``hydra_args`` made of it."""
+    if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
 
 
 def hydra_command(config_name: str, positional: str, *, lists: tuple[str, ...] = (), paths: tuple[str, ...] = ()):

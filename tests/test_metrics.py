@@ -16,7 +16,7 @@ from conftest import REPO, cli_env, run_main
 from omegaconf import OmegaConf
 from wandb_files import find_runs
 
-from diffexp.compare import fmt, fmt_ci
+from diffexp.report.render import fmt, fmt_ci
 from diffexp.config import compose_config
 from diffexp.quality.evaluator import auto_eval_every, resolve_metric, score
 

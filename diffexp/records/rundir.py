@@ -184,16 +184,6 @@ class RunDir:
     def eval_file(self) -> Path:
         return self.path / "eval.json"
 
-    @property
-    def paired_dir(self) -> Path:
-        """``python -m diffexp.research.paired``'s results.json and cached DDPM images."""
-        return self.path / "paired"
-
-    @property
-    def paired_file(self) -> Path:
-        """``python -m diffexp.research.paired``'s results (``paired_results``)."""
-        return self.paired_dir / "results.json"
-
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / STEP_DIR.format(step)
 
@@ -248,11 +238,6 @@ class RunDir:
             return []
         data = json.loads(self.eval_file.read_text())
         return data["results"] if "results" in data else [data]
-
-    def paired_results(self) -> list[dict[str, Any]]:
-        """The results ``diffexp.research.paired`` recorded in paired/results.json (one per sampler, steps, seeds,
-        count and weights)."""
-        return json.loads(self.paired_file.read_text())["results"] if self.paired_file.is_file() else []
 
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""

@@ -24,6 +24,7 @@ as their DDPM-1000 twin.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -103,7 +104,7 @@ def coupled_noise(generator: torch.Generator, shape: tuple[int, ...], reference:
                   weights: list[tuple[np.ndarray, np.ndarray]] | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``(x_T, step_noise)`` from the draws the reference makes with ``generator``: x_T first, then one
     draw per step for timesteps T-1 .. 1 (``DDPMScheduler.step`` draws for t > 0), as
-    ``DiffexpPipeline`` does with it. ``weights=None``: x_T only."""
+    ``DiffexpPipeline`` does with it. ``weights=None``: x_T only (and no step noise)."""
     x_t = torch.randn(shape, generator=generator)
     if weights is None:
         return x_t, None
@@ -117,6 +118,28 @@ def coupled_noise(generator: torch.Generator, shape: tuple[int, ...], reference:
     fresh = torch.Generator().manual_seed(int(generator.initial_seed()) + SEPARATE_STREAM)
     return x_t, [sums[i].float() if len(ks) else torch.randn(shape, generator=fresh)
                  for i, (ks, _) in enumerate(weights)]
+
+
+@contextlib.contextmanager
+def fed_step_noise(sampler: SchedulerMixin, step_noise: list[torch.Tensor] | None):
+    """Within the context, each call of ``sampler.step`` (this instance only) takes the next of
+    ``step_noise`` as its ``variance_noise`` instead of drawing from the pipeline's generator: one noise
+    tensor per entry of the sampler's ``timesteps``, in order. ``None``: the sampler is left alone."""
+    if step_noise is None:
+        yield sampler
+        return
+    noise = iter(step_noise)
+    step = sampler.step
+
+    def fed(model_output, timestep, sample, generator=None, **kwargs):  # noqa: ARG001 - instead of the generator
+        # (DDIM refuses a generator and variance_noise at once)
+        return step(model_output, timestep, sample, variance_noise=next(noise).to(sample.device), **kwargs)
+
+    sampler.step = fed
+    try:
+        yield sampler
+    finally:
+        del sampler.step  # the class's own step again
 
 
 @torch.inference_mode()
@@ -138,8 +161,9 @@ def coupled_generate(denoiser, reference: DDPMScheduler, sampler: SchedulerMixin
                 generator = torch.Generator("cpu").manual_seed(chunk_seed(seed, c))
                 x_t, step_noise = coupled_noise(generator, probe.latent_shape(count), reference, weights)
                 own = torch.Generator("cpu").manual_seed(chunk_seed(seed, c) + SEPARATE_STREAM)
-                out = probe(batch_size=count, num_inference_steps=steps, generator=own, latents=x_t,
-                            step_noise=step_noise, output_type="np").images
+                with fed_step_noise(sampler, step_noise):
+                    out = probe(batch_size=count, num_inference_steps=steps, generator=own, latents=x_t,
+                                output_type="np").images
                 chunks.append(to_uint8(out))
                 bar.update(count)
     finally:
