@@ -13,9 +13,12 @@ images can instead be driven by the same randomness (the coupling of multilevel 
 With DDPM's posterior step x_{k-1} = a_k x_k + (x_0 term) + sqrt(v_k) z_k, draw z_k reaches t with the
 weight sqrt(v_k) times a_j for every later step j = k - 1, ..., t + 1. The normalising sum of squares
 equals the noise variance sigma_t^2 (1 - exp(-2h)) of DPM-Solver++ SDE's step (an exponential
-integrator) over the same interval, so for it this is the Brownian path itself (tested). Disjoint draws, unit variance: each sampler's images are distributed exactly as it samples
-alone (valid for any sampler); only their pairing is new. A deterministic sampler, or one whose step
-takes no ``variance_noise``, shares x_T only (its own step noise comes from a separate generator).
+integrator) over the same interval, so for it this is the Brownian path itself (tested). Disjoint
+draws, unit variance: each sampler's images are distributed exactly as it samples alone (valid for
+any sampler); only their pairing is new. A deterministic sampler, or one whose step takes no
+``variance_noise``, shares x_T only (its own step noise comes from a separate generator).
+The core pipeline takes x_T as ``latents=``; the step noise is handed to the sampler instance itself
+(``fed_step_noise`` wraps its ``step``), so the pipeline knows nothing of the coupling.
 
 Each image then has a twin, and quality differences are measured on pairs (``diffexp.research.paired``):
 on the default run's cosine schedule, 88% of DPM-Solver++ SDE 20-step images show the same digit

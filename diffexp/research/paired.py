@@ -10,14 +10,18 @@ Examples::
 For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (the images
 ``evaluate sampler=ddpm`` scores for that seed, sampled as it samples: bf16 autocast on a GPU; cached in
 ``RUN_DIR/paired/``, so they are made once per run, seed and count) and as many from the sampler, each
-the coupled twin of a DDPM image (``diffexp.research.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
-of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
-pairs (of FD at the pooled count, whose small-sample bias dilutes relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at most
-``tolerance`` (worse by at most that; better is fine). Results accumulate in
+the coupled twin of a DDPM image (``diffexp.research.coupling``). The Fréchet distances (and, with the
+digits network, the class-balanced one) of the pooled sets are compared as ``sampler / DDPM - 1`` with a
+95% bootstrap interval over the pairs (of FD at the pooled count, whose small-sample bias dilutes
+relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at
+most ``tolerance`` (worse by at most that; better is fine). Results accumulate in
 ``RUN_DIR/paired/results.json`` (the same sampler, steps, seeds, count and weights, hashed in ``weights``,
 again replace their own entry) and are printed as JSON on the last line;
-``python -m diffexp.research.paired_report RUN_OR_SWEEP_DIR...`` shows them over runs as a table.
-Nothing in diffexp's core imports this study: it keeps its own files under ``RUN_DIR/paired/``.
+``python -m diffexp.research.paired_report RUN_OR_SWEEP_DIR...`` shows them over runs as one table.
+
+The study stands apart from diffexp's core, which imports nothing of it: its files live under
+``RUN_DIR/paired/`` (``paired_dir``), and the coupled step noise reaches the sampler through the sampler
+instance's own ``step`` (``coupling.fed_step_noise``), not through the pipeline.
 """
 
 from __future__ import annotations

@@ -34,11 +34,13 @@ def verdict(result: dict, column: str) -> str:
 def paired_table(runs, keys: list[tuple], axes: list[str]) -> tuple[list[dict], tuple | None]:
     """The runs' results (a row each, in run order, with ``axes`` and ``run``) and their table
     (title, header, rows), or None when no run has any."""
-    rows = [{"axes": list(key), "run": run.path.name, **r} for run, key in zip(runs, keys) for r in paired_results(run)]
+    rows = [{"axes": list(key), "run": run.path.name, **r}
+            for run, key in zip(runs, keys) for r in paired_results(run)]
     if not rows:
         return [], None
     columns = list(dict.fromkeys(uncounted(k) for r in rows for k, d in r["metrics"].items() if "relative" in d))
-    header = [*axes, "run", "sampler", "steps", "against", "pairs", "same class", *(f"{c} vs reference" for c in columns)]
+    header = [*axes, "run", "sampler", "steps", "against", "pairs", "same class",
+              *(f"{c} vs reference" for c in columns)]
     usual = usual_options(rows)
     table = [[*r["axes"], r["run"], sampler_label(r, usual), fmt(r["sampler_steps"]), r["reference"], fmt(r["pairs"]),
               "–" if r.get("same_class") is None else f"{100 * r['same_class']:.1f}%", *(verdict(r, c) for c in columns)]
