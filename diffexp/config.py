@@ -1,5 +1,6 @@
-"""What every diffexp command shares: composing configs (Hydra resolvers, the compose API), every
-setup-time check of a composed config, and one-line error reporting.
+"""What every diffexp command shares: composing configs (Hydra resolvers, the compose API), the command
+line (``hydra_command``: a Hydra app that also takes positional paths), every setup-time check of a
+composed config, and one-line error reporting.
 
 ``check_train_config`` raises a DiffexpError naming the first bad key, its value and what is
 expected (the command turns it into one ``error:`` line and exit status 2); values that are
@@ -215,8 +216,12 @@ def hydra_command(config_name: str, positional: str, *, lists: tuple[str, ...] =
 
         @functools.wraps(task)
         def main():
-            sys.argv = [sys.argv[0], *hydra_args(sys.argv[1:], positional, lists=lists, paths=paths)]
-            return hydra_main()
+            typed = sys.argv
+            sys.argv = [typed[0], *hydra_args(typed[1:], positional, lists=lists, paths=paths)]  # Hydra reads sys.argv
+            try:
+                return hydra_main()
+            finally:
+                sys.argv = typed
 
         return main
 
