@@ -328,7 +328,7 @@ def peak_memory_mib(device) -> float:
 def spread(values: list[float]) -> dict:
     """Median, min, max, mean, sample standard deviation and the 95% t-interval half-width of the
     mean (``ci95``, None from one value) of repeated measurements."""
-    from diffexp.compare import mean_ci
+    from diffexp.report.stats import mean_ci
 
     mean, ci95 = mean_ci(values)
     return {"median": statistics.median(values), "min": min(values), "max": max(values),

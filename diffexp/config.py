@@ -1,5 +1,6 @@
-"""What every diffexp command shares: composing configs (Hydra resolvers, the compose API), every
-setup-time check of a composed config, and one-line error reporting.
+"""What every diffexp command shares: composing configs (Hydra resolvers, the compose API), the command
+line (``hydra_command``: a Hydra app that also takes positional paths), every setup-time check of a
+composed config, and one-line error reporting.
 
 ``check_train_config`` raises a DiffexpError naming the first bad key, its value and what is
 expected (the command turns it into one ``error:`` line and exit status 2); values that are
@@ -14,6 +15,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -136,6 +138,94 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+# Hydra's flags that take the next argument as their value (``--cfg job``, ``-cn NAME``); --info only
+# when the next argument is one of its topics.
+HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i")
+INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def split_positional(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """(the positional arguments: those without ``=``, or naming an existing path; the ``key=value``
+    overrides; Hydra's flags with their values), each in the order typed."""
+    positional, overrides, flags = [], [], []
+    args = iter(argv)
+    for a in args:
+        if a.startswith("-"):
+            flags.append(a)
+            if a in HYDRA_VALUE_FLAGS:
+                following = next(args, None)
+                if following is not None and a in ("--info", "-i") and following not in INFO_TOPICS:
+                    positional.append(following)
+                elif following is not None:
+                    flags.append(following)
+        elif "=" not in a or Path(a).expanduser().exists():
+            positional.append(a)
+        else:
+            overrides.append(a)
+    return positional, overrides, flags
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a quoted value of Hydra's override grammar: any character parses. Backslashes are
+    literal there except in a run just before a quote, which is halved (and an odd one escapes it)."""
+    escaped = re.sub(r"(\\*)'", lambda m: 2 * m.group(1) + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda m: 2 * m.group(1), escaped)
+    return f"'{escaped}'"
+
+
+def hydra_args(argv: list[str], positional: str, *, lists: tuple[str, ...] = (),
+               paths: tuple[str, ...] = ()) -> list[str]:
+    """``argv`` as Hydra's parser takes it, so a command keeps the paths users type before its options
+    (``compare RUN_DIR... by=model``): the positional arguments become one list override
+    ``positional=['RUN_DIR',...]`` (quoted: a path may hold any character), ``key=a,b`` of a ``lists``
+    key becomes the list ``key=[a,b]`` (not a multirun sweep), and a ``paths`` key's value is quoted."""
+    found, overrides, flags = split_positional(argv)
+    out = []  # flags first: Hydra's parser takes the overrides as one run of arguments after them
+    for a in overrides:
+        key, _, value = a.partition("=")
+        plain = value and value[0] not in "[\'\""
+        if key in lists and plain and "," in value:
+            a = f"{key}=[{value}]"
+        elif key in paths and plain:
+            a = f"{key}={hydra_quoted(value)}"
+        out.append(a)
+    listed = [f"{positional}=[{','.join(map(hydra_quoted, found))}]"] if found else []
+    return [*flags, *out, *listed]
+
+
+def option_text(value) -> str:
+    """An option as the user typed it: ``finished,failed`` for the list ``hydra_args`` made of it."""
+    if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def hydra_command(config_name: str, positional: str, *, lists: tuple[str, ...] = (), paths: tuple[str, ...] = ()):
+    """``hydra.main`` for ``conf/<config_name>.yaml`` whose command line first goes through ``hydra_args``:
+    ``--help``, ``--cfg job`` and ``key=value`` overrides as every diffexp command has them, plus the
+    positional arguments as the list ``positional``."""
+    import functools
+
+    import hydra
+
+    def decorate(task):
+        hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def main():
+            typed = sys.argv
+            sys.argv = [typed[0], *hydra_args(typed[1:], positional, lists=lists, paths=paths)]  # Hydra reads sys.argv
+            try:
+                return hydra_main()
+            finally:
+                sys.argv = typed
+
+        return main
+
+    return decorate
 
 
 @contextlib.contextmanager

@@ -6,31 +6,31 @@ all a later run with the same dataset settings needs, on this machine or copied 
     python -m diffexp.prepare dataset=cifar10
     python -m diffexp.prepare dataset=celeba dataset.crop=random
     python -m diffexp.prepare dataset=imagefolder dataset.path=/data/my_images dataset.resolution=64
+
+A Hydra app over the training config (``conf/prepare.yaml``): ``--cfg job`` shows what it would cache.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 
-from hydra import compose, initialize_config_dir
+import hydra
+from omegaconf import DictConfig
 
 from diffexp.config import CONFIG_PATH, report_errors
 
+log = logging.getLogger("diffexp.prepare")
 
-def main(argv: list[str] | None = None) -> None:
-    """Compose the training config with the overrides in ``argv`` (default: the command line),
-    cache its dataset, print the cache file."""
-    overrides = sys.argv[1:] if argv is None else argv
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    """Cache the composed config's dataset; print the cache file (the last line on stdout)."""
     from diffexp.data.datasets import cache_path, load_images
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     with report_errors():
-        with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=overrides)
         images = load_images(cfg.dataset, cfg.cache_dir, crop_margin=True)
-        print(f"{cfg.dataset.name}: {len(images)} images {tuple(images.shape[1:])}", file=sys.stderr)
-        print(cache_path(cfg.dataset, cfg.cache_dir))
+        log.info("%s: %d images %s", cfg.dataset.name, len(images), tuple(images.shape[1:]))
+        print(cache_path(cfg.dataset, cfg.cache_dir), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,46 +5,29 @@ wall time, final loss and the best value of the quality metric most runs logged.
 some statuses (``finished``, ``interrupted``, ``failed``, ``running``, ``empty``: a folder of an
 attempt refused before it started). ``remove=failed``, ``remove=empty`` or both list what would
 be deleted; with ``yes=true`` it is deleted. Finished, interrupted and running runs are never removed.
+A Hydra app (``conf/runs.yaml``): ``--cfg job`` shows the options, the paths typed first become ``paths``.
 """
 
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
+
+from omegaconf import DictConfig
 
 from diffexp import DiffexpError
-from diffexp.compare import ARROW, counted, fmt, parse_args, parse_statuses
-from diffexp.config import report_errors
-from diffexp.records.rundir import STATUSES, RunDir, iter_runs, primary_quality, quality_goal, run_status, summarize
+from diffexp.config import hydra_command, option_text, report_errors
+from diffexp.records.rundir import STATUSES, RunDir, iter_runs, primary_quality, run_status, summarize
+from diffexp.report.render import fmt, heading, shown_path, wall_time
+from diffexp.report.stats import counted, parse_statuses
 
-OPTIONS = ("status", "remove", "yes")
 REMOVABLE = ("failed", "empty")
-
-
-def shown_path(path: str) -> str:
-    """``path`` relative to the working directory when it lies below it."""
-    try:
-        return str(Path(path).relative_to(Path.cwd()))
-    except ValueError:
-        return path
-
-
-def wall_time(seconds: float | None) -> str:
-    """``1h02m``, ``3m05s``, ``12s`` (``–`` when unknown)."""
-    if seconds is None:
-        return "–"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def table(summaries: list[dict]) -> str:
     """The runs as aligned text columns, led by the quality metric most of them logged."""
     primary = primary_quality([{k[len("best "):] for k in s if k.startswith("best eval/")} for s in summaries])
     header = ["path", "name", "status", "steps", "wall time", "final loss"]
-    header += [f"best {primary} {ARROW[quality_goal(primary)]}"] if primary else []
+    header += [heading(f"best {primary}")] if primary else []
     rows = [[shown_path(s["run"]), s["name"] or "–", s["status"], fmt(s["steps"]), wall_time(s["wall_time_s"]),
              fmt(s["final_loss"]), *([fmt(s.get(f"best {primary}"))] if primary else [])] for s in summaries]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -69,24 +52,24 @@ def remove(summaries: list[dict], confirmed: bool) -> None:
     print(f"removed {what}")
 
 
-def main(argv: list[str] | None = None) -> None:
+@hydra_command("runs", "paths", lists=("status", "remove"))
+def main(cfg: DictConfig) -> None:
     """List the runs, then remove the failed or empty ones when asked to."""
     with report_errors():
-        paths, options = parse_args(sys.argv[1:] if argv is None else argv, OPTIONS)
-        wanted = parse_statuses(options.get("status", "all"))
-        removing = parse_removable(options["remove"]) if "remove" in options else None
-        confirmed = options.get("yes", "false").lower()
-        if confirmed not in ("true", "false"):
-            raise DiffexpError(f"yes={options['yes']}: expected true or false")
-        if confirmed == "true" and removing is None:
+        wanted = parse_statuses(option_text(cfg.status))
+        removing = parse_removable(option_text(cfg.remove)) if cfg.remove is not None else None
+        confirmed = cfg["yes"]
+        if not isinstance(confirmed, bool):
+            raise DiffexpError(f"yes={confirmed}: expected true or false")
+        if confirmed and removing is None:
             raise DiffexpError("yes=true confirms a removal: give remove=failed, remove=empty or remove=failed,empty")
-        summaries = [summarize(r) for r in iter_runs(paths or ["outputs"], empty=True)]
+        summaries = [summarize(r) for r in iter_runs([str(p) for p in cfg.paths], empty=True)]
         listed = [s for s in summaries if s["status"] in (removing or wanted)]
         print(table(listed) if listed else "no runs with status " + ",".join(sorted(removing or wanted)))
         everything = f"{len(summaries)} runs: {counted(s['status'] for s in summaries)}"
         print(everything if len(listed) == len(summaries) else f"{len(listed)} shown of {everything}")
         if removing is not None:
-            remove(listed, confirmed == "true")
+            remove(listed, confirmed)
 
 
 def parse_removable(value: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""``python -m diffexp.sweep sweeps/NAME.yaml [runs=N] [overrides]``: a W&B sweep definition, offline.
+"""``python -m diffexp.sweep sweeps/NAME.yaml [runs=N] [sample_seed=S] [overrides]``: a W&B sweep definition, offline.
 
 The same YAML file that ``wandb sweep`` takes runs here as one Hydra multirun of
 ``python -m diffexp.train``, so Hydra's launchers apply (``hydra/launcher=joblib``,
@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from diffexp import DiffexpError, first_line
-from diffexp.config import CONFIG_PATH, report_errors
+from diffexp.config import CONFIG_PATH, report_errors, split_positional
 
 SCHEMA = "schemas/wandb_sweep_config.json"
 SWEEP_OPTIONS = ("runs", "sample_seed")
@@ -254,20 +254,28 @@ def write_trial(path: Path, drawn: dict[str, Any], groups: set[str]) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, int], list[str]]:
-    """(definition path, sweep options, overrides for the runs) from the command line."""
-    if not argv or "=" in argv[0]:
+    """(definition path, sweep options, overrides for the runs) from the command line.
+
+    The definition is the one positional argument, found as ``compare`` and ``runs`` find their paths
+    (``config.split_positional``); ``runs=`` and ``sample_seed=`` are sweep's own. Everything else
+    passes through untouched to ``python -m diffexp.train -m``: those are train's overrides in Hydra's
+    multirun grammar (``model=unet_tiny,unet_small`` is a sweep over two models), which only train's
+    Hydra app can parse and check against train's config, so sweep is not a Hydra app of its own.
+    """
+    positional, overrides, flags = split_positional(argv)
+    if len(positional) != 1:
         raise DiffexpError("usage: python -m diffexp.sweep sweeps/NAME.yaml [runs=N] [sample_seed=S] [overrides]")
-    options, overrides = {}, []
-    for a in argv[1:]:
-        key = a.split("=", 1)[0]
-        if key in SWEEP_OPTIONS:
-            try:
-                options[key] = int(a.split("=", 1)[1])
-            except ValueError:
-                raise DiffexpError(f"{a}: expected an integer") from None
-        else:
-            overrides.append(a)
-    return argv[0], options, overrides
+    options, passed = {}, []
+    for a in overrides:
+        key, _, value = a.partition("=")
+        if key not in SWEEP_OPTIONS:
+            passed.append(a)
+            continue
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise DiffexpError(f"{a}: expected an integer") from None
+    return positional[0], options, [*passed, *flags]
 
 
 def sweep_dir_for(definition: dict[str, Any], overrides: list[str]) -> Path:

@@ -16,9 +16,9 @@ from conftest import REPO, cli_env, run_main
 from omegaconf import OmegaConf
 from wandb_files import find_runs
 
-from diffexp.compare import fmt, fmt_ci
 from diffexp.config import compose_config
 from diffexp.quality.evaluator import auto_eval_every, resolve_metric, score
+from diffexp.report.render import fmt, fmt_ci
 
 SMALL = ["metric.num_samples=8", "metric.num_real=16", "metric.batch_size=8"]
 

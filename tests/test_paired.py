@@ -100,19 +100,36 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
     ddim = json.loads(again.stdout.strip().splitlines()[-1])["metrics"]["eval/fd_digits_20"]
     assert ddim["reference"] == pytest.approx(fd["reference"])  # the same DDPM images
 
-    # compare shows them, a row per result, with the verdicts paired printed.
-    from diffexp.compare import main as compare
-
-    compare([str(finished_run), f"out={finished_run / 'cmp'}"])
-    report = (finished_run / "cmp" / "report.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "| ddpm1000 |" in line]
+    # The study's own table shows them, a row per result, with the verdicts paired printed.
+    shown = run_main("research.paired_report", str(finished_run), check=True).stdout
+    rows = [line for line in shown.splitlines() if line.startswith("| ") and "| ddpm1000 |" in line]
     verdict = "within" if fd["within_tolerance"] else "not shown within"
     assert len(rows) == 2 and "| dpmpp_sde | 5 | ddpm1000 | 20 |" in rows[0] and "| ddim | 5 |" in rows[1]
     assert (f"{100 * fd['relative']:+.1f}% ({100 * fd['low']:+.1f}% .. {100 * fd['high']:+.1f}%): {verdict} 5%"
             in rows[0])
-    assert "eval/fd_digits vs reference | eval/fd_digits_balanced vs reference |" in report
-    summary = json.loads((finished_run / "cmp" / "summary.json").read_text())
-    assert [r["sampler"] for r in summary["paired"]] == ["dpmpp_sde", "ddim"]
+    assert "eval/fd_digits vs reference | eval/fd_digits_balanced vs reference |" in shown
+    # compare, part of the core, no longer knows the study.
+    run_main("compare", str(finished_run), f"out={finished_run / 'cmp'}", check=True)
+    assert "ddpm1000" not in (finished_run / "cmp" / "report.md").read_text()
+    assert "paired" not in json.loads((finished_run / "cmp" / "summary.json").read_text())
+
+
+def test_nothing_in_the_core_imports_the_study():
+    import ast
+
+    core = [p for p in (REPO / "diffexp").rglob("*.py") if "research" not in p.parts]
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("diffexp.research") for n in names), path
+
+
+def test_paired_report_without_results_is_one_line(finished_run):
+    from test_inputs import one_error_line
+
+    result = run_main("research.paired_report", str(finished_run))
+    assert one_error_line(result).startswith("error: no paired results in 1 runs")
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
-from diffexp.compare import smooth
 from diffexp.config import CONFIG_PATH
+from diffexp.report.stats import smooth
 from diffexp.sweep import combinations, load_definition, schema_violations
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -356,6 +356,24 @@ def test_compare_bad_input_is_one_line(tmp_path):
                                                             "can be removed (finished runs are kept)")
     proc = run_main("compare", "source=wandb", "project=someone/diffexp", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "W&B is not reachable" in proc.stderr
+
+
+def test_compare_and_runs_parse_their_command_line_as_hydra_apps(tmp_path):
+    odd = tmp_path / "it's a,b=c"  # a path Hydra's override grammar would not take as typed
+    odd.mkdir()
+    proc = run_main("compare", str(odd), "by=model,scheduler", "status=finished,failed", f"out={odd}", "--cfg", "job",
+                    check=True)
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["paths"] == [str(odd)] and cfg["out"] == str(odd)
+    assert cfg["by"] == ["model", "scheduler"] and cfg["status"] == ["finished", "failed"]
+    assert not list(odd.iterdir())  # --cfg job prints and runs nothing
+    proc = run_main("compare", "--help", check=True)
+    assert "python -m diffexp.compare RUN_OR_SWEEP_DIR..." in proc.stdout and "smooth: 0.9" in proc.stdout
+    assert yaml.safe_load(run_main("runs", "--cfg", "job", check=True).stdout)["paths"] == ["outputs"]
+    proc = run_main("compare", str(odd), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {odd}: no diffexp run directories found there"
+    proc = run_main("runs", str(tmp_path), "yes=maybe", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: yes=maybe: expected true or false"
 
 
 # ---------------------------------------------------------------------------- reproduce

@@ -182,15 +182,10 @@ def training_rng_untouched():
     return torch.random.fork_rng(devices=gpus)
 
 
-def samples_in_bf16(device: torch.device | str) -> bool:
-    """Whether evaluation samples under bf16 autocast on ``device``: on a GPU; float32 elsewhere (CPU
-    autocast would be slower). Only the sampling: the feature network stays float32."""
-    return torch.device(device).type == "cuda"
-
-
 def sampling_precision(device: torch.device | str):
-    """The numerics evaluation samples with on ``device`` (``samples_in_bf16``), as a context."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=samples_in_bf16(device))
+    """The numerics evaluation samples with on ``device``, as a context: bf16 autocast on a GPU,
+    float32 elsewhere (CPU autocast would be slower). Only the sampling: the feature network stays float32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_logits: torch.Tensor,

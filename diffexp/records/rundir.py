@@ -236,16 +236,6 @@ class RunDir:
     def eval_file(self) -> Path:
         return self.path / "eval.json"
 
-    @property
-    def paired_dir(self) -> Path:
-        """``python -m diffexp.research.paired``'s results.json and cached DDPM images."""
-        return self.path / "paired"
-
-    @property
-    def paired_file(self) -> Path:
-        """``python -m diffexp.research.paired``'s results (``paired_results``)."""
-        return self.paired_dir / "results.json"
-
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / STEP_DIR.format(step)
 
@@ -297,11 +287,6 @@ class RunDir:
             return []
         data = json.loads(self.eval_file.read_text())
         return data["results"] if "results" in data else [data]
-
-    def paired_results(self) -> list[dict[str, Any]]:
-        """The results ``diffexp.research.paired`` recorded in paired/results.json (one per sampler, steps, seeds,
-        count and weights)."""
-        return json.loads(self.paired_file.read_text())["results"] if self.paired_file.is_file() else []
 
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""
@@ -579,6 +564,18 @@ def quality_goal(key: str) -> str | None:
     return QUALITY_GOALS.get(key[len("eval/"):].split("_")[0], "min")
 
 
+def metric_goal(key: str) -> str | None:
+    """Which way ``key`` is better, the one place that knows it: ``min`` for the training loss,
+    ``quality_goal`` for a sample-quality metric, None for anything else (a rate, a step)."""
+    return "min" if key == "train/loss" else quality_goal(key)
+
+
+def goal_sign(key: str) -> int:
+    """1 where lower is better, -1 where higher is: ``sorted(values, key=lambda v: goal_sign(k) * v)``
+    puts the best first (a key without a direction sorts as a distance)."""
+    return -1 if metric_goal(key) == "max" else 1
+
+
 def sample_count(key: str) -> int:
     """The sample count a metric name carries: 2000 for ``eval/fid_2k``, 500 for ``eval/kid_digits_500``."""
     last = key.rsplit("_", 1)[-1].lower()
@@ -638,6 +635,5 @@ def summarize(run) -> dict[str, Any]:
     for key in sorted({k for r in rows for k in r if quality_goal(k)}):
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         if values:
-            best = min(values) if quality_goal(key) == "min" else max(values)
-            out[f"final {key}"], out[f"best {key}"] = values[-1], best
+            out[f"final {key}"], out[f"best {key}"] = values[-1], min(values, key=lambda v: goal_sign(key) * v)
     return out

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError, first_line
-from diffexp.records.rundir import QUALITY_GOALS, RunDir, reachable
+from diffexp.records.rundir import QUALITY_GOALS, RunDir, quality_goal, reachable
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +251,9 @@ class WandbTracker(_Guarded):
         for pattern in ("train/*", "samples/*"):
             self.run.define_metric(pattern, step_metric="train/step")
         # No catch-all eval/*: when two globs match a key, which one wandb applies is not defined.
-        for prefix, best in QUALITY_GOALS.items():  # eval/fd_digits_1k: best and last in the summary
-            self.run.define_metric(f"eval/{prefix}_*", step_metric="train/step", summary=f"{best},last")
+        for prefix in QUALITY_GOALS:  # eval/fd_digits_1k: best and last in the summary
+            pattern = f"eval/{prefix}_*"
+            self.run.define_metric(pattern, step_metric="train/step", summary=f"{quality_goal(pattern)},last")
         self.run.save(str(run.config_file), base_path=str(run.path), policy="now")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

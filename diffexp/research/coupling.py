@@ -13,9 +13,12 @@ images can instead be driven by the same randomness (the coupling of multilevel 
 With DDPM's posterior step x_{k-1} = a_k x_k + (x_0 term) + sqrt(v_k) z_k, draw z_k reaches t with the
 weight sqrt(v_k) times a_j for every later step j = k - 1, ..., t + 1. The normalising sum of squares
 equals the noise variance sigma_t^2 (1 - exp(-2h)) of DPM-Solver++ SDE's step (an exponential
-integrator) over the same interval, so for it this is the Brownian path itself (tested). Disjoint draws, unit variance: each sampler's images are distributed exactly as it samples
-alone (valid for any sampler); only their pairing is new. A deterministic sampler, or one whose step
-takes no ``variance_noise``, shares x_T only (its own step noise comes from a separate generator).
+integrator) over the same interval, so for it this is the Brownian path itself (tested). Disjoint
+draws, unit variance: each sampler's images are distributed exactly as it samples alone (valid for
+any sampler); only their pairing is new. A deterministic sampler, or one whose step takes no
+``variance_noise``, shares x_T only (its own step noise comes from a separate generator).
+The core pipeline takes x_T as ``latents=``; the step noise is handed to the sampler instance itself
+(``fed_step_noise`` wraps its ``step``), so the pipeline knows nothing of the coupling.
 
 Each image then has a twin, and quality differences are measured on pairs (``diffexp.research.paired``):
 on the default run's cosine schedule, 88% of DPM-Solver++ SDE 20-step images show the same digit
@@ -24,6 +27,7 @@ as their DDPM-1000 twin.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -103,7 +107,7 @@ def coupled_noise(generator: torch.Generator, shape: tuple[int, ...], reference:
                   weights: list[tuple[np.ndarray, np.ndarray]] | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``(x_T, step_noise)`` from the draws the reference makes with ``generator``: x_T first, then one
     draw per step for timesteps T-1 .. 1 (``DDPMScheduler.step`` draws for t > 0), as
-    ``DiffexpPipeline`` does with it. ``weights=None``: x_T only."""
+    ``DiffexpPipeline`` does with it. ``weights=None``: x_T only (and no step noise)."""
     x_t = torch.randn(shape, generator=generator)
     if weights is None:
         return x_t, None
@@ -117,6 +121,28 @@ def coupled_noise(generator: torch.Generator, shape: tuple[int, ...], reference:
     fresh = torch.Generator().manual_seed(int(generator.initial_seed()) + SEPARATE_STREAM)
     return x_t, [sums[i].float() if len(ks) else torch.randn(shape, generator=fresh)
                  for i, (ks, _) in enumerate(weights)]
+
+
+@contextlib.contextmanager
+def fed_step_noise(sampler: SchedulerMixin, step_noise: list[torch.Tensor] | None):
+    """Within the context, each call of ``sampler.step`` (this instance only) takes the next of
+    ``step_noise`` as its ``variance_noise`` instead of drawing from the pipeline's generator: one noise
+    tensor per entry of the sampler's ``timesteps``, in order. ``None``: the sampler is left alone."""
+    if step_noise is None:
+        yield sampler
+        return
+    noise = iter(step_noise)
+    step = sampler.step
+
+    def fed(model_output, timestep, sample, generator=None, **kwargs):  # noqa: ARG001 - instead of the generator
+        # (DDIM refuses a generator and variance_noise at once)
+        return step(model_output, timestep, sample, variance_noise=next(noise).to(sample.device), **kwargs)
+
+    sampler.step = fed
+    try:
+        yield sampler
+    finally:
+        del sampler.step  # the class's own step again
 
 
 @torch.inference_mode()
@@ -138,8 +164,9 @@ def coupled_generate(denoiser, reference: DDPMScheduler, sampler: SchedulerMixin
                 generator = torch.Generator("cpu").manual_seed(chunk_seed(seed, c))
                 x_t, step_noise = coupled_noise(generator, probe.latent_shape(count), reference, weights)
                 own = torch.Generator("cpu").manual_seed(chunk_seed(seed, c) + SEPARATE_STREAM)
-                out = probe(batch_size=count, num_inference_steps=steps, generator=own, latents=x_t,
-                            step_noise=step_noise, output_type="np").images
+                with fed_step_noise(sampler, step_noise):
+                    out = probe(batch_size=count, num_inference_steps=steps, generator=own, latents=x_t,
+                                output_type="np").images
                 chunks.append(to_uint8(out))
                 bar.update(count)
     finally:

@@ -10,12 +10,18 @@ Examples::
 For each seed, ``metric.num_samples`` images come from DDPM over all T training steps (the images
 ``evaluate sampler=ddpm`` scores for that seed, sampled as it samples: bf16 autocast on a GPU; cached in
 ``RUN_DIR/paired/``, so they are made once per run, seed and count) and as many from the sampler, each
-the coupled twin of a DDPM image (``diffexp.research.coupling``). The Fréchet distances (and, with the digits network, the class-balanced one)
-of the pooled sets are compared as ``sampler / DDPM - 1`` with a 95% bootstrap interval over the
-pairs (of FD at the pooled count, whose small-sample bias dilutes relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at most
-``tolerance`` (worse by at most that; better is fine). Results accumulate in
+the coupled twin of a DDPM image (``diffexp.research.coupling``). The Fréchet distances (and, with the
+digits network, the class-balanced one) of the pooled sets are compared as ``sampler / DDPM - 1`` with a
+95% bootstrap interval over the pairs (of FD at the pooled count, whose small-sample bias dilutes
+relative differences); the sampler is *within tolerance* of DDPM when the interval's upper end is at
+most ``tolerance`` (worse by at most that; better is fine). Results accumulate in
 ``RUN_DIR/paired/results.json`` (the same sampler, steps, seeds, count and weights, hashed in ``weights``,
-again replace their own entry) and are printed as JSON on the last line.
+again replace their own entry) and are printed as JSON on the last line;
+``python -m diffexp.research.paired_report RUN_OR_SWEEP_DIR...`` shows them over runs as one table.
+
+The study stands apart from diffexp's core, which imports nothing of it: its files live under
+``RUN_DIR/paired/`` (``paired_dir``), and the coupled step noise reaches the sampler through the sampler
+instance's own ``step`` (``coupling.fed_step_noise``), not through the pipeline.
 """
 
 from __future__ import annotations
@@ -40,6 +46,31 @@ log = logging.getLogger("diffexp.research.paired")
 KEY = ("sampler", "sampler_options", "sampler_steps", "seeds", "num_samples", "network", "num_real", "weights")
 
 
+def paired_dir(run: RunDir) -> Path:
+    """Where the study keeps a run's results.json and cached DDPM images: ``RUN_DIR/paired/``."""
+    return run.path / "paired"
+
+
+def results_file(run: RunDir) -> Path:
+    """The study's results of a run (``paired_results``)."""
+    return paired_dir(run) / "results.json"
+
+
+def paired_results(run: RunDir) -> list[dict]:
+    """The results recorded in ``RUN_DIR/paired/results.json`` (one per sampler, steps, seeds, count and weights)."""
+    path = results_file(run)
+    return json.loads(path.read_text())["results"] if path.is_file() else []
+
+
+def samples_in_bf16(device: torch.device | str) -> bool:
+    """Whether evaluation samples under bf16 autocast on ``device`` (``sampling_precision``): the cached
+    DDPM images are named by it, since bf16 gives other images than float32."""
+    from diffexp.quality.evaluator import sampling_precision
+
+    with sampling_precision(device):
+        return torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+
+
 def weights_digest(run: RunDir) -> str:
     """A short hash of the run's exported denoiser weights: cached reference images belong to them."""
     digest = hashlib.sha256()
@@ -51,13 +82,13 @@ def weights_digest(run: RunDir) -> str:
 def reference_file(run: RunDir, *, steps: int, seed: int, n: int, batch_size: int, weights: str, bf16: bool) -> Path:
     """Where DDPM's ``n`` images of ``seed`` (chunks of ``batch_size``) are cached for the weights hashed
     ``weights``, sampled in float32 or (``bf16``, on a GPU) under bf16 autocast."""
-    return run.paired_dir / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}{'_bf16' if bf16 else ''}_{weights}.npz"
+    return paired_dir(run) / f"ddpm{steps}_seed{seed}_n{n}_b{batch_size}{'_bf16' if bf16 else ''}_{weights}.npz"
 
 
 def reference_images(run: RunDir, denoiser, reference, *, seed: int, n: int, batch_size: int,
                      weights: str) -> np.ndarray:
     """DDPM's images over every training step for ``seed``: from the cache, else made (slow) and cached."""
-    from diffexp.quality.evaluator import samples_in_bf16, sampling_precision
+    from diffexp.quality.evaluator import sampling_precision
     from diffexp.research.coupling import reference_steps
     from diffexp.sampling.generate import generate, save_grid, save_npz
 
@@ -194,8 +225,8 @@ def paired(cfg: DictConfig) -> dict:
             "reference": class_mix_distance(ref[1], evaluator.reference_logits),
             "sampler": class_mix_distance(cand[1], evaluator.reference_logits)}
     with locked(run):
-        kept = [r for r in run.paired_results() if key(r, KEY) != key(result, KEY)]
-        write_json_atomic(run.paired_file, {"results": [*kept, result]})
+        kept = [r for r in paired_results(run) if key(r, KEY) != key(result, KEY)]
+        write_json_atomic(results_file(run), {"results": [*kept, result]})
     if result["same_class"] is not None:
         log.info("the two images of a pair show the same digit in %.1f%% of %d pairs (10%% by chance)",
                  100 * result["same_class"], pairs)

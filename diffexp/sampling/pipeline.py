@@ -74,16 +74,13 @@ class DiffexpPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, num_inference_steps: int = 50,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  class_labels: torch.Tensor | list[int] | None = None, guidance_scale: float = 1.0,
-                 output_type: str = "pil", return_dict: bool = True, latents: torch.Tensor | None = None,
-                 step_noise: list[torch.Tensor] | None = None):
+                 output_type: str = "pil", return_dict: bool = True, latents: torch.Tensor | None = None):
         """``batch_size`` images in ``num_inference_steps`` scheduler steps.
 
         ``class_labels`` (one per image) asks a class-conditional model for those classes; with
         ``guidance_scale`` != 1 the prediction is ``uncond + scale * (cond - uncond)``.
         ``output_type``: ``"pil"``, ``"np"`` (floats in [0, 1], N x H x W x C) or ``"pt"``.
-        ``latents``: the starting noise (unit variance) instead of drawing it from ``generator``;
-        ``step_noise``: one unit-variance noise tensor per entry of the scheduler's ``timesteps``, handed to a
-        stochastic scheduler's ``step`` as ``variance_noise`` instead of drawing it (diffexp.research.coupling).
+        ``latents``: the starting noise (unit variance) instead of drawing it from ``generator``.
         """
         device = self._execution_device
         conditional = self.config.num_classes is not None
@@ -112,12 +109,8 @@ class DiffexpPipeline(DiffusionPipeline):
         scale = getattr(self.scheduler, "scale_model_input", lambda sample, t: sample)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         accepted = inspect.signature(self.scheduler.step).parameters
-        if step_noise is not None and "variance_noise" not in accepted:
-            raise ValueError(f"{type(self.scheduler).__name__}.step takes no variance_noise: step_noise cannot be used")
         step_kwargs = {"generator": generator} if "generator" in accepted else {}
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            if step_noise is not None:  # instead of the generator (DDIM refuses both at once)
-                step_kwargs = {"variance_noise": step_noise[i].to(device)}
+        for t in self.progress_bar(self.scheduler.timesteps):
             x_in = torch.cat([x, x]) if guided else x
             x_in = scale(x_in, t)
             out = self.denoise(x_in, t, labels)
