@@ -205,6 +205,7 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
     need_int(cfg, f"{t}.batch_size", 1)
     need_int(cfg, f"{t}.grad_accum", 1)
     need_int(cfg, f"{t}.max_steps", 1)
+    need_int(cfg, f"{t}.stop_at", 1, allow=(None,))
     need_number(cfg, f"{t}.lr", low=0, low_open=True)
     need_number(cfg, f"{t}.weight_decay", low=0)
     need_number(cfg, f"{t}.eps", low=0, low_open=True)
