@@ -115,8 +115,6 @@ def init_config(composed: DictConfig) -> DictConfig:
     parent and its checkpoint are checked here (the architecture when the weights are loaded)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if composed.resume:
-        raise DiffexpError(f"init_from={composed.init_from}: a new run; resume= continues one (give one of them)")
     parent = RunDir(composed.init_from)
     if not parent.exists():
         raise DiffexpError(f"init_from={composed.init_from}: not a diffexp run directory (no config.yaml)")
@@ -157,6 +155,8 @@ def plan(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) -
     from diffexp.quality.evaluator import resolve_metric
 
     resume, step = bool(cfg.resume), None
+    if resume and cfg.get("init_from"):
+        raise DiffexpError(f"init_from={cfg.init_from}: a new run; resume= continues one (give one of them)")
     if resume:
         cfg, step = resume_config(cfg.resume, cfg)
         run_dir = cfg.resume
