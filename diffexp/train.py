@@ -81,8 +81,9 @@ def resume_config(resume: str, composed: DictConfig) -> tuple[DictConfig, int]:
         key, value = override.key_or_group, override.value()
         if key in START_KEYS or key.startswith("hydra"):
             continue
-        if key not in choices and _as_plain(OmegaConf.select(saved, key, default=None)) == value:
-            continue  # the recipe's own value, repeated
+        before = OmegaConf.select(saved, f"choices.{key}" if key in choices else key, default=None)
+        if _as_plain(before) == (choices[key] if key in choices else value):
+            continue  # the recipe's own value or group choice, repeated
         if not _may_change(key):
             typed = override.input_line if isinstance(value, (list, dict)) else f"{key}={value}"  # a list: as typed
             raise DiffexpError(f"{key}={value}: a resume continues the same recipe; for a changed recipe start a new "

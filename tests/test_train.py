@@ -315,7 +315,7 @@ def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
 
     cfg = compose_config(["scheduler.rescale_betas_zero_snr=true", f"scheduler.prediction_type={prediction_type}",
                           "trainer.loss_weighting=min_snr"])
-    objective = build_objective(cfg)
+    objective = build_objective(cfg.scheduler, cfg.trainer)
     t = torch.tensor([0, 500, 999])
     w = objective.weights(t)
     assert torch.isfinite(w).all()

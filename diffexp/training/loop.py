@@ -309,7 +309,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
         raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
     check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
 
-    objective = build_objective(cfg)
+    objective = build_objective(cfg.scheduler, t)
     sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
     data = prepare_data(cfg, t, accelerator)
     sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
