@@ -237,10 +237,11 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_with_a_changed_recipe(trai
     assert (cfg.init_from, cfg.checkpoint, cfg.name) == (str(parent), 3, "unet_tiny-cosine-s0-from3")
     assert not (tmp_path / "child").exists()
 
-    child, _ = train(f"init_from={parent}", "checkpoint=3", "trainer.lr=5e-4", name="child")
-    info = json.loads((child / "run.json").read_text())
+    child, _ = train(f"init_from={parent}", "checkpoint=3", "trainer.lr=5e-4", "logger=wandb", name="child")
+    info = json.loads((child / "run.json").read_text())  # (offline W&B: no fork, the parent in its config)
     assert info["status"] == "finished" and info["parent"] == {
         "run": str(parent), "step": 3, "wandb_run_id": json.loads((parent / "run.json").read_text())["wandb_run_id"]}
+    assert info["wandb_run_id"] and info["wandb_run_id"] != info["parent"]["wandb_run_id"]
     assert [s for s, _ in losses(child)] == [1, 2, 3, 4] and max(lrs(child)) == pytest.approx(5e-4)
     assert OmegaConf.load(child / "config.yaml").trainer.lr == 5e-4
     assert summarize(RunDir(child))["parent"] == "parent@3" and summarize(RunDir(parent))["parent"] is None

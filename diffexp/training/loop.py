@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffexp import DiffexpError, first_line
-from diffexp.data.datasets import Batches
 from diffexp.data.training_data import TrainingData, grid_labels, prepare_data
 from diffexp.models.build import (
     build_lr_scheduler,
