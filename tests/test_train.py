@@ -260,6 +260,15 @@ def test_init_from_refuses_a_missing_checkpoint_and_a_model_that_does_not_fit(fi
         f"error: init_from={tmp_path / 'nowhere'}: not a diffexp run directory (no config.yaml)")
 
 
+def test_init_from_on_the_command_line_names_its_folder_after_the_parent(finished_run, tmp_path, cache_dir):
+    outputs = tmp_path / "outputs"
+    run_main("train", *TINY, f"init_from={finished_run}", "checkpoint=last", f"output_root={outputs}",
+             f"cache_dir={cache_dir}", "logger=none", "trainer.max_steps=2", check=True)
+    (child,) = [p.parent for p in outputs.rglob("run.json")]
+    assert child.name.endswith("_unet_tiny-cosine-s0-from4") and (child / ".hydra" / "overrides.yaml").is_file()
+    assert json.loads((child / "run.json").read_text())["parent"]["step"] == 4
+
+
 def test_reproduce_of_a_child_run_uses_or_reproduces_its_parents_checkpoint(train, tmp_path):
     parent, _ = train("trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", name="parent")
     child, _ = train(f"init_from={parent}", "checkpoint=2", "trainer.lr=5e-4", name="child")
