@@ -103,9 +103,14 @@ def apply_overrides(saved: DictConfig, *, skip: tuple[str, ...], composed: DictC
             continue
         with open_dict(cfg):
             if key in groups:
+                if OmegaConf.select(saved, f"choices.{key}", default=None) == hydra_cfg.runtime.choices[key]:
+                    continue  # the run's own choice, repeated (``debug=tiny`` in a command that starts from it)
                 if composed is None:
                     raise DiffexpError(f"{key}={override.value()}: a resumed run keeps its config groups; "
                                        "start a new run instead")
+                if key not in composed:  # a global group (debug, experiment) sets keys all over the config
+                    raise DiffexpError(f"{key}={override.value()}: a group that sets keys across the config cannot "
+                                       "be applied to a saved config; give its settings as key=value")
                 cfg[key] = OmegaConf.to_container(composed[key], resolve=False)
                 OmegaConf.update(cfg, f"choices.{key}", hydra_cfg.runtime.choices[key], force_add=True)
             else:
@@ -296,6 +301,7 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
     need_int(cfg, f"{t}.batch_size", 1)
     need_int(cfg, f"{t}.grad_accum", 1)
     need_int(cfg, f"{t}.max_steps", 1)
+    need_int(cfg, f"{t}.stop_at", 1, allow=(None,))
     need_number(cfg, f"{t}.lr", low=0, low_open=True)
     need_number(cfg, f"{t}.weight_decay", low=0)
     need_number(cfg, f"{t}.eps", low=0, low_open=True)

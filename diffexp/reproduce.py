@@ -11,6 +11,12 @@ CPU with the same code and versions the losses are identical).
 ``run=ENTITY/PROJECT/RUN_ID`` reads the config (and, for the check, the losses) from W&B instead,
 when W&B is reachable.
 
+A run resumed with a longer ``trainer.max_steps`` is rerun with its final recipe from the start
+(one warning: its learning rates differ where the schedule depends on max_steps). A run started
+with ``init_from`` starts from its parent's checkpoint when that is still there; otherwise the
+parent is reproduced up to that step first (into ``NEW_RUN_DIR_parent``). A run of an older
+diffexp that recorded ``changes`` on resume is rerun with its original recipe (one warning).
+
 Examples::
 
     python -m diffexp.reproduce run=outputs/2026-11-26/10-00-00_unet_small-linear-s0 check=true
@@ -19,7 +25,6 @@ Examples::
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
 from diffexp.config import CONFIG_PATH, apply_overrides, report_errors, session_dirs
-from diffexp.records.rundir import RunDir, effective_config, git_state, package_versions, wandb_run
+from diffexp.records.rundir import RunDir, git_state, package_versions, wandb_run
 
 OWN_KEYS = ("run", "check", "check_tol")
 
@@ -40,13 +45,58 @@ def open_source(run: str):
     return wandb_run(run)
 
 
-def reproduced_config(saved: DictConfig, composed: DictConfig) -> DictConfig:
-    """The saved config with this command's overrides applied (groups replaced whole)."""
-    cfg = apply_overrides(saved, skip=OWN_KEYS, composed=composed)
+def reproduced_config(saved: DictConfig, composed: DictConfig | None = None) -> DictConfig:
+    """The saved config with this command's overrides applied (groups replaced whole; none without
+    ``composed``), and without the ``changes`` an older diffexp recorded (see ``recipe_warnings``)."""
+    cfg = apply_overrides(saved, skip=OWN_KEYS, composed=composed) if composed is not None else saved.copy()
     with open_dict(cfg):
         cfg.resume = None
+        cfg.pop("changes", None)
     OmegaConf.resolve(cfg)
     return cfg
+
+
+def recipe_warnings(saved: DictConfig, info: dict) -> list[str]:
+    """Why the rerun trains another recipe than the original's steps had: a resume that extended
+    ``trainer.max_steps``, or an older diffexp's ``changes`` (which are not replayed)."""
+    warnings = []
+    extended = [r for r in info.get("resumes") or [] if r.get("max_steps")]
+    if extended:
+        first, last = extended[0]["max_steps"][0], extended[-1]["max_steps"][1]
+        warnings.append(f"the run was extended on resume (trainer.max_steps {first} -> {last} at step "
+                        f"{extended[0]['step']}): this trains its final recipe from the start, so its learning rates "
+                        "differ where the schedule depends on max_steps")
+    if saved.get("changes"):
+        steps = ", ".join(str(c["step"]) for c in saved.changes)
+        warnings.append(f"the run recorded `changes` on resume (at step {steps}), which are not replayed: this "
+                        "reproduces its original recipe")
+    return warnings
+
+
+def ensure_parent(cfg: DictConfig, out: Path) -> None:
+    """For a run started with ``init_from``: when the parent's checkpoint is gone, reproduce the parent
+    up to that step (``trainer.stop_at``) into ``OUT_parent`` beside ``out``, and start ``cfg`` from
+    it (recursively for a parent that has a parent)."""
+    from diffexp.training.loop import train
+
+    if not cfg.get("init_from"):
+        return
+    parent, step = RunDir(cfg.init_from), int(cfg.checkpoint)
+    if parent.checkpoint_dir(step).is_dir():
+        return
+    if not parent.exists():
+        raise DiffexpError(f"init_from={parent.path}: the parent run is gone, so checkpoint {step} cannot be "
+                           "reproduced")
+    parent_cfg = reproduced_config(parent.config())
+    with open_dict(parent_cfg):
+        parent_cfg.trainer.stop_at = step
+    where = out.with_name(f"{out.name}_parent")
+    print(f"warning: {parent.path} no longer has checkpoint {step}: reproducing it first, into {where}",
+          file=sys.stderr, flush=True)
+    ensure_parent(parent_cfg, where)
+    train(parent_cfg, str(where))
+    with open_dict(cfg):
+        cfg.init_from = str(where)
 
 
 def provenance_warnings(info: dict) -> list[str]:
@@ -88,15 +138,15 @@ def main(cfg: DictConfig) -> None:
 
     with report_errors():
         source = open_source(str(cfg.run))
-        new_cfg = reproduced_config(source.config(), cfg)
-        for w in provenance_warnings(source.info()):
-            print(f"warning: {w}", file=sys.stderr, flush=True)
+        saved, info = source.config(), source.info()
+        new_cfg = reproduced_config(saved, cfg)
         out, session = session_dirs()
         if RunDir(out).path == getattr(source, "path", None):
             raise DiffexpError(f"hydra.run.dir={out}: that is the run being reproduced; choose a new directory")
-        for w in check_train_config(effective_config(new_cfg, math.inf)):
+        for w in [*provenance_warnings(info), *recipe_warnings(saved, info), *check_train_config(new_cfg)]:
             print(f"warning: {w}", file=sys.stderr, flush=True)
         new_cfg.metric = resolve_metric(new_cfg.metric, new_cfg.dataset)
+        ensure_parent(new_cfg, RunDir(out).path)
         status = train(new_cfg, out, resume=False, session_dir=session)
         print(f"reproduced {source.path} into {out} ({status})", flush=True)
         if cfg.check and status == "finished":

@@ -70,6 +70,8 @@ TRAIN_MISTAKES = [
     (["dataset=imagefolder", "dataset.path=/nowhere/at/all"], "error: dataset.path=/nowhere/at/all: no such directory"),
     (["output_root=/etc/hostname/outputs"], "error: output_root=/etc/hostname/outputs: not a folder this user can write in"),
     (["resume=/nowhere/at/all"], "error: run=/nowhere/at/all: not a diffexp run directory (no config.yaml)"),
+    (["init_from=/nowhere/at/all"], "error: init_from=/nowhere/at/all: not a diffexp run directory (no config.yaml)"),
+    (["trainer.stop_at=0"], "error: trainer.stop_at=0: expected an integer >= 1 or None"),
 ]
 
 
@@ -130,25 +132,36 @@ def test_a_missing_run_for_sample_and_evaluate_is_one_line(tmp_path):
 
 # --- resume: what it may change, what it refuses, and that a refusal changes nothing ---------------------
 
+RECIPE = "a resume continues the same recipe; for a changed recipe start a new run from a checkpoint: " \
+         "python -m diffexp.train init_from={run} checkpoint=4 "
 REFUSED_RESUMES = [
-    (["seed=3"], "error: seed=3: a resume keeps seed, which decides what the saved state means"),
-    (["seed=3", "dataset.resolution=32"], "error: seed=3: a resume keeps seed"),
-    (["dataset.channels=3"], "error: dataset.channels=3: a resume keeps dataset.channels"),
-    (["trainer.batch_size=16"], "error: trainer.batch_size=16: a resume keeps trainer.batch_size"),
-    (["model.block_out_channels=[8,16]"], "error: model.block_out_channels=[8, 16]: a resume keeps"),
-    (["scheduler.prediction_type=v_prediction"], "error: scheduler.prediction_type=v_prediction: a resume keeps"),
-    (["trainer.mixed_precision=bf16"], "error: trainer.mixed_precision=bf16: a resume keeps"),
-    (["model=unet_small"], "error: model=unet_small: a resumed run keeps its config groups"),
-    (["trainer.lr=-1"], "error: trainer.lr=-1: expected a number > 0"),
+    (["trainer.lr=5e-5"], "error: trainer.lr=5e-05: " + RECIPE + "trainer.lr=5e-05"),
+    (["trainer.betas=[0.9,0.99]"], "error: trainer.betas=[0.9, 0.99]: " + RECIPE + "trainer.betas=[0.9,0.99]"),
+    (["trainer.ema.decay=0.5"], "error: trainer.ema.decay=0.5: " + RECIPE + "trainer.ema.decay=0.5"),
+    (["trainer.lr_schedule=constant"], "error: trainer.lr_schedule=constant: " + RECIPE + "trainer.lr_schedule=constant"),
+    (["seed=3"], "error: seed=3: " + RECIPE + "seed=3"),
+    (["seed=3", "dataset.resolution=32"], "error: seed=3: a resume continues the same recipe"),
+    (["dataset.channels=3"], "error: dataset.channels=3: a resume continues the same recipe"),
+    (["trainer.batch_size=16"], "error: trainer.batch_size=16: a resume continues the same recipe"),
+    (["model.block_out_channels=[8,16]"], "error: model.block_out_channels=[8, 16]: " + RECIPE
+     + "model.block_out_channels=[8,16]"),
+    (["scheduler.prediction_type=v_prediction"], "error: scheduler.prediction_type=v_prediction: a resume continues"),
+    (["trainer.mixed_precision=bf16"], "error: trainer.mixed_precision=bf16: a resume continues the same recipe"),
+    (["model=unet_small"], "error: model=unet_small: " + RECIPE + "model=unet_small"),
+    (["trainer.max_steps=3"], "error: trainer.max_steps=3: a resume may only extend the run's 4 steps; for a shorter "
+                              "run: python -m diffexp.train init_from={run} checkpoint=STEP trainer.max_steps=3"),
     (["trainer.max_steps=abc"], "error: trainer.max_steps=abc: expected an integer >= 1"),
+    (["trainer.stop_at=2"], "error: trainer.stop_at=2: not after the checkpoint's step (4)"),
+    (["trainer.stop_at=0", "trainer.max_steps=6"], "error: trainer.stop_at=0: not after the checkpoint's step (4)"),
+    (["init_from={run}"], "error: init_from={run}: a new run; resume= continues one (give one of them)"),
 ]
 
 
 @pytest.mark.parametrize("overrides,expected", REFUSED_RESUMES, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_a_refused_resume_leaves_the_run_byte_identical(overrides, expected, finished_run):
     before = snapshot(finished_run)
-    result = run_main("train", f"resume={finished_run}", *overrides)
-    assert one_error_line(result).startswith(expected)
+    result = run_main("train", f"resume={finished_run}", *(o.format(run=finished_run) for o in overrides))
+    assert one_error_line(result).startswith(expected.format(run=finished_run))
     assert snapshot(finished_run) == before
 
 
@@ -167,10 +180,11 @@ def test_a_corrupt_record_is_refused_in_one_line_and_left_alone(finished_run):
 
 def test_resuming_a_finished_run_says_so_and_does_nothing(finished_run):
     before = snapshot(finished_run)
-    result = run_main("train", f"resume={finished_run}")
-    assert result.returncode == 0
-    assert f"{finished_run} is finished (4 of 4 steps): nothing to do" in result.stdout
-    assert snapshot(finished_run) == before  # no new W&B segment, no record touched
+    for unchanged in ([], ["trainer.log_every=2", "trainer.lr=0.001"]):  # what does not alter the steps, or repeats
+        result = run_main("train", f"resume={finished_run}", *unchanged)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{finished_run} is finished (4 of 4 steps): nothing to do" in result.stdout
+        assert snapshot(finished_run) == before  # no new W&B segment, no record touched
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_records_nothing(tmp_path, cache_dir):

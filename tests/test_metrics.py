@@ -114,11 +114,12 @@ def test_evaluation_leaves_the_training_random_streams_as_they_were(train):
     from diffexp.models.build import build_sampler
     from diffexp.quality.evaluator import Evaluator
     from diffexp.records.rundir import RunDir
+    from diffexp.sampling.generate import load_run_model
 
     cfg = RunDir(with_eval).config()
     evaluator = Evaluator(cfg.metric, Accelerator(cpu=True), load_images(cfg.dataset, cfg.cache_dir), cfg.dataset,
                           cfg.cache_dir)
-    unet = RunDir(with_eval).pipeline().unet
+    unet = load_run_model(with_eval, "cpu").denoiser
     torch.manual_seed(123)
     states = [torch.get_rng_state()] + [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     evaluator(unet, build_sampler(cfg.sampler, cfg.scheduler), 2)

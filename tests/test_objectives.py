@@ -21,7 +21,8 @@ NOISE = torch.randn(4, 1, 8, 8)
 
 
 def objective(*overrides: str):
-    return build_objective(compose_config(list(overrides)))
+    cfg = compose_config(list(overrides))
+    return build_objective(cfg.scheduler, cfg.trainer)
 
 
 def test_ddpm_targets_and_min_snr_weights_are_the_papers():

@@ -19,6 +19,8 @@ from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from diffexp.records.rundir import step_of
+
 
 def losses(run_dir):
     return [(r["step"], r["train/loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
@@ -150,7 +152,7 @@ def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(tr
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "interrupted"
     (checkpoint,) = (run / "checkpoints").iterdir()
-    stopped_at = int(checkpoint.name.split("_")[1])
+    stopped_at = step_of(checkpoint)
     assert 21 <= stopped_at < 120 and not (run / "model").exists()
     run_train(f"resume={run}")
     assert losses(run) == losses(full)  # stopped inside a log interval (most likely), resumed exactly
@@ -158,12 +160,28 @@ def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(tr
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
+def lrs(run_dir):
+    return [r["train/lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/lr" in r]
+
+
 def test_resume_can_extend_max_steps(finished_run):
+    """A longer max_steps: the LR schedule is rebuilt for the new horizon and goes on from its position."""
+    from diffexp.models.build import build_lr_scheduler
+
     run = finished_run
     run_train(f"resume={run}", "trainer.max_steps=6")
     assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
-    cfg = yaml.safe_load((run / "config.yaml").read_text())  # what the run started with, and what changed when
-    assert cfg["trainer"]["max_steps"] == 4 and cfg["changes"] == [{"step": 4, "set": {"trainer.max_steps": 6}}]
+    cfg = OmegaConf.load(run / "config.yaml")  # the saved config with the accepted override
+    assert cfg.trainer.max_steps == 6 and "changes" not in cfg
+    (resumed,) = json.loads((run / "run.json").read_text())["resumes"]
+    assert resumed["step"] == 4 and resumed["max_steps"] == [4, 6]
+    schedule = build_lr_scheduler(cfg.trainer, torch.optim.SGD([torch.zeros(1)], lr=cfg.trainer.lr))
+    expected = []
+    for _ in range(6):
+        expected.append(schedule.get_last_lr()[0])
+        schedule.step()
+    assert lrs(run)[4:] == pytest.approx(expected[4:], rel=1e-12) and lrs(run)[4:] != lrs(run)[2:4]
 
 
 def test_a_resume_can_turn_evaluation_on(train):
@@ -174,44 +192,122 @@ def test_a_resume_can_turn_evaluation_on(train):
     assert [r["step"] for r in rows if "eval/fd_digits_50" in r] == [6]  # its interval counts from the start
 
 
-def test_resume_takes_a_new_learning_rate_from_the_command_line(train):
-    """Optimizer settings given on resume apply from the next step; the schedule keeps its position."""
-    def lrs(run):
-        return [r["train/lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if "train/lr" in r]
-
-    common = ["trainer.max_steps=6", "trainer.sample_every=0", "trainer.lr_schedule=cosine"]
-    run, _ = train(*common, "trainer.checkpoint_every=4", name="resumed")
-    shutil.rmtree(run / "checkpoints" / "step_0000006")  # continue from step 4 with a lower rate
-    result = run_train(f"resume={run}", "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]")
-    assert "trainer.lr 0.001 -> 0.0002" in result.stderr
-    reference, _ = train(*common, "trainer.lr=2e-4", "trainer.betas=[0.9,0.99]", name="reference")
-    assert lrs(run)[4:] == lrs(reference)[4:] and lrs(run)[4] < lrs(run)[3]
-    state = torch.load(run / "checkpoints" / "step_0000006" / "optimizer.bin", weights_only=True)
-    assert [tuple(g["betas"]) for g in state["param_groups"]] == [(0.9, 0.99)]
+def test_stop_at_stops_with_a_checkpoint_and_resume_finishes_identically(train):
+    common = ["trainer.max_steps=6", "trainer.checkpoint_every=0", "trainer.sample_every=0"]
+    full, _ = train(*common, name="full")
+    run, result = train(*common, "trainer.stop_at=3", name="stopped", check=False)
+    assert result.returncode == 130 and "Continue with: python -m diffexp.train resume=" in result.stderr
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000003"] and not (run / "model").exists()
+    run_train(f"resume={run}")
+    assert losses(run) == losses(full) and same_weights(run, full)
+    assert OmegaConf.load(run / "config.yaml").trainer.stop_at is None  # the stopping point was that command's
 
 
-def test_what_a_resume_changed_is_recorded_and_reproduced_exactly(train, tmp_path):
-    """lr, EMA decay, max_steps and the log interval changed on resume apply from the checkpoint's
-    step, are recorded there, and `reproduce check=true` replays them: identical losses and weights."""
-    run, _ = train("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10", name="resumed")
-    for later in ("step_0000006",):
-        shutil.rmtree(run / "checkpoints" / later)  # continue from step 4
-    run_train(f"resume={run}", "trainer.lr=2e-4", "trainer.ema.decay=0.5", "trainer.max_steps=8",
-              "trainer.log_every=2")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["trainer"]["lr"] == 0.001 and cfg["changes"] == [
-        {"step": 4, "set": {"trainer.lr": 0.0002, "trainer.ema.decay": 0.5, "trainer.max_steps": 8,
-                            "trainer.log_every": 2}}]
-    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 6, 8]
+def child_setup(parent, tmp_path, cache_dir, *overrides):
+    """The child run's parts as ``setup`` builds them (before its first step; nothing is written)."""
+    from conftest import end_process
+
+    from diffexp.config import compose_config
+    from diffexp.train import plan
+    from diffexp.training.loop import setup
+
+    cfg, run_dir, resume = plan(compose_config([*TINY, f"cache_dir={cache_dir}", "logger=none",
+                                                f"init_from={parent}", *overrides]), str(tmp_path / "child"))
+    try:
+        return cfg, setup(cfg, run_dir, resume)
+    finally:
+        end_process()
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoint_with_a_changed_recipe(train, tmp_path, cache_dir):
+    from diffexp.records.rundir import RunDir, summarize
+    from diffexp.training.loop import EMA_FILE
+
+    parent, _ = train("trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", "logger=wandb", name="parent")
+    saved = parent / "checkpoints" / "step_0000003"  # its EMA is not the model (updated at 2)
+    cfg, p = child_setup(parent, tmp_path, cache_dir, "checkpoint=3", "trainer.lr=5e-4", "init_optimizer=true")
+    raw, ema = load_file(saved / "model.safetensors"), torch.load(saved / EMA_FILE, weights_only=True)["weights"]
+    assert all(torch.equal(v, raw[k]) for k, v in p.net.state_dict().items())  # the child's weights at step 0
+    assert all(torch.equal(v, ema[k]) for k, v in p.ema.model.state_dict().items())
+    assert not all(torch.equal(raw[k], v) for k, v in ema.items())  # (model and EMA are two things)
+    moments = torch.load(saved / "optimizer.bin", weights_only=True)["state"]
+    assert torch.equal(p.optimizer.state_dict()["state"][0]["exp_avg"], moments[0]["exp_avg"])
+    assert p.state.step == 0 and p.ema.step == 0 and p.optimizer.param_groups[0]["initial_lr"] == 5e-4
+    assert (cfg.init_from, cfg.checkpoint, cfg.name) == (str(parent), 3, "unet_tiny-cosine-s0-from3")
+    assert not (tmp_path / "child").exists()
+
+    child, _ = train(f"init_from={parent}", "checkpoint=3", "trainer.lr=5e-4", "logger=wandb", name="child")
+    info = json.loads((child / "run.json").read_text())  # (offline W&B: no fork, the parent in its config)
+    assert info["status"] == "finished" and info["parent"] == {
+        "run": str(parent), "step": 3, "wandb_run_id": json.loads((parent / "run.json").read_text())["wandb_run_id"]}
+    assert info["wandb_run_id"] and info["wandb_run_id"] != info["parent"]["wandb_run_id"]
+    assert [s for s, _ in losses(child)] == [1, 2, 3, 4] and max(lrs(child)) == pytest.approx(5e-4)
+    assert OmegaConf.load(child / "config.yaml").trainer.lr == 5e-4
+    assert summarize(RunDir(child))["parent"] == "parent@3" and summarize(RunDir(parent))["parent"] is None
+
+
+def test_init_from_refuses_a_missing_checkpoint_and_a_model_that_does_not_fit(finished_run, train, tmp_path):
+    def error(*overrides):
+        run, proc = train(f"init_from={finished_run}", *overrides, name="child", check=False)
+        assert not run.exists() or not any(run.iterdir())
+        return error_line(proc)
+
+    assert error("checkpoint=3") == f"error: checkpoint=3: {finished_run} has no such complete checkpoint (steps: 2, 4)"
+    assert error("model.block_out_channels=[8,16]").startswith(
+        f"error: init_from={finished_run} checkpoint=4: its weights do not fit this model (size mismatch for ")
+    assert error(f"init_from={tmp_path / 'nowhere'}") == (
+        f"error: init_from={tmp_path / 'nowhere'}: not a diffexp run directory (no config.yaml)")
+
+
+def test_init_from_on_the_command_line_names_its_folder_after_the_parent(finished_run, tmp_path, cache_dir):
+    outputs = tmp_path / "outputs"
+    run_main("train", *TINY, f"init_from={finished_run}", "checkpoint=last", f"output_root={outputs}",
+             f"cache_dir={cache_dir}", "logger=none", "trainer.max_steps=2", check=True)
+    (child,) = [p.parent for p in outputs.rglob("run.json")]
+    assert child.name.endswith("_unet_tiny-cosine-s0-from4") and (child / ".hydra" / "overrides.yaml").is_file()
+    assert json.loads((child / "run.json").read_text())["parent"]["step"] == 4
+
+
+def test_reproduce_of_a_child_run_uses_or_reproduces_its_parents_checkpoint(train, tmp_path):
+    parent, _ = train("trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", name="parent")
+    child, _ = train(f"init_from={parent}", "checkpoint=2", "trainer.lr=5e-4", name="child")
     again = tmp_path / "again"
-    result = run_main("reproduce", f"run={run}", "check=true", f"hydra.run.dir={again}")
-    assert "check: 6 logged losses compared; largest difference 0 (identical)" in result.stdout, result.stderr[-2000:]
-    assert same_weights(run, again)
-    # the EMA decay did apply: without the change the exported average is another
-    other, _ = train("trainer.max_steps=6", "trainer.checkpoint_every=2", "+changes=[{step: 4, set: {trainer.lr: 2e-4, "
-                     "trainer.max_steps: 8, trainer.log_every: 2}}]", name="other")
-    assert losses(other) == losses(run) and not same_weights(other, run)
+    result = run_main("reproduce", f"run={child}", "check=true", f"hydra.run.dir={again}")
+    assert "check: 4 logged losses compared; largest difference 0 (identical)" in result.stdout, result.stderr[-2000:]
+    assert json.loads((again / "run.json").read_text())["parent"]["run"] == str(parent)
+    shutil.rmtree(parent / "checkpoints" / "step_0000002")  # the parent's checkpoint is gone: reproduce it first
+    once_more = tmp_path / "once_more"
+    result = run_main("reproduce", f"run={child}", "check=true", f"hydra.run.dir={once_more}")
+    assert "check: 4 logged losses compared; largest difference 0 (identical)" in result.stdout, result.stderr[-2000:]
+    rebuilt = tmp_path / "once_more_parent"
+    assert json.loads((rebuilt / "run.json").read_text())["status"] == "interrupted"  # stopped at the step
+    assert sorted(p.name for p in (rebuilt / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
+    assert json.loads((once_more / "run.json").read_text())["parent"]["run"] == str(rebuilt)
+    assert same_weights(child, once_more)
+
+
+def test_reproduce_of_an_extended_run_warns_that_it_trains_the_final_recipe(finished_run, tmp_path):
+    run_train(f"resume={finished_run}", "trainer.max_steps=5")
+    result = run_main("reproduce", f"run={finished_run}", "logger=none", f"hydra.run.dir={tmp_path / 'again'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("warning: the run was extended on resume (trainer.max_steps 4 -> 5 at step 4): this trains its final "
+            "recipe from the start") in result.stderr
+    assert [s for s, _ in losses(tmp_path / "again")] == [1, 2, 3, 4, 5]
+
+
+def test_a_run_with_recorded_changes_still_reads_and_reproduces_its_original_recipe(finished_run, tmp_path):
+    """Runs of an older diffexp recorded a resume's changed settings as `changes`: they still load and
+    sample; a resume is refused in one line; reproduce reruns the original recipe with a warning."""
+    cfg = OmegaConf.load(finished_run / "config.yaml")
+    cfg.changes = [{"step": 2, "set": {"trainer.lr": 2e-4}}]
+    OmegaConf.save(cfg, finished_run / "config.yaml")
+    run_main("sample", f"run={finished_run}", "n=2", f"out={tmp_path / 's.npz'}", check=True)
+    line = error_line(run_train(f"resume={finished_run}", "trainer.max_steps=6", check=False))
+    assert line.startswith(f"error: resume={finished_run}: its config.yaml records `changes`") and "init_from=" in line
+    result = run_main("reproduce", f"run={finished_run}", "logger=none", f"hydra.run.dir={tmp_path / 'again'}")
+    assert result.returncode == 0 and "which are not replayed: this reproduces its original recipe" in result.stderr
+    assert "changes" not in OmegaConf.load(tmp_path / "again" / "config.yaml")
 
 
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
@@ -229,7 +325,7 @@ def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
 
     cfg = compose_config(["scheduler.rescale_betas_zero_snr=true", f"scheduler.prediction_type={prediction_type}",
                           "trainer.loss_weighting=min_snr"])
-    objective = build_objective(cfg)
+    objective = build_objective(cfg.scheduler, cfg.trainer)
     t = torch.tensor([0, 500, 999])
     w = objective.weights(t)
     assert torch.isfinite(w).all()
@@ -329,7 +425,9 @@ def test_resume_of_a_run_whose_checkpoints_are_gone_is_named(finished_run):
 
 def test_resume_refuses_to_change_config_groups(finished_run):
     proc = run_train(f"resume={finished_run}", "model=unet_small", check=False)
-    assert error_line(proc).startswith("error: model=unet_small: a resumed run keeps its config groups")
+    assert error_line(proc) == ("error: model=unet_small: a resume continues the same recipe; for a changed recipe "
+                                f"start a new run from a checkpoint: python -m diffexp.train init_from={finished_run} "
+                                "checkpoint=4 model=unet_small")
 
 
 def test_non_finite_weights_are_never_checkpointed(train):

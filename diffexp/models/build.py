@@ -195,21 +195,21 @@ def build_optimizer(trainer_cfg: DictConfig, params, device: torch.device) -> to
         fused=fused_adamw(trainer_cfg, device))
 
 
-def build_objective(cfg: DictConfig):
-    """The training objective of ``cfg.scheduler`` (see ``diffexp.objectives``): the DDPM family with
-    the trainer's loss weighting (uniform or min-SNR), or the node's own objective class."""
+def build_objective(scheduler_cfg: DictConfig, trainer_cfg: DictConfig):
+    """The training objective of a ``scheduler`` node (see ``diffexp.objectives``): the DDPM family
+    with the trainer's loss weighting (uniform or min-SNR), or the node's own objective class."""
     from diffexp.objectives.ddpm import DDPMObjective
 
-    t = cfg.trainer
-    cls = objective_class(cfg.scheduler)
+    t = trainer_cfg
+    cls = objective_class(scheduler_cfg)
     if cls is DDPMObjective:
-        return DDPMObjective(build_noise_scheduler(cfg.scheduler), t.get("loss_weighting", "uniform"),
+        return DDPMObjective(build_noise_scheduler(scheduler_cfg), t.get("loss_weighting", "uniform"),
                              t.get("snr_gamma", 5.0))
     if t.get("loss_weighting", "uniform") != "uniform":
         raise DiffexpError(f"trainer.loss_weighting={t.loss_weighting}: min-SNR weighting is for the DDPM family; "
                            f"{cls.__name__} weights its loss as its paper does")
     try:
-        return instantiate(cfg.scheduler, _convert_="all")
+        return instantiate(scheduler_cfg, _convert_="all")
     except InstantiationException as e:
         if isinstance(e.__cause__, DiffexpError):
             raise e.__cause__ from None

@@ -169,18 +169,6 @@ def reachable(url: str, timeout: float = 3.0) -> str | None:
         return f"{parsed.hostname}: {e.strerror or first_line(e)}"
 
 
-def effective_config(cfg: DictConfig, step: float) -> DictConfig:
-    """The settings in force after optimizer step ``step``: the run's config with the ``changes`` a
-    resume recorded at steps <= ``step`` applied (``changes: [{step: 4, set: {trainer.lr: 2e-4}}]``).
-    ``step=math.inf`` gives the latest settings."""
-    out = cfg.copy()
-    for change in sorted(cfg.get("changes") or [], key=lambda c: c["step"]):
-        if change["step"] <= step:
-            for key, value in change["set"].items():
-                OmegaConf.update(out, key, value, merge=False)
-    return out
-
-
 def retarget_file_logs(old: Path, new: Path) -> None:
     """Logging handlers that write to ``old`` go on writing to ``new`` (appending)."""
     import logging
@@ -338,6 +326,17 @@ class RunDir:
             _warn_damaged(folder, why)
         return None
 
+    def find_checkpoint(self, which: int | str | None = "last") -> Path:
+        """The complete checkpoint of step ``which`` (an integer or its digits), or the newest one for
+        ``last`` (or None); a one-line DiffexpError naming ``checkpoint=`` and the available steps otherwise."""
+        found = {step_of(c): c for c in self.checkpoints()}
+        if which in (None, "last") and found:
+            return found[max(found)]
+        if str(which).isdigit() and int(which) in found:
+            return found[int(which)]
+        available = ", ".join(map(str, sorted(found))) or "none"
+        raise DiffexpError(f"checkpoint={which}: {self.path} has no such complete checkpoint (steps: {available})")
+
     def sample_grids(self) -> list[Path]:
         return sorted(self.samples_dir.glob("step_*.png")) if self.samples_dir.is_dir() else []
 
@@ -363,11 +362,14 @@ class RunDir:
         with atomic_path(self.config_file) as tmp:  # resume, reproduce and compare read it
             OmegaConf.save(cfg, tmp, resolve=True)
 
-    def start(self, cfg: DictConfig, *, num_processes: int, resumed: bool, extra: dict[str, Any] | None = None) -> None:
-        """Write run.json at the start of a run (or note the resume in it)."""
+    def start(self, cfg: DictConfig, *, num_processes: int, resumed: bool, extra: dict[str, Any] | None = None,
+              resume_note: dict[str, Any] | None = None) -> None:
+        """Write run.json at the start of a run, or note the resume in its ``resumes`` list (with
+        ``resume_note``'s fields, e.g. ``{"step": 4, "max_steps": [4, 6]}`` for an extension)."""
         info = self.info() if resumed else {}
         if resumed:
-            info.setdefault("resumes", []).append({"at": now(), "command": sys.orig_argv, "git": git_state()})
+            info.setdefault("resumes", []).append({"at": now(), "command": sys.orig_argv, "git": git_state(),
+                                                   **(resume_note or {})})
         else:
             info.update(
                 git=git_state(),
@@ -614,18 +616,20 @@ def duration_s(info: dict[str, Any]) -> float | None:
 
 
 def summarize(run) -> dict[str, Any]:
-    """What a run reached: name, status, size, steps, wall time, speed, final loss, and for every
+    """What a run reached: name, status, the checkpoint it started from (``parent``: ``RUN@STEP`` for a
+    run made with ``init_from``, else None), size, steps, wall time, speed, final loss, and for every
     quality metric its final and best value (``final eval/...``, ``best eval/...``)."""
     status = run_status(run)
     if status == "empty":
-        return {"run": str(run.path), "name": None, "status": status, "num_parameters": None, "steps": 0,
-                "wall_time_s": None, "img_per_s": None, "final_loss": None}
+        return {"run": str(run.path), "name": None, "status": status, "parent": None, "num_parameters": None,
+                "steps": 0, "wall_time_s": None, "img_per_s": None, "final_loss": None}
     cfg, info, rows = run.config(), run.info(), run.metrics()
     train_rows = [r for r in rows if "train/loss" in r]
     speeds = [r["train/img_per_s"] for r in train_rows if "train/img_per_s" in r]
     wall = duration_s(info)
     out = {
         "run": str(run.path), "name": cfg.get("name"), "status": status,
+        "parent": f"{Path(parent['run']).name}@{parent['step']}" if (parent := info.get("parent")) else None,
         "num_parameters": info.get("num_parameters"),
         "steps": max((r["step"] for r in rows), default=0),
         "wall_time_s": wall if wall is not None else info.get("wall_time_s"),

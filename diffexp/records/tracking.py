@@ -49,11 +49,13 @@ class Tracker:
 
 
 def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerator, run: RunDir,
-                 run_id: str | None) -> Tracker:
+                 run_id: str | None, fork_from: str | None = None) -> Tracker:
     """The tracker named by ``logger.kind`` on the main process, a no-op one elsewhere.
 
-    ``run_id`` (from run.json on resume) continues that W&B run. A tracker that cannot start costs
-    one warning and gives a no-op tracker; a bad ``logger.kind``/``logger.mode`` is a DiffexpError.
+    ``run_id`` (from run.json on resume) continues that W&B run. ``fork_from`` (``RUN_ID?_step=N``,
+    a run started with ``init_from``) makes an online W&B run a fork of its parent where the server
+    supports it (else a plain new run, with one warning). A tracker that cannot start costs one
+    warning and gives a no-op tracker; a bad ``logger.kind``/``logger.mode`` is a DiffexpError.
     """
     check_logger_cfg(logger_cfg)
     kind = logger_cfg.kind
@@ -63,6 +65,12 @@ def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerat
         mode = wandb_mode(logger_cfg.mode, starting_in=tracker_dir(logger_cfg, run))
         if mode == "disabled":
             return Tracker()
+        if fork_from and mode == "online":  # offline runs cannot fork: the parent is in their config
+            try:
+                return WandbTracker(logger_cfg, cfg, run, run_id, mode, fork_from=fork_from)
+            except Exception as e:  # noqa: BLE001 - a server without forking still gets the run
+                log.warning("W&B could not fork %s (%s); the run starts unforked, its parent in its config",
+                            fork_from, _one_line(e))
         start = lambda: WandbTracker(logger_cfg, cfg, run, run_id, mode)  # noqa: E731
     else:
         start = lambda: TensorBoardTracker(logger_cfg, cfg, run)  # noqa: E731
@@ -202,6 +210,7 @@ def dashboard_config(cfg: DictConfig, info: dict[str, Any]) -> dict[str, Any]:
         "git_dirty": git.get("dirty"),
         "packages": info.get("packages"),
         "num_processes": info.get("num_processes"),
+        "parent": info.get("parent"),  # init_from's run, step and W&B id (offline runs cannot fork)
         "cfg": resolved,
     }
 
@@ -211,7 +220,8 @@ class WandbTracker(_Guarded):
 
     kind = "wandb"
 
-    def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run: RunDir, run_id: str | None, mode: str) -> None:
+    def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run: RunDir, run_id: str | None, mode: str,
+                 fork_from: str | None = None) -> None:
         super().__init__()
         from accelerate.tracking import WandBTracker as AccelerateWandB
 
@@ -232,6 +242,7 @@ class WandbTracker(_Guarded):
             mode=mode,
             id=run_id,
             resume="allow" if run_id else None,
+            **({"fork_from": fork_from} if fork_from else {}),
         )
         self.acc.start()
         self.run = self.acc.tracker

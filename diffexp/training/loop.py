@@ -9,6 +9,7 @@ depends only on (seed, step), so a resumed run continues exactly where the inter
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -23,12 +24,12 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 from torch.profiler import record_function as phase
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diffexp import DiffexpError
-from diffexp.data.datasets import Batches
+from diffexp import DiffexpError, first_line
 from diffexp.data.training_data import TrainingData, grid_labels, prepare_data
 from diffexp.models.build import (
     build_lr_scheduler,
@@ -40,7 +41,7 @@ from diffexp.models.build import (
     resolve_sampler,
 )
 from diffexp.quality.evaluator import evaluation_interval, make_evaluator
-from diffexp.records.rundir import RunDir, effective_config, replace_path, write_manifest
+from diffexp.records.rundir import RunDir, replace_path, write_manifest
 from diffexp.records.tracking import check_logger_cfg, make_tracker
 from diffexp.sampling.export import export_pipeline
 from diffexp.sampling.generate import check_steps, generate, save_grid
@@ -48,6 +49,8 @@ from diffexp.sampling.pipeline import call_denoiser
 from diffexp.training.perf import configure_backends, dynamo_plugin, optimize_model
 
 log = logging.getLogger(__name__)
+# What setup registers for checkpointing, in order, is saved as custom_checkpoint_<index>.pkl.
+EMA_FILE = "custom_checkpoint_1.pkl"
 
 
 class EMA:
@@ -58,7 +61,8 @@ class EMA:
     ``update(model, step)`` folds every optimizer step since the last update into one lerp, the old
     average weighted by the product of their decays, so updating every N steps keeps the decay
     schedule in optimizer steps (the skipped steps' weights are represented by the newest ones).
-    Settings come from the config, not the checkpoint: a resume can change them.
+    Settings come from the config (a resume continues the same recipe), the average and its step
+    from the checkpoint.
     """
 
     def __init__(self, model: torch.nn.Module, ema_cfg: DictConfig):
@@ -149,40 +153,269 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def due(step: int, every: int, last: int) -> bool:
-    """True at every ``every``-th step (0 = never) and at the last step."""
-    return step == last or (every > 0 and step % every == 0)
+
+class Speed:
+    """Training images per second between two log steps; the time spent sampling, evaluating and
+    checkpointing (``paused``) is left out."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.steps, self.since = batch_size, 0, time.perf_counter()
+
+    def read(self) -> float:
+        """Images per second since the last read (and start counting again)."""
+        now = time.perf_counter()
+        rate = self.steps * self.batch_size / (now - self.since)
+        self.steps, self.since = 0, now
+        return rate
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.since += time.perf_counter() - start
 
 
-def train_step(model, objective, batches: Batches, step: int, optimizer, accelerator: Accelerator,
-               max_norm: float, grad_accum: int, null_class: int | None = None,
-               p_uncond: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step: for each micro-batch, noise it, predict, weighted MSE, backward; then clip
-    and step. Class-conditional (``null_class`` set): the batch's labels condition the network, each
-    replaced by the null class with probability ``p_uncond`` (classifier-free guidance). Returns the
-    mean loss and the gradient norm as device tensors (no host sync)."""
-    loss_sum = torch.zeros((), device=accelerator.device)
-    for micro in range(grad_accum):
+def every(step: int, interval: int, last: int) -> bool:
+    """True at every ``interval``-th step (0 = never) and at the last step."""
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+@dataclass
+class Parts:
+    """Everything a run trains with, built by ``setup`` (nothing is written before it returns)."""
+
+    cfg: DictConfig
+    t: DictConfig  # cfg.trainer
+    accelerator: Accelerator
+    run: RunDir
+    objective: object
+    sampler_cfg: DictConfig
+    sampler: object
+    data: TrainingData
+    model: torch.nn.Module  # as accelerate prepared it (DDP, compiled); ``net`` is the plain module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMA
+    state: TrainState
+    evaluator: object
+    eval_every: int
+    p_uncond: float  # class-conditional runs: how often a label is dropped for guidance
+    eval_seconds: float = 0.0
+
+    @property
+    def guidance(self) -> float:
+        """The classifier-free guidance scale of grids and evaluation (1 when unconditional)."""
+        return float((self.cfg.get("conditioning") or {}).get("guidance_scale", 1.0)) if self.data.num_classes else 1.0
+
+
+def train_step(p: Parts, step: int) -> None:
+    """Optimizer step ``step``: for each micro-batch, noise it, predict, weighted MSE, backward; then
+    clip, step the optimizer and the LR schedule, add the loss and gradient norm to the log
+    interval's sums (on the device: no host sync) and, every ``ema.update_every`` steps, the EMA.
+    Class-conditional runs: the batch's labels condition the network, each replaced by the null
+    class with probability ``p_uncond`` (classifier-free guidance)."""
+    t, acc, null_class = p.t, p.accelerator, p.data.num_classes
+    p.model.train()
+    loss_sum = torch.zeros((), device=acc.device)
+    for micro in range(t.grad_accum):
         # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
         with phase("data"):
-            batch = objective.noise(batches.get(step - 1, micro))
+            batch = p.objective.noise(p.data.batches.get(step - 1, micro))
             labels = None
             if null_class is not None:
-                labels = batches.get_labels(step - 1, micro)
-                labels = torch.where(torch.rand(labels.shape, device=labels.device) < p_uncond, null_class, labels)
-        with accelerator.accumulate(model):
+                labels = p.data.batches.get_labels(step - 1, micro)
+                labels = torch.where(torch.rand(labels.shape, device=labels.device) < p.p_uncond, null_class, labels)
+        with acc.accumulate(p.model):
             with phase("forward_backward"):
-                pred = call_denoiser(model, batch.model_input, batch.timestep, labels)
+                pred = call_denoiser(p.model, batch.model_input, batch.timestep, labels)
                 per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
                 loss = (per_sample * batch.weight).mean() if batch.weight is not None else per_sample.mean()
-                accelerator.backward(loss)
+                acc.backward(loss)
             with phase("optimizer"):
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm).detach()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach() / grad_accum
-    return loss_sum, grad_norm
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(p.model.parameters(), t.max_grad_norm or math.inf).detach()
+                p.optimizer.step()
+                p.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach() / t.grad_accum
+    p.lr_scheduler.step()
+    p.state.add(loss_sum, grad_norm)
+    with phase("ema"):
+        if step % t.ema.get("update_every", 1) == 0:
+            p.ema.update(p.net, step)
+    p.state.step = step
+
+
+def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
+    """The maintenance due after optimizer step ``step``, by name: ``log``, ``sample``, ``eval``,
+    ``checkpoint``, and ``stop`` (with a checkpoint) at ``trainer.stop_at`` or when a signal asked
+    this process to stop (several processes agree on a signal at log steps instead: ``log_row``)."""
+    t, last = p.t, p.t.max_steps
+    due = {name for name, interval in (("log", t.log_every), ("sample", t.sample_every),
+                                       ("eval", p.eval_every), ("checkpoint", t.checkpoint_every))
+           if every(step, interval, last)}
+    if not p.eval_every:
+        due.discard("eval")
+    if step == t.get("stop_at") or (stop_signal and p.accelerator.num_processes == 1):
+        due |= {"stop", "checkpoint"}
+    return due
+
+
+def load_parent(p: Parts, cfg: DictConfig) -> None:
+    """A new run's start from checkpoint ``cfg.checkpoint`` of run ``cfg.init_from``: its model and EMA
+    weights, and with ``init_optimizer`` its Adam moments (the settings, the LR schedule, the step
+    and the data order stay this run's). A checkpoint that does not fit the model is one line."""
+    folder, device = RunDir(cfg.init_from).find_checkpoint(cfg.checkpoint), p.accelerator.device
+    try:
+        weights = load_file(folder / "model.safetensors", device=str(device))
+        p.net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in weights.items()})
+        p.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=device, weights_only=True))
+    except RuntimeError as e:  # load_state_dict's first line only names the class; the next says what differs
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
+        raise DiffexpError(f"init_from={cfg.init_from} checkpoint={cfg.checkpoint}: its weights do not fit "
+                           f"this model ({detail})") from None
+    p.ema.step = 0  # this run's EMA decay schedule starts at its own step 0
+    if cfg.get("init_optimizer"):
+        moments = torch.load(folder / "optimizer.bin", map_location=device, weights_only=True)["state"]
+        p.optimizer.load_state_dict({"state": moments, "param_groups": p.optimizer.state_dict()["param_groups"]})
+    log.info("started from %s (model, EMA%s)", folder, ", optimizer moments" if cfg.get("init_optimizer") else "")
+
+
+def continue_schedule(optimizer, lr_scheduler) -> None:
+    """After loading a checkpoint: the next step's learning rate from the schedule as built, at the
+    saved position (``LambdaLR`` saves no lambdas, so a longer ``trainer.max_steps`` takes effect)."""
+    for group, base, lr_lambda in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["lr"] = base * lr_lambda(lr_scheduler.last_epoch)  # as LambdaLR computes it
+
+
+def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
+    """Build the accelerator, data, model, optimizer, schedule, EMA, sampler and evaluator, and load
+    the newest checkpoint when resuming (or the parent's for ``init_from``). Bad input raises here,
+    before anything is written."""
+    t = cfg.trainer
+    try:
+        accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                                  dynamo_plugin=dynamo_plugin(t))
+    except ValueError as e:
+        raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
+    run = RunDir(broadcast_object_list([run_dir])[0])
+    configure_backends(t, accelerator.device)
+    set_seed(cfg.seed, device_specific=True)
+    checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None:
+        raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
+    check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
+
+    objective = build_objective(cfg.scheduler, t)
+    sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
+    data = prepare_data(cfg, t, accelerator)
+    sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
+    check_steps(sampler, int(sampler_cfg.steps))
+    model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
+    optimizer = build_optimizer(t, model.parameters(), accelerator.device)
+    lr_scheduler = build_lr_scheduler(t, optimizer)  # over this command's max_steps (a resume may extend it)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
+        raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
+                           "settings already exists in this process)")
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain module: EMA copy, export
+    ema, state = EMA(net, t.ema), TrainState(accelerator.device)
+    accelerator.register_for_checkpointing(lr_scheduler, ema, state)  # custom_checkpoint_0, 1 (EMA_FILE), 2
+    evaluator = make_evaluator(cfg, accelerator, data.real, evaluates=bool(t.eval_every))
+    p_uncond = float((cfg.get("conditioning") or {}).get("p_uncond", 0.0))  # runs before conditioning: none
+    p = Parts(cfg, t, accelerator, run, objective, sampler_cfg, sampler, data, model, net, optimizer,
+              lr_scheduler, ema, state, evaluator, 0, p_uncond)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        continue_schedule(optimizer, lr_scheduler)
+        log.info("resumed from %s (step %d)", checkpoint, state.step)
+    elif cfg.get("init_from"):
+        load_parent(p, cfg)
+    p.eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
+    return p
+
+
+def parent_record(cfg: DictConfig) -> dict | None:
+    """run.json's ``parent`` of a run made with ``init_from``: ``{run, step, wandb_run_id}``; else None."""
+    if not cfg.get("init_from"):
+        return None
+    return {"run": str(cfg.init_from), "step": int(cfg.checkpoint),
+            "wandb_run_id": RunDir(cfg.init_from).info().get("wandb_run_id")}
+
+
+def start_records(p: Parts, resume: bool, session_dir: str | None):
+    """On the main process: config.yaml, run.json (status running; a resume noted in its ``resumes``
+    with the step and an extension of ``max_steps``; a new run's ``parent``), the metrics a resume
+    replays dropped, Hydra's record of this command adopted, and the tracker; returns the tracker."""
+    run, acc, cfg = p.run, p.accelerator, p.cfg
+    n_params = sum(q.numel() for q in p.net.parameters())
+    note, parent = None, None if resume else parent_record(cfg)
+    if resume:
+        note, before = {"step": p.state.step}, run.config().trainer.max_steps  # read before it is rewritten
+        if before != p.t.max_steps:
+            note["max_steps"] = [before, p.t.max_steps]
+    run.path.mkdir(parents=True, exist_ok=True)
+    if session_dir:
+        run.adopt_session(Path(session_dir), resumed=resume)
+    run.write_config(cfg)
+    run.start(cfg, num_processes=acc.num_processes, resumed=resume, resume_note=note,
+              extra={"num_parameters": n_params, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+                     "fused_adamw": fused_adamw(p.t, acc.device), "eval_every": p.eval_every,
+                     "class_names": p.data.class_names, **({"parent": parent} if parent else {})})
+    if resume:
+        run.truncate_metrics(p.state.step)
+    fork = f"{parent['wandb_run_id']}?_step={parent['step']}" if parent and parent["wandb_run_id"] else None
+    tracker = make_tracker(cfg.logger, cfg, acc, run, run.info().get("wandb_run_id"), fork_from=fork)
+    if tracker.run_id:
+        run.update_info(wandb_run_id=tracker.run_id)
+    log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)", run.path, cfg.name,
+             n_params / 1e6, acc.num_processes, acc.device, p.t.batch_size, p.data.batches.per_micro)
+    return tracker
+
+
+@contextlib.contextmanager
+def progress_bar(p: Parts, step: int):
+    """A tqdm bar of the optimizer steps on the main process (log lines printed above it)."""
+    with logging_redirect_tqdm(), tqdm(total=p.t.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                                       disable=not p.accelerator.is_main_process, desc=p.cfg.name) as bar:
+        yield bar
+
+
+def log_row(p: Parts, step: int, lr: float, speed: Speed, stop_signal: int) -> tuple[dict, bool]:
+    """The row of log step ``step`` (the interval's mean loss and gradient norm over every process,
+    the learning rate it used, img/s) and whether any process asked to stop: the loop's one
+    host-device sync. A non-finite loss stops the run here."""
+    state = p.state
+    flag = torch.tensor([float(stop_signal)], device=p.accelerator.device)
+    with phase("logging"):
+        loss, norm, bad, stop_any = p.accelerator.reduce(
+            torch.cat([state.sums[:2] / state.count, state.sums[2:], flag]), "mean").tolist()
+    if bad or not math.isfinite(loss):
+        raise DiffexpError(f"non-finite loss at or before step {step}: stopped; "
+                           f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
+    state.reset()
+    return {"step": step, "train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
+            "train/img_per_s": speed.read(), "train/step": step,
+            "train/epoch": step / p.data.batches.steps_per_epoch}, stop_any > 0
+
+
+def sample_grid(p: Parts, step: int):
+    """The fixed-noise grid of the EMA weights (one row per class when conditional), saved; returns the image."""
+    labels, per_row = grid_labels(p.t.grid_size, p.data.num_classes)
+    images = generate(p.ema.model, p.sampler, n=len(labels) if labels is not None else p.t.grid_size,
+                      steps=p.sampler_cfg.steps, seed=p.cfg.seed, vae=p.data.vae, num_classes=p.data.num_classes,
+                      labels=labels, guidance_scale=p.guidance)
+    return save_grid(images, p.run.sample_grid_file(step), nrow=per_row)
+
+
+def evaluate(p: Parts) -> dict:
+    """The evaluator's metrics of the EMA weights (every process takes part); its time is added up."""
+    results = p.evaluator(p.ema.model, p.sampler, p.sampler_cfg.steps, vae=p.data.vae,
+                          num_classes=p.data.num_classes, guidance_scale=p.guidance)
+    p.eval_seconds += results["eval/seconds"]
+    return results
 
 
 def all_finite(accelerator: Accelerator, state: TrainState, *models: torch.nn.Module) -> bool:
@@ -209,161 +442,6 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int)
     return final
 
 
-def follow_optimizer_config(optimizer, lr_scheduler, trainer_cfg: DictConfig) -> dict:
-    """After loading a checkpoint: ``trainer.lr``, ``betas``, ``weight_decay`` and ``eps`` come from
-    the config (so value overrides on resume apply), the Adam moments and the schedule's position
-    from the checkpoint. Returns the settings that changed, as ``{key: (old, new)}``."""
-    if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # what diffusers' get_scheduler builds
-        raise DiffexpError(f"trainer.lr_schedule={trainer_cfg.lr_schedule}: resume expects a LambdaLR schedule")
-    wanted = {"initial_lr": float(trainer_cfg.lr), "betas": tuple(float(b) for b in trainer_cfg.betas),
-              "weight_decay": float(trainer_cfg.weight_decay), "eps": float(trainer_cfg.eps)}
-    changed = {}
-    for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
-        for key, value in wanted.items():
-            current = tuple(group[key]) if key == "betas" else group[key]
-            if current != value:
-                changed["lr" if key == "initial_lr" else key] = (current, value)
-            group[key] = value
-        group["lr"] = wanted["initial_lr"] * lr_lambda(lr_scheduler.last_epoch)  # as LambdaLR computes it
-    lr_scheduler.base_lrs = [wanted["initial_lr"]] * len(optimizer.param_groups)
-    return changed
-
-
-def apply_settings(t: DictConfig, optimizer, lr_scheduler, ema: EMA) -> dict:
-    """Make the optimizer, the learning-rate schedule and the EMA follow trainer settings ``t`` from
-    here on (after a resume, or at a recorded change): the schedule takes the new shape at its
-    current position, the Adam moments stay. Returns what changed, as ``{key: (old, new)}``."""
-    position = lr_scheduler.last_epoch
-    lr_scheduler.lr_lambdas = build_lr_scheduler(t, optimizer).lr_lambdas  # the registered object stays
-    lr_scheduler.last_epoch = position
-    changed = follow_optimizer_config(optimizer, lr_scheduler, t)
-    ema.cfg = t.ema
-    return changed
-
-
-@dataclass
-class Parts:
-    """Everything a run trains with, built by ``setup`` (nothing is written before it returns)."""
-
-    cfg: DictConfig
-    t: DictConfig  # the trainer settings in force (a resume's recorded changes apply at their steps)
-    accelerator: Accelerator
-    run: RunDir
-    change_steps: set[int]
-    objective: object
-    sampler_cfg: DictConfig
-    sampler: object
-    data: TrainingData
-    model: torch.nn.Module  # as accelerate prepared it (DDP, compiled); ``net`` is the plain module
-    net: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    ema: EMA
-    state: TrainState
-    evaluator: object
-    eval_every: int
-
-    @property
-    def guidance(self) -> float:
-        """The classifier-free guidance scale of grids and evaluation (1 when unconditional)."""
-        return float((self.cfg.get("conditioning") or {}).get("guidance_scale", 1.0)) if self.data.num_classes else 1.0
-
-
-def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
-    """Build the accelerator, data, model, optimizer, schedule, EMA, sampler and evaluator, and load
-    the newest checkpoint when resuming. Bad input raises here, before anything is written."""
-    t = cfg.trainer
-    try:
-        accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
-                                  dynamo_plugin=dynamo_plugin(t))
-    except ValueError as e:
-        raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
-    run = RunDir(broadcast_object_list([run_dir])[0])
-    configure_backends(t, accelerator.device)
-    set_seed(cfg.seed, device_specific=True)
-    checkpoint = run.latest_checkpoint() if resume else None
-    if resume and checkpoint is None:
-        raise DiffexpError(f"resume={run.path}: no checkpoint in {run.checkpoints_dir}")
-    start = int(checkpoint.name.split("_")[1]) if checkpoint is not None else 0
-    t = effective_config(cfg, start).trainer  # the settings in force from here
-    check_logger_cfg(cfg.logger)  # a bad logger setting fails before anything is recorded
-
-    objective = build_objective(cfg)
-    sampler_cfg = resolve_sampler(cfg.sampler, cfg.scheduler)
-    data = prepare_data(cfg, t, accelerator)
-    sampler = build_sampler(sampler_cfg, cfg.scheduler, latent=data.vae is not None)
-    check_steps(sampler, int(sampler_cfg.steps))
-    model = optimize_model(build_model(cfg.model, channels=data.channels, size=data.size, num_classes=data.num_classes), t)
-    optimizer = build_optimizer(t, model.parameters(), accelerator.device)
-    lr_scheduler = build_lr_scheduler(t, optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if t.get("compile", False) and not is_compiled_module(model):  # accelerate keeps a process's first settings
-        raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
-                           "settings already exists in this process)")
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain module: EMA copy, export
-    ema, state = EMA(net, t.ema), TrainState(accelerator.device)
-    accelerator.register_for_checkpointing(lr_scheduler, ema, state)
-    change_steps = {c["step"] for c in cfg.get("changes") or [] if c["step"] > start}
-    # Evaluation is built when the settings of any part of this session ask for it (a resume may turn it on).
-    evaluates = any(effective_config(cfg, s).trainer.eval_every for s in (start, *change_steps))
-    evaluator = make_evaluator(cfg, accelerator, data.real, evaluates=evaluates)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        log.info("resumed from %s (step %d)", checkpoint, state.step)
-        for key, (old, new) in apply_settings(t, optimizer, lr_scheduler, ema).items():
-            log.info("resume: trainer.%s %s -> %s (from the config; moments and schedule position from the checkpoint)",
-                     key, old, new)
-    eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
-    return Parts(cfg, t, accelerator, run, change_steps, objective, sampler_cfg, sampler, data, model, net,
-                 optimizer, lr_scheduler, ema, state, evaluator, eval_every)
-
-
-def start_records(p: Parts, resume: bool, session_dir: str | None):
-    """On the main process: config.yaml, run.json (status running), the metrics a resume replays
-    dropped, Hydra's record of this command adopted, and the tracker; returns the tracker."""
-    run, acc, cfg = p.run, p.accelerator, p.cfg
-    n_params = sum(q.numel() for q in p.net.parameters())
-    run.path.mkdir(parents=True, exist_ok=True)
-    if session_dir:
-        run.adopt_session(Path(session_dir), resumed=resume)
-    run.write_config(cfg)
-    run.start(cfg, num_processes=acc.num_processes, resumed=resume,
-              extra={"num_parameters": n_params, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
-                     "fused_adamw": fused_adamw(p.t, acc.device), "eval_every": p.eval_every,
-                     "class_names": p.data.class_names})
-    if resume:
-        run.truncate_metrics(p.state.step)
-    tracker = make_tracker(cfg.logger, cfg, acc, run, run.info().get("wandb_run_id"))
-    if tracker.run_id:
-        run.update_info(wandb_run_id=tracker.run_id)
-    log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)", run.path, cfg.name,
-             n_params / 1e6, acc.num_processes, acc.device, p.t.batch_size, p.data.batches.per_micro)
-    return tracker
-
-
-def read_losses(p: Parts, step: int, stop_signal: int) -> tuple[float, float, bool]:
-    """The log interval's mean loss and gradient norm over every process, and whether any process
-    asked to stop: the loop's one host-device sync. A non-finite loss stops the run here."""
-    state = p.state
-    flag = torch.tensor([float(stop_signal)], device=p.accelerator.device)
-    loss, norm, bad, stop_any = p.accelerator.reduce(
-        torch.cat([state.sums[:2] / state.count, state.sums[2:], flag]), "mean").tolist()
-    if bad or not math.isfinite(loss):
-        raise DiffexpError(f"non-finite loss at or before step {step}: stopped; "
-                           f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
-    state.reset()
-    return loss, norm, stop_any > 0
-
-
-def sample_grid(p: Parts, step: int):
-    """The fixed-noise grid of the EMA weights (one row per class when conditional), saved; returns the image."""
-    labels, per_row = grid_labels(p.t.grid_size, p.data.num_classes)
-    images = generate(p.ema.model, p.sampler, n=len(labels) if labels is not None else p.t.grid_size,
-                      steps=p.sampler_cfg.steps, seed=p.cfg.seed, vae=p.data.vae, num_classes=p.data.num_classes,
-                      labels=labels, guidance_scale=p.guidance)
-    return save_grid(images, p.run.sample_grid_file(step), nrow=per_row)
-
-
 def checkpoint(p: Parts, step: int) -> None:
     """Save the training state, once its losses and weights are checked finite (so a kept checkpoint is good)."""
     if not all_finite(p.accelerator, p.state, p.net, p.ema.model):
@@ -372,106 +450,76 @@ def checkpoint(p: Parts, step: int) -> None:
     save_checkpoint(p.accelerator, p.run, step, p.t.keep_checkpoints)
 
 
-def apply_changes(p: Parts, step: int) -> None:
-    """The settings a resume changed at ``step`` take effect (``reproduce`` replays them here)."""
-    p.t = effective_config(p.cfg, step).trainer
-    for key, (old, new) in apply_settings(p.t, p.optimizer, p.lr_scheduler, p.ema).items():
-        log.info("step %d: trainer.%s %s -> %s (recorded change)", step, key, old, new)
-    if p.evaluator is not None:
-        p.eval_every = evaluation_interval(p.cfg, p.t, p.evaluator, p.net, p.sampler, p.data)
+def export(p: Parts, step: int) -> None:
+    """The EMA brought up to the last step (every process), then the diffusers pipeline written (main)."""
+    p.ema.update(p.net, step)
+    if p.accelerator.is_main_process:
+        export_pipeline(p.ema.model, p.sampler, p.run, vae=p.data.vae, class_names=p.data.class_names)
+        log.info("finished %d steps; pipeline in %s", step, p.run.model_dir)
 
 
 def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_dir: str | None = None) -> str:
-    """Train as ``cfg`` says, writing the run directory; returns the final status.
+    """Train as ``cfg`` says, writing the run directory; returns the final status: ``finished``, or
+    ``interrupted`` (by a signal or at ``trainer.stop_at``, with a checkpoint to resume from).
 
-    ``run_dir`` is only read on the main process (the others get it broadcast). The ``changes``
-    a resume recorded in the config apply at their steps (``records.effective_config``).
-    ``session_dir`` is Hydra's scratch record of this command, adopted when the run starts. Raises
-    DiffexpError for bad input and on non-finite losses or weights (the last checkpoint, which was
-    checked to be finite when it was written, is kept).
+    ``resume``: continue ``run_dir`` from its newest checkpoint. ``run_dir`` is only read on the main
+    process (the others get it broadcast); ``session_dir`` is Hydra's scratch record of this
+    command, adopted when the run starts. Raises DiffexpError for bad input and on non-finite
+    losses or weights (the last checkpoint, checked finite when it was written, is kept).
     """
     p = setup(cfg, run_dir, resume)
-    acc, state, main = p.accelerator, p.state, p.accelerator.is_main_process
-    p_uncond = float((cfg.get("conditioning") or {}).get("p_uncond", 0.0))  # runs before conditioning: none
-    status, tracker, stop = "failed", None, StopRequest()
-    step, stopping, timed, t_last, t_start, eval_seconds = state.step, False, 0, time.perf_counter(), time.perf_counter(), 0.0
+    acc, t, main = p.accelerator, p.t, p.accelerator.is_main_process
+    status, tracker, stop, speed, t_start = "failed", None, StopRequest(), Speed(t.batch_size), time.perf_counter()
+    step, stopping = p.state.step, False
     try:
         tracker = start_records(p, resume, session_dir) if main else None
-        with logging_redirect_tqdm(), tqdm(total=p.t.max_steps, initial=step, unit="step", disable=not main,
-                                           dynamic_ncols=True, desc=cfg.name) as bar:
-            while step < p.t.max_steps:
-                step, t = step + 1, p.t
-                p.model.train()
+        with progress_bar(p, step) as bar:
+            while step < t.max_steps and not stopping:
+                step += 1
                 lr = p.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                loss, grad_norm = train_step(p.model, p.objective, p.data.batches, step, p.optimizer, acc,
-                                             t.max_grad_norm or math.inf, t.grad_accum, p.data.num_classes, p_uncond)
-                p.lr_scheduler.step()
-                state.add(loss, grad_norm)
-                with phase("ema"):
-                    if step % t.ema.get("update_every", 1) == 0:
-                        p.ema.update(p.net, step)
-                state.step, timed = step, timed + 1
+                train_step(p, step)
+                speed.steps += 1
                 bar.update(1)
-
-                log_now = due(step, t.log_every, t.max_steps)
-                sample_now = due(step, t.sample_every, t.max_steps)
-                eval_now = p.eval_every > 0 and due(step, p.eval_every, t.max_steps)
-                stopping = bool(stop.signum) and acc.num_processes == 1  # several: agreed at log steps
-                checkpoint_now = due(step, t.checkpoint_every, t.max_steps) or stopping
-                change_now = step in p.change_steps
-                if not (log_now or sample_now or eval_now or checkpoint_now or change_now):
+                due = due_now(p, step, stop.signum)
+                if not due:
                     continue
                 # ---------------------------------------- maintenance: only when something is due
-                if log_now:
-                    with phase("logging"):
-                        loss_mean, norm_mean, stop_any = read_losses(p, step, stop.signum)
-                    row = {"step": step, "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": norm_mean,
-                           "train/img_per_s": timed * t.batch_size / (time.perf_counter() - t_last),
-                           "train/step": step, "train/epoch": step / p.data.batches.steps_per_epoch}
+                if "log" in due:
+                    row, stop_any = log_row(p, step, lr, speed, stop.signum)
                     if main:
                         p.run.append_metrics(row)
                         tracker.log(row, step)
-                        bar.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
-                    timed, t_last = 0, time.perf_counter()
-                    stopping = stopping or (acc.num_processes > 1 and stop_any)
-                    checkpoint_now = checkpoint_now or stopping
-                t_pause = time.perf_counter()  # sampling, evaluation and checkpoints do not count towards img/s
-                if sample_now or eval_now:
-                    p.ema.update(p.net, step)  # on every process, so the averages stay one
-                if sample_now and main:
-                    tracker.log_image("samples/grid", sample_grid(p, step), step)
-                if eval_now:  # every process takes part
-                    results = p.evaluator(p.ema.model, p.sampler, p.sampler_cfg.steps, vae=p.data.vae,
-                                          num_classes=p.data.num_classes, guidance_scale=p.guidance)
-                    eval_seconds += results["eval/seconds"]
-                    if main:
-                        p.run.append_metrics({"step": step, "train/step": step, **results})
-                        tracker.log(results, step)
-                if checkpoint_now:
-                    checkpoint(p, step)
-                if change_now:
-                    apply_changes(p, step)
-                    bar.total = p.t.max_steps
-                t_last += time.perf_counter() - t_pause
-                if stopping:
-                    break
+                        bar.set_postfix(loss=f"{row['train/loss']:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
+                    if stop_any:  # a signal to any of several processes stops all of them here
+                        due |= {"stop", "checkpoint"}
+                with speed.paused():  # sampling, evaluation and checkpoints do not count towards img/s
+                    if due & {"sample", "eval"}:
+                        p.ema.update(p.net, step)  # on every process, so the averages stay one
+                    if "sample" in due and main:
+                        tracker.log_image("samples/grid", sample_grid(p, step), step)
+                    if "eval" in due:  # every process takes part
+                        results = evaluate(p)
+                        if main:
+                            p.run.append_metrics({"step": step, "train/step": step, **results})
+                            tracker.log(results, step)
+                    if "checkpoint" in due:
+                        checkpoint(p, step)
+                stopping = "stop" in due
 
         # ------------------------------------------------------------ done
-        if stopping and step < p.t.max_steps:
+        if stopping and step < t.max_steps:
             status = "interrupted"
             if main:
                 log.warning("interrupted at step %d; checkpoint saved. Continue with: python -m diffexp.train resume=%s",
                             step, p.run.path)
         else:
-            p.ema.update(p.net, step)
-            if main:
-                export_pipeline(p.ema.model, p.sampler, p.run, vae=p.data.vae, class_names=p.data.class_names)
-                log.info("finished %d steps; pipeline in %s", step, p.run.model_dir)
+            export(p, step)
             status = "finished"
-        if main and eval_seconds:
+        if main and p.eval_seconds:
             wall = time.perf_counter() - t_start
-            p.run.update_info(eval_seconds=round(eval_seconds, 3), loop_seconds=round(wall, 3))
-            log.info("evaluation took %.1fs of this session's %.1fs (%.1f%%)", eval_seconds, wall, 100 * eval_seconds / wall)
+            p.run.update_info(eval_seconds=round(p.eval_seconds, 3), loop_seconds=round(wall, 3))
+            log.info("evaluation took %.1fs of this session's %.1fs (%.1f%%)", p.eval_seconds, wall,
+                     100 * p.eval_seconds / wall)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
