@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from diffexp.config import compose_config
@@ -149,8 +150,10 @@ def test_the_tour_trains_with_overrides_that_compose():
         cfg = compose_config(overrides)
         for override in overrides:
             key, value = override.split("=", 1)
-            composed = cfg.choices[key] if key in cfg.choices else str(OmegaConf.select(cfg, key))
-            assert composed == value, override
+            if key in cfg.choices:
+                assert cfg.choices[key] == value, override
+            else:  # the value as Hydra's grammar reads it (5e-4 is the float 0.0005)
+                assert OmegaConf.select(cfg, key) == OverridesParser.create().parse_override(override).value(), override
 
 
 def test_a_wrong_override_does_not_compose():

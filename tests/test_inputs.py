@@ -71,7 +71,7 @@ TRAIN_MISTAKES = [
     (["output_root=/etc/hostname/outputs"], "error: output_root=/etc/hostname/outputs: not a folder this user can write in"),
     (["resume=/nowhere/at/all"], "error: run=/nowhere/at/all: not a diffexp run directory (no config.yaml)"),
     (["init_from=/nowhere/at/all"], "error: init_from=/nowhere/at/all: not a diffexp run directory (no config.yaml)"),
-    (["trainer.stop_at=0"], "error: trainer.stop_at=0: expected an integer >= 1 or None"),
+    (["trainer.stop_at=0"], "error: trainer.stop_at=0: expected an integer >= 1 or null"),
 ]
 
 
