@@ -33,7 +33,8 @@ from PIL import Image
 from diffexp import DiffexpError, first_line
 from diffexp.config import CONFIG_PATH, check_app_config, report_errors
 from diffexp.models.build import sampler_config, sampler_names
-from diffexp.records.rundir import RunDir, primary_quality, quality_goal, run_dirs, step_of, summarize
+from diffexp.records.catalog import primary_quality, quality_goal, run_dirs, summarize
+from diffexp.records.rundir import RunDir, step_of
 from diffexp.report.render import ARROW, fmt, shown_path, wall_time
 from diffexp.sampling.generate import class_names, sample_run, sampler_name, save_samples
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 from diffexp.config import hydra_command, option_text, report_errors
-from diffexp.records.rundir import iter_runs, wandb_runs
+from diffexp.records.catalog import iter_runs, wandb_runs
 from diffexp.report.render import write_report
 from diffexp.report.stats import compare_runs, parse_statuses, select_status, smoothing
 

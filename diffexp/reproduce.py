@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
 from diffexp.config import CONFIG_PATH, apply_overrides, report_errors, session_dirs
-from diffexp.records.rundir import RunDir, git_state, package_versions, wandb_run
+from diffexp.records.catalog import wandb_run
+from diffexp.records.rundir import RunDir, git_state, package_versions
 
 OWN_KEYS = ("run", "check", "check_tol")
 

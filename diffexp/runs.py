@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 from diffexp.config import hydra_command, option_text, report_errors
-from diffexp.records.rundir import STATUSES, RunDir, iter_runs, primary_quality, run_status, summarize
+from diffexp.records.catalog import STATUSES, iter_runs, primary_quality, run_status, summarize
+from diffexp.records.rundir import RunDir
 from diffexp.report.render import fmt, heading, shown_path, wall_time
 from diffexp.report.stats import counted, parse_statuses
 

@@ -221,8 +221,9 @@ def child_setup(parent, tmp_path, cache_dir, *overrides):
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoint_with_a_changed_recipe(train, tmp_path, cache_dir):
-    from diffexp.records.rundir import RunDir, summarize
-    from diffexp.training.loop import EMA_FILE
+    from diffexp.records.catalog import summarize
+    from diffexp.records.rundir import RunDir
+    from diffexp.training.checkpoints import EMA_FILE
 
     parent, _ = train("trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", "logger=wandb", name="parent")
     saved = parent / "checkpoints" / "step_0000003"  # its EMA is not the model (updated at 2)
@@ -337,7 +338,7 @@ def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
 
 
 def test_ema_is_diffusers_ema_at_every_step_and_folds_skipped_decays():
-    from diffexp.training.loop import EMA
+    from diffexp.training.state import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 3), torch.nn.Linear(3, 2))

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError, first_line
-from diffexp.records.rundir import QUALITY_GOALS, RunDir, quality_goal, reachable
+from diffexp.records.catalog import QUALITY_GOALS, quality_goal
+from diffexp.records.rundir import RunDir, reachable
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from diffexp.records.rundir import metric_goal
+from diffexp.records.catalog import metric_goal
 from diffexp.report.stats import SCALARS, at_own_count, run_key, smooth, uncounted
 
 ARROW = {"min": "↓", "max": "↑"}

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from diffexp import DiffexpError
-from diffexp.records.rundir import (
+from diffexp.records.catalog import (
     STATUSES,
     goal_sign,
     primary_quality,

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 from diffexp.config import hydra_command, option_text, report_errors
-from diffexp.records.rundir import iter_runs
+from diffexp.records.catalog import iter_runs
 from diffexp.report.render import fmt, markdown_table
 from diffexp.report.stats import run_keys, sampler_label, uncounted, usual_options
 from diffexp.research.paired import paired_results

@@ -10,10 +10,8 @@ depends only on (seed, step), so a resumed run continues exactly where the inter
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -24,12 +22,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
 from omegaconf import DictConfig
-from safetensors.torch import load_file
 from torch.profiler import record_function as phase
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from diffexp import DiffexpError, first_line
+from diffexp import DiffexpError
 from diffexp.data.training_data import TrainingData, grid_labels, prepare_data
 from diffexp.models.build import (
     build_lr_scheduler,
@@ -41,99 +38,16 @@ from diffexp.models.build import (
     resolve_sampler,
 )
 from diffexp.quality.evaluator import evaluation_interval, make_evaluator
-from diffexp.records.rundir import RunDir, replace_path, write_manifest
+from diffexp.records.rundir import RunDir
 from diffexp.records.tracking import check_logger_cfg, make_tracker
 from diffexp.sampling.export import export_pipeline
 from diffexp.sampling.generate import check_steps, generate, save_grid
 from diffexp.sampling.pipeline import call_denoiser
+from diffexp.training.checkpoints import all_finite, continue_schedule, load_parent, save_checkpoint
 from diffexp.training.perf import configure_backends, dynamo_plugin, optimize_model
+from diffexp.training.state import EMA, TrainState
 
 log = logging.getLogger(__name__)
-# What setup registers for checkpointing, in order, is saved as custom_checkpoint_<index>.pkl.
-EMA_FILE = "custom_checkpoint_1.pkl"
-
-
-class EMA:
-    """An exponential moving average of the model's weights: a copy of the model and a lerp.
-
-    The decay of optimizer step ``s`` follows diffusers' ``EMAModel.get_decay`` (warm-up
-    ``1 - (1 + s / inv_gamma) ** -power``, capped at ``decay``; 0 until ``update_after_step``).
-    ``update(model, step)`` folds every optimizer step since the last update into one lerp, the old
-    average weighted by the product of their decays, so updating every N steps keeps the decay
-    schedule in optimizer steps (the skipped steps' weights are represented by the newest ones).
-    Settings come from the config (a resume continues the same recipe), the average and its step
-    from the checkpoint.
-    """
-
-    def __init__(self, model: torch.nn.Module, ema_cfg: DictConfig):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.step = 0  # the optimizer step the average has reached (saved in checkpoints)
-        self.cfg = ema_cfg
-
-    def decay_at(self, step: int) -> float:
-        """The per-step decay of optimizer step ``step``."""
-        c = self.cfg
-        n = step - c.update_after_step - 1
-        if n <= 0:
-            return 0.0
-        warm = 1 - (1 + n / c.inv_gamma) ** -c.power if c.use_warmup else (1 + n) / (10 + n)
-        return min(warm, c.decay)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        """Bring the average from its step up to optimizer step ``step`` (nothing to do if it is there)."""
-        if step <= self.step:
-            return
-        kept = math.prod(self.decay_at(s) for s in range(self.step + 1, step + 1))
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - kept)
-        for mine, theirs in zip(self.model.buffers(), model.buffers()):
-            mine.copy_(theirs)
-        self.step = step
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "weights": self.model.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "shadow_params" in state:  # a diffusers EMAModel, as checkpoints of diffexp 0.1 hold it
-            with torch.no_grad():
-                for mine, saved in zip(self.model.parameters(), state["shadow_params"]):
-                    mine.copy_(saved)
-            self.step = int(state["optimization_step"])
-            return
-        # (runs compiled before the EMA copied the plain module saved its weights under ``_orig_mod.``)
-        self.model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["weights"].items()})
-        self.step = int(state["step"])
-
-
-class TrainState:
-    """What a checkpoint holds besides model, optimizer, schedule and EMA: the step, and the running
-    sums of the log interval in progress (so the first row logged after a resume is the one the
-    uninterrupted run logs)."""
-
-    def __init__(self, device: torch.device):
-        self.step = 0
-        self.sums = torch.zeros(3, device=device)  # loss, gradient norm, non-finite losses
-        self.count = 0  # optimizer steps in the sums
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Accumulate one step on the device (no sync)."""
-        self.sums += torch.stack([loss, grad_norm, (~torch.isfinite(loss)).float()])
-        self.count += 1
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self.count = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "sums": self.sums.cpu(), "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        if "sums" in state:  # checkpoints of diffexp 0.1 hold only the step (and always ended a log interval)
-            self.sums.copy_(state["sums"])
-            self.count = int(state["count"])
-
-
 class StopRequest:
     """SIGINT/SIGTERM set a flag that the loop reads at a step boundary; a second SIGINT aborts."""
 
@@ -263,33 +177,6 @@ def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
     return due
 
 
-def load_parent(p: Parts, cfg: DictConfig) -> None:
-    """A new run's start from checkpoint ``cfg.checkpoint`` of run ``cfg.init_from``: its model and EMA
-    weights, and with ``init_optimizer`` its Adam moments (the settings, the LR schedule, the step
-    and the data order stay this run's). A checkpoint that does not fit the model is one line."""
-    folder, device = RunDir(cfg.init_from).find_checkpoint(cfg.checkpoint), p.accelerator.device
-    try:
-        weights = load_file(folder / "model.safetensors", device=str(device))
-        p.net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in weights.items()})
-        p.ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=device, weights_only=True))
-    except RuntimeError as e:  # load_state_dict's first line only names the class; the next says what differs
-        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
-        raise DiffexpError(f"init_from={cfg.init_from} checkpoint={cfg.checkpoint}: its weights do not fit "
-                           f"this model ({detail})") from None
-    p.ema.step = 0  # this run's EMA decay schedule starts at its own step 0
-    if cfg.get("init_optimizer"):
-        moments = torch.load(folder / "optimizer.bin", map_location=device, weights_only=True)["state"]
-        p.optimizer.load_state_dict({"state": moments, "param_groups": p.optimizer.state_dict()["param_groups"]})
-    log.info("started from %s (model, EMA%s)", folder, ", optimizer moments" if cfg.get("init_optimizer") else "")
-
-
-def continue_schedule(optimizer, lr_scheduler) -> None:
-    """After loading a checkpoint: the next step's learning rate from the schedule as built, at the
-    saved position (``LambdaLR`` saves no lambdas, so a longer ``trainer.max_steps`` takes effect)."""
-    for group, base, lr_lambda in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
-        group["lr"] = base * lr_lambda(lr_scheduler.last_epoch)  # as LambdaLR computes it
-
-
 def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
     """Build the accelerator, data, model, optimizer, schedule, EMA, sampler and evaluator, and load
     the newest checkpoint when resuming (or the parent's for ``init_from``). Bad input raises here,
@@ -332,7 +219,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
         continue_schedule(optimizer, lr_scheduler)
         log.info("resumed from %s (step %d)", checkpoint, state.step)
     elif cfg.get("init_from"):
-        load_parent(p, cfg)
+        load_parent(cfg, p.net, p.ema, p.optimizer, accelerator.device)
     p.eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
     return p
 
@@ -416,30 +303,6 @@ def evaluate(p: Parts) -> dict:
                           num_classes=p.data.num_classes, guidance_scale=p.guidance)
     p.eval_seconds += results["eval/seconds"]
     return results
-
-
-def all_finite(accelerator: Accelerator, state: TrainState, *models: torch.nn.Module) -> bool:
-    """Whether, on every process, the losses since the last log step and all weights are finite (one sync)."""
-    bad = state.sums[2] + sum((~torch.isfinite(p)).any().float() for m in models for p in m.parameters())
-    return accelerator.reduce(bad.reshape(1), "sum").item() == 0
-
-
-def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int) -> Path:
-    """Full training state, written to a temporary folder, sealed with its manifest and renamed into
-    place (atomic)."""
-    final = run.checkpoint_dir(step)
-    tmp = final.with_name(f".tmp_{final.name}")  # one name for every process: each writes its RNG state there
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)  # last: sizes and checksums of every file the processes wrote
-        replace_path(tmp, final)
-        run.prune_checkpoints(keep)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def checkpoint(p: Parts, step: int) -> None:
