@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_main
+from conftest import REPO, TINY, run_main, run_train
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from omegaconf import OmegaConf
 
@@ -21,6 +22,18 @@ from diffexp.research.coupling import coupled_generate, interval_weights, noise_
 from diffexp.sampling.generate import generate, load_run_model
 
 DDPM = OmegaConf.load(REPO / "conf" / "sampler" / "ddpm.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, dataset_cache) -> Path:
+    """This module's finished tiny run (W&B offline), trained on 200 noise levels instead of 1000: DDPM
+    over every level, the study's reference, then costs a fifth (the arithmetic is the same)."""
+    base = tmp_path_factory.mktemp("tiny_run_200")
+    (base / "cache").mkdir()
+    (base / "cache" / "datasets").symlink_to(dataset_cache, target_is_directory=True)
+    run_train(*TINY, f"cache_dir={base / 'cache'}", "logger=wandb", "scheduler.num_train_timesteps=200",
+              run_dir=base / "run")
+    return base / "run"
 
 
 def parts(run):
@@ -65,7 +78,7 @@ def test_the_summed_draws_have_exactly_the_noise_of_a_dpm_solver_sde_step(schedu
 def test_twins_of_a_20_step_sampler_are_closer_to_ddpm_than_other_samples(tiny_run):
     denoiser, reference = parts(tiny_run)
     sde = build_sampler(OmegaConf.load(REPO / "conf" / "sampler" / "dpmpp_sde.yaml"), RunDir(tiny_run).config().scheduler)
-    ddpm = generate(denoiser, reference, n=8, steps=1000, seed=0).astype(float)
+    ddpm = generate(denoiser, reference, n=8, steps=reference.config.num_train_timesteps, seed=0).astype(float)
     twins = coupled_generate(denoiser, reference, sde, n=8, steps=20, seed=0).astype(float)
     strangers = coupled_generate(denoiser, reference, sde, n=8, steps=20, seed=1).astype(float)
     assert np.abs(ddpm - twins).mean() < 0.5 * np.abs(ddpm - strangers).mean()
@@ -80,16 +93,17 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
     args = [f"run={finished_run}", "metric.num_samples=10", "metric.batch_size=10", "bootstrap=100"]
     result = run_main("research.paired", *args, "seeds=[0,1]", "sampler=dpmpp_sde", "sampler.steps=5", check=True)
     line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (line["sampler"], line["sampler_steps"], line["reference"], line["pairs"]) == ("dpmpp_sde", 5, "ddpm1000", 20)
+    assert (line["sampler"], line["sampler_steps"], line["reference"], line["pairs"]) == ("dpmpp_sde", 5, "ddpm200", 20)
     fd = line["metrics"]["eval/fd_digits_20"]
     assert fd["low"] < fd["high"] and fd["within_tolerance"] == (fd["high"] <= 0.05)
     assert set(line["metrics"]) == {"eval/fd_digits_20", "eval/fd_digits_balanced_20", "eval/classmix_digits_20"}
     assert 0 <= line["same_class"] <= 1
-    cached = sorted((finished_run / "paired").glob("ddpm1000_seed*.npz"))
+    cached = sorted((finished_run / "paired").glob("ddpm200_seed*.npz"))
     assert [p.name.split("_")[1] for p in cached] == ["seed0", "seed1"]
     # The cached DDPM images are evaluate's for that seed: generate's chunks of metric.batch_size.
     denoiser, reference = parts(finished_run)
-    assert np.array_equal(np.load(cached[0])["images"], generate(denoiser, reference, n=10, steps=1000, seed=0, batch_size=10))
+    assert np.array_equal(np.load(cached[0])["images"], generate(denoiser, reference, n=10, steps=200, seed=0,
+                                                                     batch_size=10))
     stamps = [p.stat().st_mtime_ns for p in cached]
     again = run_main("research.paired", *args, "sampler=ddim", "sampler.steps=5", "seeds=[1,0]", check=True)
     assert "cached in" in again.stdout + again.stderr and "making" not in again.stdout + again.stderr
@@ -102,15 +116,15 @@ def test_paired_compares_a_sampler_with_ddpm_and_makes_ddpm_images_once(finished
 
     # The study's own table shows them, a row per result, with the verdicts paired printed.
     shown = run_main("research.paired_report", str(finished_run), check=True).stdout
-    rows = [line for line in shown.splitlines() if line.startswith("| ") and "| ddpm1000 |" in line]
+    rows = [line for line in shown.splitlines() if line.startswith("| ") and "| ddpm200 |" in line]
     verdict = "within" if fd["within_tolerance"] else "not shown within"
-    assert len(rows) == 2 and "| dpmpp_sde | 5 | ddpm1000 | 20 |" in rows[0] and "| ddim | 5 |" in rows[1]
+    assert len(rows) == 2 and "| dpmpp_sde | 5 | ddpm200 | 20 |" in rows[0] and "| ddim | 5 |" in rows[1]
     assert (f"{100 * fd['relative']:+.1f}% ({100 * fd['low']:+.1f}% .. {100 * fd['high']:+.1f}%): {verdict} 5%"
             in rows[0])
     assert "eval/fd_digits vs reference | eval/fd_digits_balanced vs reference |" in shown
     # compare, part of the core, no longer knows the study.
     run_main("compare", str(finished_run), f"out={finished_run / 'cmp'}", check=True)
-    assert "ddpm1000" not in (finished_run / "cmp" / "report.md").read_text()
+    assert "ddpm200" not in (finished_run / "cmp" / "report.md").read_text()
     assert "paired" not in json.loads((finished_run / "cmp" / "summary.json").read_text())
 
 
