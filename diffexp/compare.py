@@ -2,7 +2,8 @@
 
 Writes ``report.md``, ``report.html``, ``summary.json`` and PNG plots (loss and quality curves per
 group, the last sample grid of every run) into ``out`` (default: ``compare/`` inside the one
-folder given, else ``outputs/compare/DATE_TIME``). Only finished runs are compared unless
+folder given, else ``outputs/compare/DATE_TIME``), a folder of its own: an ``out`` that holds runs
+or other files is refused in one line, and an earlier report there is replaced whole, at once. Only finished runs are compared unless
 ``status=`` says otherwise; one line says what was left out. Rows are grouped by the ``by`` axes (a
 config group such as ``model``, or any config key such as ``scheduler.prediction_type``; default:
 the groups whose option differs, with an offline random sweep's ``sweep_trial`` spelled out as the
@@ -19,7 +20,6 @@ first become ``paths``. The numbers come from ``diffexp.report.stats``, the file
 
 from __future__ import annotations
 
-import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -28,8 +28,9 @@ from omegaconf import DictConfig
 
 from diffexp import DiffexpError
 from diffexp.config import hydra_command, option_text, report_errors
-from diffexp.records.catalog import iter_runs, wandb_runs
-from diffexp.report.render import write_report
+from diffexp.records.catalog import iter_runs, run_dirs, wandb_runs
+from diffexp.records.rundir import atomic_path
+from diffexp.report.render import REPORT_FILES, write_report
 from diffexp.report.stats import compare_runs, parse_statuses, select_status, smoothing
 
 USAGE = ("usage: python -m diffexp.compare RUN_OR_SWEEP_DIR... [by=model,scheduler] [status=finished] [rank=KEY] "
@@ -57,6 +58,23 @@ def read_runs(cfg: DictConfig) -> tuple[list, Path]:
     return list(iter_runs(paths)), Path(str(cfg.out or default_out(paths)))
 
 
+def check_out(out: Path) -> None:
+    """Refuse, in one line and before any work, a report folder that holds anything but an earlier
+    report of compare's own (``REPORT_FILES``): compare replaces its own files only, never a run or
+    a user's file."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DiffexpError(f"out={out}: is a file; compare writes its report into a folder of its own")
+    if run_dirs(out, empty=True):
+        raise DiffexpError(f"out={out}: holds runs; compare writes its report into a folder of its own "
+                           f"(e.g. out={out / 'compare'})")
+    foreign = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in REPORT_FILES or not p.is_file())
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DiffexpError(f"out={out}: holds files compare did not write ({shown}); choose a new or empty folder")
+
+
 def compare(cfg: DictConfig) -> tuple[dict, Path, str | None]:
     """Compare the runs ``cfg`` names and write the report; (its summary, its folder, the line saying
     which runs were skipped for their status, or None)."""
@@ -65,12 +83,13 @@ def compare(cfg: DictConfig) -> tuple[dict, Path, str | None]:
     wanted = parse_statuses(status)
     weight = smoothing(cfg.smooth)
     runs, out = read_runs(cfg)
+    check_out(out)
     runs, skipped = select_status(runs, wanted, status)
     rank = None if cfg.rank is None else str(cfg.rank)
     summary, ordered = compare_runs(runs, axes, rank=rank, weight=weight, notes=[skipped] if skipped else [])
-    if (out / "summary.json").exists():
-        shutil.rmtree(out)  # a previous report of the same runs: replace it whole
-    return write_report(summary, ordered, out), out, skipped
+    with atomic_path(out) as tmp:  # an earlier report (nothing else, see check_out) is replaced whole, at once
+        summary = write_report(summary, ordered, tmp)
+    return summary, out, skipped
 
 
 @hydra_command("compare", "paths", lists=("by", "status"), paths=("out",))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
@@ -16,6 +18,7 @@ from diffexp.config import compose_config
 from diffexp.data.datasets import load_images
 from diffexp.quality.evaluator import load_feature_net, reference_features, resolve_metric
 from diffexp.records.tracking import EXIT_CODES
+from diffexp.report.render import REPORT_FILES
 
 
 def test_evaluate_wandb_keeps_the_runs_wandb_state(finished_run, cache_dir):
@@ -96,3 +99,36 @@ def test_checksums_catch_a_changed_byte_and_pruning_keeps_the_newest_complete_ch
     (older / "optimizer.bin").unlink()  # no complete checkpoint left: a resume is one error line
     result = run_main("train", f"resume={finished_run}", "trainer.max_steps=9")
     assert result.returncode == 2 and "no checkpoint" in result.stderr.splitlines()[-1]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_compare_writes_only_into_a_folder_of_its_own(finished_run, tmp_path):
+    outputs = tmp_path / "outputs"  # a folder of runs, as outputs/ is
+    outputs.mkdir()
+    shutil.move(finished_run, outputs / "run")
+    run = outputs / "run"
+    before = tree(outputs)
+    for out, says in ((outputs, "holds runs"), (run, "holds runs"), (tmp_path, "holds runs")):
+        result = run_main("compare", str(run), f"out={out}")
+        assert result.returncode == 2 and f"error: out={out}: {says}" in result.stderr.strip().splitlines()[-1]
+    thesis = tmp_path / "thesis"  # a user's folder that happens to hold a summary.json
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\chapter{Results}")
+    (thesis / "summary.json").write_text("{}")
+    result = run_main("compare", str(run), f"out={thesis}")
+    assert result.returncode == 2 and "holds files compare did not write (thesis.tex)" in result.stderr
+    assert tree(thesis) == {"summary.json": b"{}", "thesis.tex": b"\\chapter{Results}"}
+    assert tree(outputs) == before
+
+    report = tmp_path / "report"  # compare's own earlier report: replaced, and only it
+    run_main("compare", str(run), f"out={report}", check=True)
+    (report / "report.md").write_text("stale")
+    result = run_main("compare", str(run), "rank=eval/bogus", f"out={report}")  # refused: the report stays
+    assert result.returncode == 2 and (report / "report.md").read_text() == "stale"
+    run_main("compare", str(run), f"out={report}", check=True)
+    assert (report / "report.md").read_text() != "stale" and set(tree(report)) <= set(REPORT_FILES)
+    assert tree(outputs) == before and sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "report", "thesis"]

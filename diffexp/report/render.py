@@ -232,6 +232,10 @@ def to_html(title: str, warnings: list[str], notes: list[str], tables, plots) ->
     return "\n".join(parts) + "\n"
 
 
+# Every file ``write_report`` may write: what a folder of compare's own holds (``compare.check_out``).
+REPORT_FILES = ("report.md", "report.html", "summary.json", "loss.png", "quality.png", "grids.png")
+
+
 def write_report(summary: dict[str, Any], runs: list, out: Path) -> dict[str, Any]:
     """Write ``summary`` (``stats.compare_runs``; ``runs`` in its order) into ``out``: the plots,
     ``summary.json`` (with the plots' names added), ``report.md`` and ``report.html``; returns the summary."""
