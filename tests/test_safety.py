@@ -17,6 +17,7 @@ from wandb_files import find_runs
 from diffexp.config import compose_config
 from diffexp.data.datasets import load_images
 from diffexp.quality.evaluator import load_feature_net, reference_features, resolve_metric
+from diffexp.records.rundir import RunDir
 from diffexp.records.tracking import EXIT_CODES
 from diffexp.report.render import REPORT_FILES
 
@@ -132,3 +133,24 @@ def test_compare_writes_only_into_a_folder_of_its_own(finished_run, tmp_path):
     run_main("compare", str(run), f"out={report}", check=True)
     assert (report / "report.md").read_text() != "stale" and set(tree(report)) <= set(REPORT_FILES)
     assert tree(outputs) == before and sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "report", "thesis"]
+
+
+def test_a_resumed_wandb_run_holds_each_step_once(train):
+    # A crash while the step-4 checkpoint was written: W&B holds steps 1-4 and grids 2 and 4, the newest
+    # complete checkpoint is step 2; the resume replays 3 and 4, which must not reach W&B twice.
+    run, _ = train("logger=wandb", "trainer.checkpoint_every=2", "trainer.log_every=1", name="crashed")
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    shutil.rmtree(run / "model")
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))  # what a killed process leaves
+    from conftest import run_train
+
+    result = run_train(f"resume={run}")
+    first, resumed = find_runs(run / "wandb")
+    assert first.run_id == resumed.run_id == info["wandb_run_id"]
+    steps = [h["train/step"] for w in (first, resumed) for h in w.history if "train/loss" in h]
+    grids = [h["train/step"] for w in (first, resumed) for h in w.history if "samples/grid" in h]
+    assert steps == [1, 2, 3, 4] and grids == [2, 4]
+    assert "steps 3 to 4 are in the run from before the interruption" in result.stdout + result.stderr + \
+        "".join(p.read_text() for p in run.glob("*.log"))
+    assert [r["step"] for r in RunDir(run).metrics() if "train/loss" in r] == [1, 2, 3, 4]

@@ -337,6 +337,11 @@ class RunDir:
         available = ", ".join(map(str, sorted(found))) or "none"
         raise DiffexpError(f"checkpoint={which}: {self.path} has no such complete checkpoint (steps: {available})")
 
+    def last_recorded_step(self) -> int:
+        """The last training step the run recorded (a metrics row or a sample grid), and so logged to its
+        tracker: after a crash, the steps past its newest checkpoint that a resume replays."""
+        return max([r.get("step", 0) for r in self.metrics()] + [step_of(g) for g in self.sample_grids()], default=0)
+
     def sample_grids(self) -> list[Path]:
         return sorted(self.samples_dir.glob("step_*.png")) if self.samples_dir.is_dir() else []
 

@@ -50,12 +50,13 @@ class Tracker:
 
 
 def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerator, run: RunDir,
-                 run_id: str | None, fork_from: str | None = None) -> Tracker:
+                 run_id: str | None, fork_from: str | None = None, logged_through: int = 0) -> Tracker:
     """The tracker named by ``logger.kind`` on the main process, a no-op one elsewhere.
 
-    ``run_id`` (from run.json on resume) continues that W&B run. ``fork_from`` (``RUN_ID?_step=N``,
-    a run started with ``init_from``) makes an online W&B run a fork of its parent where the server
-    supports it (else a plain new run, with one warning). A tracker that cannot start costs one
+    ``run_id`` (from run.json on resume) continues that W&B run, which already holds the steps up to
+    ``logged_through`` (those a resume replays after a crash are not logged to it twice).
+    ``fork_from`` (``RUN_ID?_step=N``, a run started with ``init_from``) makes an online W&B run a
+    fork of its parent where the server supports it (else a plain new run, with one warning). A tracker that cannot start costs one
     warning and gives a no-op tracker; a bad ``logger.kind``/``logger.mode`` is a DiffexpError.
     """
     check_logger_cfg(logger_cfg)
@@ -72,7 +73,8 @@ def make_tracker(logger_cfg: DictConfig, cfg: DictConfig, accelerator: Accelerat
             except Exception as e:  # noqa: BLE001 - a server without forking still gets the run
                 log.warning("W&B could not fork %s (%s); the run starts unforked, its parent in its config",
                             fork_from, _one_line(e))
-        start = lambda: WandbTracker(logger_cfg, cfg, run, run_id, mode)  # noqa: E731
+        held = logged_through if run_id else 0  # a new W&B run holds nothing yet
+        start = lambda: WandbTracker(logger_cfg, cfg, run, run_id, mode, logged_through=held)  # noqa: E731
     else:
         start = lambda: TensorBoardTracker(logger_cfg, cfg, run)  # noqa: E731
     try:
@@ -222,12 +224,15 @@ class WandbTracker(_Guarded):
     kind = "wandb"
 
     def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run: RunDir, run_id: str | None, mode: str,
-                 fork_from: str | None = None) -> None:
+                 fork_from: str | None = None, logged_through: int = 0) -> None:
         super().__init__()
         from accelerate.tracking import WandBTracker as AccelerateWandB
 
         self.run_dir = run
         self.last_step = 0
+        # W&B keeps every row it is sent (its summaries too): a resumed run's replay of the steps after its
+        # checkpoint, which the W&B run holds from before the crash, is not sent again (the same numbers on a CPU).
+        self.logged_through = logged_through
         wandb_dir = tracker_dir(logger_cfg, run)  # wandb puts its files in DIR/wandb
         self.wandb_dir = wandb_dir
         os.makedirs(wandb_dir, exist_ok=True)
@@ -268,8 +273,20 @@ class WandbTracker(_Guarded):
             self.run.define_metric(pattern, step_metric="train/step", summary=f"{quality_goal(pattern)},last")
         self.run.save(str(run.config_file), base_path=str(run.path), policy="now")
 
+    def held(self, step: int) -> bool:
+        """Whether the W&B run holds step ``step`` already (from before a crash); says so once."""
+        if step > self.logged_through:
+            return False
+        if not getattr(self, "_said", False):
+            self._said = True
+            log.info("W&B: steps %d to %d are in the run from before the interruption and are not logged again "
+                     "(metrics.jsonl holds them as replayed)", step, self.logged_through)
+        return True
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log a row with ``train/step`` as its x-axis (wandb's own step is left to count rows)."""
+        if self.held(step):
+            return
         self.last_step = max(self.last_step, step)
         row = {k: v for k, v in metrics.items() if k != "step"}
         row["train/step"] = step
@@ -277,6 +294,8 @@ class WandbTracker(_Guarded):
 
     def log_image(self, key: str, image: Image.Image, step: int) -> None:
         """Log ``image`` as a W&B image under ``key`` at ``train/step`` = ``step``."""
+        if self.held(step):
+            return
         import wandb
 
         self.last_step = max(self.last_step, step)

@@ -251,10 +251,12 @@ def start_records(p: Parts, resume: bool, session_dir: str | None):
               extra={"num_parameters": n_params, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                      "fused_adamw": fused_adamw(p.t, acc.device), "eval_every": p.eval_every,
                      "class_names": p.data.class_names, **({"parent": parent} if parent else {})})
+    logged = run.last_recorded_step() if resume else 0  # what the tracker already holds of this run
     if resume:
         run.truncate_metrics(p.state.step)
     fork = f"{parent['wandb_run_id']}?_step={parent['step']}" if parent and parent["wandb_run_id"] else None
-    tracker = make_tracker(cfg.logger, cfg, acc, run, run.info().get("wandb_run_id"), fork_from=fork)
+    tracker = make_tracker(cfg.logger, cfg, acc, run, run.info().get("wandb_run_id"), fork_from=fork,
+                           logged_through=logged)
     if tracker.run_id:
         run.update_info(wandb_run_id=tracker.run_id)
     log.info("run %s: %s, %.2fM parameters, %d process(es) on %s, batch %d (%d per micro-batch)", run.path, cfg.name,
