@@ -349,6 +349,22 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
 
 
 
+def need_new_run_dir(path: str | os.PathLike) -> None:
+    """A new run's folder is new or empty but for Hydra's own record of this command (``.hydra/``, the
+    log): a run never writes over files it did not write, nor into another run (``resume=`` continues one)."""
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        return
+    found = sorted(c.name for c in folder.iterdir() if c.name != ".hydra" and not (c.is_file() and c.suffix == ".log"))
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        if (folder / "config.yaml").is_file():
+            raise DiffexpError(f"hydra.run.dir={folder}: holds a run ({shown}); resume={folder} continues it, a new "
+                               "run needs a new or empty folder")
+        raise DiffexpError(f"hydra.run.dir={folder}: holds files a run did not write ({shown}); a new run needs a "
+                           "new or empty folder")
+
+
 def need_guidance(cfg: DictConfig, key: str = "guidance_scale") -> None:
     """``key`` is null (the run's own) or a finite number >= 0 (1: no guidance)."""
     need_number(cfg, key, low=0, high=float("inf"), high_open=True, allow_none=True)

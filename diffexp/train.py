@@ -151,7 +151,7 @@ def plan(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) -
     nothing written: (the config to train, the run directory, whether it resumes), or None when a
     finished run is resumed with nothing to do (said in one line). A new run goes into ``run_dir``
     (from a checkpoint of another run with ``init_from``); ``resume`` continues that run."""
-    from diffexp.config import check_train_config
+    from diffexp.config import check_train_config, need_new_run_dir
     from diffexp.models.build import resolve_sampler
     from diffexp.quality.evaluator import resolve_metric
 
@@ -168,6 +168,8 @@ def plan(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) -
             cfg = init_config(cfg)
             if session_dir:  # the default folder is named after the run, and this run after its parent
                 run_dir = str(Path(run_dir).with_name(f"{Path(run_dir).name.split('_')[0]}_{cfg.name}"))
+    if not resume and run_dir is not None:
+        need_new_run_dir(run_dir)
     with open_dict(cfg):  # auto choices: decided here, and recorded
         cfg.sampler = resolve_sampler(cfg.sampler, cfg.scheduler)
     for warning in check_train_config(cfg):

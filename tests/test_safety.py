@@ -154,3 +154,22 @@ def test_a_resumed_wandb_run_holds_each_step_once(train):
     assert "steps 3 to 4 are in the run from before the interruption" in result.stdout + result.stderr + \
         "".join(p.read_text() for p in run.glob("*.log"))
     assert [r["step"] for r in RunDir(run).metrics() if "train/loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_new_run_never_writes_into_a_folder_holding_other_files_or_a_run(finished_run, tmp_path):
+    from conftest import TINY
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own\n")
+    (mine / "notes.txt").write_text("keep")
+    for folder, says in ((mine, "holds a run (config.yaml, notes.txt); resume="),
+                         (finished_run, "holds a run (")):
+        before = tree(folder)
+        result = run_main("train", *TINY, "logger=none", f"hydra.run.dir={folder}")
+        assert result.returncode == 2 and f"error: hydra.run.dir={folder}: {says}" in result.stderr, result.stderr
+        assert {k: v for k, v in tree(folder).items() if not k.startswith(".hydra") and not k.endswith(".log")} == \
+            {k: v for k, v in before.items() if not k.startswith(".hydra") and not k.endswith(".log")}
+    (mine / "config.yaml").unlink()
+    result = run_main("train", *TINY, "logger=none", f"hydra.run.dir={mine}")
+    assert result.returncode == 2 and "holds files a run did not write (notes.txt)" in result.stderr
