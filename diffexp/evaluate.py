@@ -20,8 +20,6 @@ result is printed only: the images need not be the run's, so eval.json does not 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -33,34 +31,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
 from diffexp.config import CONFIG_PATH, check_evaluate_config, report_errors
-from diffexp.records.rundir import RunDir, now, write_json_atomic
+from diffexp.records.rundir import RunDir, now
 from diffexp.records.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
 KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale")
 
 
-@contextlib.contextmanager
-def locked(run: RunDir):
-    """Exclusive use of the run's eval.json (several evaluations may run at once under a launcher)."""
-    with open(run.path / ".eval.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def key(result: dict, fields: tuple[str, ...] = KEY) -> str:
-    """What makes two results the same measurement: their ``fields`` (evaluate's, or another result store's)."""
-    return json.dumps([result.get(k) for k in fields], sort_keys=True, default=str)
-
-
 def record_result(run: RunDir, result: dict) -> list[dict]:
-    """Add ``result`` to the run's eval.json (replacing an entry with the same key); returns all results."""
-    with locked(run):
-        results = [r for r in run.eval_results() if key(r) != key(result)]
-        results.append(result)
-        results.sort(key=key)
-        write_json_atomic(run.eval_file, {"results": results})
-    return results
+    """Add ``result`` to the run's eval.json (replacing an entry with the same KEY); returns all results."""
+    return run.keep_result(run.eval_file, result, KEY)
 
 
 def metric_id(metric_cfg: DictConfig) -> str:

@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     with report_errors():
         check_sample_config(cfg)
         run = RunDir(cfg.run).require()
-        samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler, steps=cfg.sampler.steps,
+        samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler,
                              batch_size=int(cfg.batch_size), class_label=cfg.class_label,
                              guidance_scale=cfg.guidance_scale, progress=True)
         out = out_path(cfg, run, samples.sampler, samples.steps)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
+from diffexp.records.catalog import run_dirs
+
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]  # Chromium's own connections fail on a closed network
 
@@ -43,7 +45,7 @@ def main(runs: str, out: str) -> None:
             page = context.new_page()
             page.set_default_timeout(120_000)
             page.goto(url)
-            newest = str(max(p.parent for p in Path(runs).rglob("run.json")).relative_to(runs))  # as the table keys runs
+            newest = max(r.path for r in run_dirs(runs)).relative_to(Path(runs).resolve()).as_posix()  # the table's key
             page.locator("#runs-table").get_by_text(newest, exact=True).filter(visible=True).first.click()
             page.locator("#run-status").get_by_text("finished").wait_for()
             page.get_by_role("tab", name="Sample").click()

@@ -1,17 +1,15 @@
 """``python -m diffexp.app`` as a user meets it: the real server on 127.0.0.1 over a folder of runs,
 called through ``gradio_client`` and driven in a real headless Chromium (Debian's ``chromium``
-through Playwright's Python package). The browser test takes the README's screenshot
-(``DIFFEXP_SCREENSHOT=docs/app.png`` writes it there; a normal run leaves the tree as it is).
+through Playwright's Python package), where the browser test takes a screenshot (the README's comes
+from a real default run: scripts/app_screenshot.py).
 
-One server for the module: ``digits16`` (a 16 px run: 300 steps, long enough to draw strokes, when
-the screenshot is asked for; 30 otherwise, the same page at a tenth of the cost), ``tiny``
+One server for the module: ``digits16`` (a 16 px run of 30 steps), ``tiny``
 (the module's tiny run), ``broken`` (config.yaml is not
 YAML) and ``unfinished`` (still running, no ``model/`` yet).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -24,15 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
+from conftest import TINY, cli_env, crashed_copy, run_main, run_train
 from PIL import Image
 
 from diffexp.records.rundir import RunDir
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
-# The README's screenshot is rewritten only when asked: DIFFEXP_SCREENSHOT=docs/app.png (else a temporary file).
-SCREENSHOT = os.environ.get("DIFFEXP_SCREENSHOT")
-DIGITS16_STEPS = 300 if SCREENSHOT else 30  # digits need the 300 steps; the tests need a finished run with 3 evaluations
+DIGITS16_STEPS = 30  # the tests need a finished run with 3 evaluations
 # Without the background-networking flags Chromium's own connections are refused on a closed network.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -207,7 +203,7 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     page.locator("#sample-button").click()
     page.locator("#sampled img").wait_for()
     page.locator("#sampled-info").get_by_text("16 images of 16×16 px").wait_for()
-    screenshot = (REPO / SCREENSHOT) if SCREENSHOT else tmp_path / "app.png"
+    screenshot = tmp_path / "app.png"
     page.screenshot(path=screenshot, full_page=True)
     assert Image.open(screenshot).size[0] == 1400
 

@@ -9,6 +9,7 @@ Layout (see README): ``config.yaml`` (resolved config), ``run.json`` (provenance
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -275,6 +276,29 @@ class RunDir:
             return []
         data = json.loads(self.eval_file.read_text())
         return data["results"] if "results" in data else [data]
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive use of the run's result files (several evaluations may run at once under a launcher)."""
+        with open(self.path / ".eval.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def keep_result(self, file: Path, result: dict[str, Any], fields: tuple[str, ...], *,
+                    ordered: bool = True) -> list[dict[str, Any]]:
+        """Add ``result`` to the results file ``file`` (``{"results": [...]}``: ``eval.json``, a study's),
+        replacing the one that is the same measurement (equal ``fields``; never two of one); the results
+        sorted by those fields (``ordered``) or in the order they came. Returns them all."""
+        def key(r: dict[str, Any]) -> str:
+            return json.dumps([r.get(k) for k in fields], sort_keys=True, default=str)
+
+        with self.locked():
+            old = json.loads(file.read_text()) if file.is_file() else {"results": []}
+            results = [r for r in old.get("results", [old]) if key(r) != key(result)] + [result]
+            if ordered:
+                results.sort(key=key)
+            write_json_atomic(file, {"results": results})
+        return results
 
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl; a last line cut short by a killed process is left out."""

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
 from diffexp.config import CONFIG_PATH, report_errors
-from diffexp.records.rundir import RunDir, now, write_json_atomic
+from diffexp.records.rundir import RunDir, now
 
 log = logging.getLogger("diffexp.research.paired")
 # What makes two results the same measurement: also the weights (a run re-exported after more training is
@@ -158,7 +158,6 @@ def paired(cfg: DictConfig) -> dict:
     from accelerate import Accelerator
 
     from diffexp.data.datasets import load_images
-    from diffexp.evaluate import key, locked
     from diffexp.models.build import build_sampler, sampler_config
     from diffexp.quality.evaluator import Evaluator, features_of, metric_name, resolve_metric, sampling_precision
     from diffexp.quality.stats import class_mix_distance
@@ -224,9 +223,7 @@ def paired(cfg: DictConfig) -> dict:
         result["metrics"][metric_name("classmix", net, pairs)] = {
             "reference": class_mix_distance(ref[1], evaluator.reference_logits),
             "sampler": class_mix_distance(cand[1], evaluator.reference_logits)}
-    with locked(run):
-        kept = [r for r in paired_results(run) if key(r, KEY) != key(result, KEY)]
-        write_json_atomic(results_file(run), {"results": [*kept, result]})
+    run.keep_result(results_file(run), result, KEY, ordered=False)
     if result["same_class"] is not None:
         log.info("the two images of a pair show the same digit in %.1f%% of %d pairs (10%% by chance)",
                  100 * result["same_class"], pairs)

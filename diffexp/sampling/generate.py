@@ -195,11 +195,8 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
         raise DiffexpError(f"class_label={class_label}: {run.path} is an unconditional run (no classes to ask for)")
     labels = requested_labels(names, n, class_label)
     guidance_scale = choose_guidance(guidance_scale, run_cfg, names)
-    if sampler_cfg is not None and steps is not None:
-        sampler_cfg = OmegaConf.merge(sampler_cfg, {"steps": steps})
-    elif steps is not None:
-        sampler_cfg = OmegaConf.create({"steps": steps})
-    sampler_cfg, steps = choose_sampler(sampler_cfg, run_cfg)
+    request = OmegaConf.merge(sampler_cfg or {}, {} if steps is None else {"steps": steps})
+    sampler_cfg, steps = choose_sampler(request, run_cfg)
     model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
