@@ -154,8 +154,10 @@ def crashed_copy(full: Path, dest: Path, *, checkpoint: int, logged: int) -> Pat
     checkpoints up to step ``checkpoint`` remain, no exported model, metrics up to ``logged``."""
     shutil.copytree(full, dest, symlinks=True)
     shutil.rmtree(dest / "model")
+    from diffexp.records.rundir import step_of
+
     for folder in (dest / "checkpoints").iterdir():
-        if int(folder.name.split("_")[1]) > checkpoint:
+        if step_of(folder) > checkpoint:
             shutil.rmtree(folder)
     rows = (dest / "metrics.jsonl").read_text().splitlines()
     (dest / "metrics.jsonl").write_text("\n".join(rows[:logged]) + "\n")

@@ -17,6 +17,17 @@ from diffexp import DiffexpError, first_line
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def build(node: DictConfig, what: str, **overrides):
+    """``node``'s ``_target_`` built with ``overrides``: the one place a config node becomes an object.
+    A DiffexpError raised inside comes through as it is; any other failure is one line starting ``what``."""
+    try:
+        return instantiate(node, _convert_="all", **overrides)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, DiffexpError):
+            raise e.__cause__ from None
+        raise DiffexpError(f"{what}: {first_line(e.__cause__ or e)}") from e
+
+
 def is_transformer(model) -> bool:
     """Whether a denoiser takes its input as ``hidden_states`` (diffusers' DiT-style transformers)."""
     model = getattr(model, "_orig_mod", model)  # a compiled module's forward takes (*args, **kwargs)
@@ -46,10 +57,7 @@ def build_model(model_cfg: DictConfig, *, channels: int | None = None, size: int
         overrides["num_embeds_ada_norm"] = num_classes or 1
     elif num_classes:
         overrides["num_class_embeds"] = num_classes + 1
-    try:
-        model = instantiate(model_cfg, _convert_="all", **overrides)
-    except InstantiationException as e:
-        raise DiffexpError(f"model: cannot build {target}: {first_line(e.__cause__ or e)}") from e
+    model = build(model_cfg, f"model: cannot build {target}", **overrides)
     size = model.config.sample_size
     if dit:
         from diffusers.models.embeddings import LabelEmbedding
@@ -73,10 +81,7 @@ def build_noise_scheduler(scheduler_cfg: DictConfig) -> DDPMScheduler:
     """The training noise scheduler (betas, prediction type)."""
     if scheduler_cfg.get("prediction_type") not in PREDICTION_TYPES:
         raise DiffexpError(f"scheduler.prediction_type={scheduler_cfg.get('prediction_type')}: expected one of {PREDICTION_TYPES}")
-    try:
-        return instantiate(scheduler_cfg, _convert_="all")
-    except InstantiationException as e:
-        raise DiffexpError(f"scheduler: {first_line(e.__cause__ or e)}") from e
+    return build(scheduler_cfg, "scheduler")
 
 
 # Beta schedules every diffusers sampler computes itself; others reach it as numbers (trained_betas).
@@ -189,7 +194,7 @@ def fused_adamw(trainer_cfg: DictConfig, device: torch.device) -> bool | None:
 def build_optimizer(trainer_cfg: DictConfig, params, device: torch.device) -> torch.optim.Optimizer:
     """``trainer.optimizer`` (AdamW) with the trainer's ``lr``, ``betas``, ``weight_decay`` and ``eps``:
     those keys are the one source of each setting (the optimizer node only names the class)."""
-    return instantiate(trainer_cfg.optimizer, _convert_="all")(
+    return build(trainer_cfg.optimizer, "trainer.optimizer")(
         params, lr=float(trainer_cfg.lr), betas=tuple(float(b) for b in trainer_cfg.betas),
         weight_decay=float(trainer_cfg.weight_decay), eps=float(trainer_cfg.eps),
         fused=fused_adamw(trainer_cfg, device))
@@ -208,12 +213,7 @@ def build_objective(scheduler_cfg: DictConfig, trainer_cfg: DictConfig):
     if t.get("loss_weighting", "uniform") != "uniform":
         raise DiffexpError(f"trainer.loss_weighting={t.loss_weighting}: min-SNR weighting is for the DDPM family; "
                            f"{cls.__name__} weights its loss as its paper does")
-    try:
-        return instantiate(scheduler_cfg, _convert_="all")
-    except InstantiationException as e:
-        if isinstance(e.__cause__, DiffexpError):
-            raise e.__cause__ from None
-        raise DiffexpError(f"scheduler: {first_line(e.__cause__ or e)}") from e
+    return build(scheduler_cfg, "scheduler")
 
 
 def build_lr_scheduler(trainer_cfg: DictConfig, optimizer: torch.optim.Optimizer):
@@ -228,9 +228,4 @@ def build_lr_scheduler(trainer_cfg: DictConfig, optimizer: torch.optim.Optimizer
 def build_image_source(loader_cfg: DictConfig):
     """What a dataset's ``loader`` node returns (a ``datasets.Dataset`` with an ``image`` column, or
     PIL images); a loader's own DiffexpError comes through as it was raised."""
-    try:
-        return instantiate(loader_cfg, _convert_="all")
-    except InstantiationException as e:
-        if isinstance(e.__cause__, DiffexpError):
-            raise e.__cause__ from None
-        raise DiffexpError(f"dataset.loader: cannot build {loader_cfg.get('_target_')}: {first_line(e.__cause__ or e)}") from e
+    return build(loader_cfg, f"dataset.loader: cannot build {loader_cfg.get('_target_')}")
