@@ -243,3 +243,15 @@ def inception_file(tmp_path_factory) -> Path:
     path = folder / "weights-inception-random.pth"
     torch.save(net.state_dict(), path)
     return path
+
+
+# The longest test files first (CPU seconds on a 2-core VM, 2026-12-04): the two workers each take a
+# whole file as they free up (--dist loadfile), so long files started last would leave one worker idle.
+LONGEST_FIRST = ("test_metrics", "test_workflow", "test_train", "test_app", "test_paired", "test_inputs",
+                 "test_tracking", "test_bench", "test_conditional")
+
+
+def pytest_collection_modifyitems(items):
+    """Order the files longest first (the order of the tests within a file is kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
