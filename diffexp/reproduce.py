@@ -32,9 +32,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.config import CONFIG_PATH, apply_overrides, report_errors, session_dirs
+from diffexp.config import CONFIG_PATH, apply_overrides, need_new_run_dir, report_errors, session_dirs
 from diffexp.records.catalog import wandb_run
-from diffexp.records.rundir import RunDir, git_state, package_versions
+from diffexp.records.rundir import RunDir, git_state, package_versions, step_of
 
 OWN_KEYS = ("run", "check", "check_tol")
 
@@ -83,7 +83,7 @@ def ensure_parent(cfg: DictConfig, out: Path) -> None:
     if not cfg.get("init_from"):
         return
     parent, step = RunDir(cfg.init_from), int(cfg.checkpoint)
-    if parent.checkpoint_dir(step).is_dir():
+    if step in {step_of(c) for c in parent.checkpoints()}:  # complete (its manifest checked)
         return
     if not parent.exists():
         raise DiffexpError(f"init_from={parent.path}: the parent run is gone, so checkpoint {step} cannot be "
@@ -92,6 +92,7 @@ def ensure_parent(cfg: DictConfig, out: Path) -> None:
     with open_dict(parent_cfg):
         parent_cfg.trainer.stop_at = step
     where = out.with_name(f"{out.name}_parent")
+    need_new_run_dir(where)
     print(f"warning: {parent.path} no longer has checkpoint {step}: reproducing it first, into {where}",
           file=sys.stderr, flush=True)
     ensure_parent(parent_cfg, where)
@@ -144,6 +145,7 @@ def main(cfg: DictConfig) -> None:
         out, session = session_dirs()
         if RunDir(out).path == getattr(source, "path", None):
             raise DiffexpError(f"hydra.run.dir={out}: that is the run being reproduced; choose a new directory")
+        need_new_run_dir(out)
         for w in [*provenance_warnings(info), *recipe_warnings(saved, info), *check_train_config(new_cfg)]:
             print(f"warning: {w}", file=sys.stderr, flush=True)
         new_cfg.metric = resolve_metric(new_cfg.metric, new_cfg.dataset)

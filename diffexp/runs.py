@@ -25,12 +25,16 @@ REMOVABLE = ("failed", "empty")
 
 
 def table(summaries: list[dict]) -> str:
-    """The runs as aligned text columns, led by the quality metric most of them logged."""
+    """The runs as aligned text columns, led by the quality metric most of them logged (and the parent
+    of runs started with init_from, when there are any)."""
     primary = primary_quality([{k[len("best "):] for k in s if k.startswith("best eval/")} for s in summaries])
     header = ["path", "name", "status", "steps", "wall time", "final loss"]
     header += [heading(f"best {primary}")] if primary else []
+    lineage = any(s.get("parent") for s in summaries)  # runs started with init_from: PARENT@STEP
+    header += ["parent"] if lineage else []
     rows = [[shown_path(s["run"]), s["name"] or "–", s["status"], fmt(s["steps"]), wall_time(s["wall_time_s"]),
-             fmt(s["final_loss"]), *([fmt(s.get(f"best {primary}"))] if primary else [])] for s in summaries]
+             fmt(s["final_loss"]), *([fmt(s.get(f"best {primary}"))] if primary else []),
+             *([s.get("parent") or "–"] if lineage else [])] for s in summaries]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
 

@@ -158,6 +158,10 @@ def plan(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) -
     resume, step = bool(cfg.resume), None
     if resume and cfg.get("init_from"):
         raise DiffexpError(f"init_from={cfg.init_from}: a new run; resume= continues one (give one of them)")
+    for key in ("checkpoint", "init_optimizer"):  # (checkpoint=last and init_optimizer=false are the defaults)
+        if not cfg.get("init_from") and cfg.get(key) not in (None, "last", False):
+            raise DiffexpError(f"{key}={cfg.get(key)}: goes with init_from=RUN_DIR (a new run from that checkpoint); "
+                               "resume= continues from the newest complete checkpoint")
     if resume:
         cfg, step = resume_config(cfg.resume, cfg)
         run_dir = cfg.resume

@@ -235,6 +235,8 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_with_a_changed_recipe(trai
     moments = torch.load(saved / "optimizer.bin", weights_only=True)["state"]
     assert torch.equal(p.optimizer.state_dict()["state"][0]["exp_avg"], moments[0]["exp_avg"])
     assert p.state.step == 0 and p.ema.step == 0 and p.optimizer.param_groups[0]["initial_lr"] == 5e-4
+    # The average goes on from the parent's 3 steps: the child's first update keeps part of it.
+    assert p.ema.age == 3 and p.ema.decay_at(1) > 0
     assert (cfg.init_from, cfg.checkpoint, cfg.name) == (str(parent), 3, "unet_tiny-cosine-s0-from3")
     assert not (tmp_path / "child").exists()
 
@@ -246,6 +248,33 @@ def test_init_from_starts_a_new_run_from_a_checkpoint_with_a_changed_recipe(trai
     assert [s for s, _ in losses(child)] == [1, 2, 3, 4] and max(lrs(child)) == pytest.approx(5e-4)
     assert OmegaConf.load(child / "config.yaml").trainer.lr == 5e-4
     assert summarize(RunDir(child))["parent"] == "parent@3" and summarize(RunDir(parent))["parent"] is None
+    listed = run_main("runs", str(tmp_path), check=True).stdout
+    assert "parent" in listed.splitlines()[0] and "parent@3" in listed
+    run_main("compare", str(parent), str(child), "status=all", f"out={tmp_path / 'cmp'}", check=True)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "parent@3" in report and "differ in init_from" in report  # a child differs from a fresh run there
+
+
+def test_compare_flags_neither_a_stopping_point_nor_the_keys_older_configs_lack():
+    from diffexp.report.stats import mismatches
+
+    older = OmegaConf.create({"trainer": {"lr": 1e-3}})
+    newer = OmegaConf.create({"trainer": {"lr": 1e-3, "stop_at": 5}, "init_from": None, "checkpoint": None,
+                              "init_optimizer": False})
+    assert mismatches([older, newer], ["group"], [{"steps": 4}, {"steps": 4}]) == []
+    child = OmegaConf.merge(newer, {"init_from": "/runs/parent", "checkpoint": 3})
+    assert [line.split(" besides")[0] for line in mismatches([older, child], ["group"], [{"steps": 4}] * 2)] == [
+        "runs differ in checkpoint", "runs differ in init_from"]
+
+
+def test_checkpoint_without_init_from_and_a_reproduction_into_another_run_are_one_line(finished_run, train, tmp_path):
+    _, proc = train(f"resume={finished_run}", "checkpoint=2", "trainer.max_steps=6", name="x", check=False)
+    assert error_line(proc).startswith("error: checkpoint=2: goes with init_from=RUN_DIR")
+    other, _ = train(name="other")
+    before = (other / "run.json").read_bytes()
+    result = run_main("reproduce", f"run={finished_run}", f"hydra.run.dir={other}")
+    assert result.returncode == 2 and f"error: hydra.run.dir={other}: holds a run" in result.stderr
+    assert (other / "run.json").read_bytes() == before
 
 
 def test_init_from_refuses_a_missing_checkpoint_and_a_model_that_does_not_fit(finished_run, train, tmp_path):

@@ -352,12 +352,19 @@ class RunDir:
 
     def find_checkpoint(self, which: int | str | None = "last") -> Path:
         """The complete checkpoint of step ``which`` (an integer or its digits), or the newest one for
-        ``last`` (or None); a one-line DiffexpError naming ``checkpoint=`` and the available steps otherwise."""
+        ``last`` (or None), its files checked against their manifest's checksums; a one-line DiffexpError
+        naming ``checkpoint=`` and the available steps otherwise."""
         found = {step_of(c): c for c in self.checkpoints()}
         if which in (None, "last") and found:
-            return found[max(found)]
+            newest = self.latest_checkpoint()  # checksums too, as for a resume
+            if newest is not None:
+                return newest
         if str(which).isdigit() and int(which) in found:
-            return found[int(which)]
+            why = checkpoint_damage(found[int(which)], checksums=True)
+            if not why:
+                return found[int(which)]
+            _warn_damaged(found[int(which)], why)
+            del found[int(which)]
         available = ", ".join(map(str, sorted(found))) or "none"
         raise DiffexpError(f"checkpoint={which}: {self.path} has no such complete checkpoint (steps: {available})")
 

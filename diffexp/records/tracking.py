@@ -112,7 +112,10 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
                         dir=wandb_parent, mode=wandb_mode(logger_cfg.mode, starting_in=wandb_parent))
         wb.summary.update(numbers)
         # closed as the training left it: adding results never turns a crashed or interrupted run finished
-        wb.finish(exit_code=EXIT_CODES.get(run.info().get("status"), 1))
+        status = run.info().get("status")
+        if status == "interrupted":  # as training closes it: preempted, to be resumed
+            wb.mark_preempting()
+        wb.finish(exit_code=EXIT_CODES.get(status, 1))
     except Exception as e:  # noqa: BLE001 - eval.json already holds the result
         _warn_off("wandb", "could not add the evaluation to the W&B run", e)
     drop_latest_run_link(wandb_parent)

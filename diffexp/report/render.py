@@ -177,11 +177,13 @@ def comparison_tables(summary: dict, lead: str | None) -> list[tuple]:
     # The tables lead with one quality metric; every quality metric's final value has its own table.
     headline = [f"best {lead}", f"final {lead}"] if lead else []
     quality = sorted({c for s in summary["runs"] for c in s if c.startswith("final eval/")})
+    lineage = any(s.get("parent") for s in summary["runs"])  # runs started with init_from: PARENT@STEP
     run_header = ["run", *axes, "seed", "status", "parameters", "steps", "wall time (s)", "images/s", "final loss",
-                  *map(heading, headline)]
+                  *map(heading, headline), *(["parent"] if lineage else [])]
     run_rows = [[s["name"], *(fmt(s["axes"][a]) for a in axes), fmt(s["seed"]), s["status"],
                  fmt(s["num_parameters"]), fmt(s["steps"]), fmt(s["wall_time_s"]), fmt(s["img_per_s"]),
-                 fmt(s["final_loss"]), *(fmt(s.get(c)) for c in headline)] for s in summary["runs"]]
+                 fmt(s["final_loss"]), *(fmt(s.get(c)) for c in headline),
+                 *([s.get("parent") or "–"] if lineage else [])] for s in summary["runs"]]
     group_cols = [c for c in (*SCALARS, *headline)
                   if any(c in g for g in groups)]
     group_header = ["rank", *axes, "n", *map(heading, group_cols)]

@@ -2,7 +2,7 @@
 the settings the runs disagree on, and the evaluate results pooled per sampler setting.
 
 ``compare_runs`` gathers them into the summary that ``diffexp.report.render`` writes out. Which way
-a metric is better comes from ``diffexp.records.rundir.metric_goal`` alone.
+a metric is better comes from ``diffexp.records.catalog.metric_goal`` alone.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from diffexp.records.catalog import (
 )
 
 # Keys that never make runs incomparable: where they were written, what they were called, seeds.
-IGNORED = ("name", "seed", "group", "resume", "cache_dir", "output_root", "hydra", "choices.debug", "logger.name")
+IGNORED = ("name", "seed", "group", "resume", "cache_dir", "output_root", "hydra", "choices.debug", "logger.name",
+           "trainer.stop_at")  # a stopping point, not part of a recipe
+# Keys that configs saved before them lack, with the value they then had.
+ADDED_KEYS = {"init_from": None, "checkpoint": None, "init_optimizer": False}
 SCALARS = ("num_parameters", "steps", "wall_time_s", "img_per_s", "final_loss")
 # What defines the number a loss is: runs that differ here have losses that cannot be compared.
 LOSS_DEFINITION = ("scheduler._target_", "scheduler.prediction_type", "trainer.loss_weighting")
@@ -101,6 +104,12 @@ def flat_config(cfg) -> dict[str, Any]:
     return out
 
 
+def flat_value(flat: dict[str, Any], key: str) -> str:
+    """A key's value in a ``flat_config`` as JSON text; a key the config lacks has its ``ADDED_KEYS``
+    value, else ``"(missing)"``."""
+    return json.dumps(flat.get(key, ADDED_KEYS.get(key, "(missing)")), default=str)
+
+
 def covers(key: str, prefixes) -> bool:
     """Whether ``key`` is one of ``prefixes`` or lies under one (``model.layers`` under ``model``)."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
@@ -111,7 +120,7 @@ def varying_keys(configs: list, skip: list[str]) -> list[str]:
     flats = [flat_config(c) for c in configs]
     keys = sorted({k for f in flats for k in f})
     return [k for k in keys if not covers(k, [*skip, *IGNORED, "choices"])
-            and len({json.dumps(f.get(k, "(missing)"), default=str) for f in flats}) > 1]
+            and len({flat_value(f, k) for f in flats}) > 1]
 
 
 def expand_trials(axes: list[str], configs: list) -> list[str]:
@@ -149,7 +158,7 @@ def mismatches(configs: list, axes: list[str], summaries: list[dict]) -> list[st
     flats = [flat_config(c) for c in configs]
     # A group compared by its option (model=...) may differ in all of its keys; so may a sweep's draws.
     covered = [*axes, *(f"choices.{a}" for a in axes), f"choices.{TRIAL}"]
-    per_run = lambda key: tuple(json.dumps(f.get(key, "(missing)"), default=str) for f in flats)  # noqa: E731
+    per_run = lambda key: tuple(flat_value(f, key) for f in flats)  # noqa: E731
     followers = {per_run(a) for a in axes}  # a key that moves with an axis (an interpolated copy) is that axis
     lines = []
     for key in sorted({k for f in flats for k in f}):

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 
 from diffexp import DiffexpError, first_line
-from diffexp.records.rundir import RunDir, replace_path, write_manifest
+from diffexp.records.rundir import RunDir, replace_path, step_of, write_manifest
 from diffexp.training.state import EMA, TrainState
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def load_parent(cfg: DictConfig, net: torch.nn.Module, ema: EMA, optimizer, devi
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
         raise DiffexpError(f"init_from={cfg.init_from} checkpoint={cfg.checkpoint}: its weights do not fit "
                            f"this model ({detail})") from None
-    ema.step = 0  # this run's EMA decay schedule starts at its own step 0
+    ema.age, ema.step = ema.age + step_of(folder), 0  # the average goes on, counting the parent's steps
     if cfg.get("init_optimizer"):
         moments = torch.load(folder / "optimizer.bin", map_location=device, weights_only=True)["state"]
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})

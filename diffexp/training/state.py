@@ -25,12 +25,13 @@ class EMA:
     def __init__(self, model: torch.nn.Module, ema_cfg: DictConfig):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.step = 0  # the optimizer step the average has reached (saved in checkpoints)
+        self.age = 0  # steps the average had taken before this run's step 0 (a parent's, with init_from)
         self.cfg = ema_cfg
 
     def decay_at(self, step: int) -> float:
-        """The per-step decay of optimizer step ``step``."""
+        """The per-step decay of optimizer step ``step`` (counted on from the parent's steps with init_from)."""
         c = self.cfg
-        n = step - c.update_after_step - 1
+        n = step + self.age - c.update_after_step - 1
         if n <= 0:
             return 0.0
         warm = 1 - (1 + n / c.inv_gamma) ** -c.power if c.use_warmup else (1 + n) / (10 + n)
@@ -48,7 +49,7 @@ class EMA:
         self.step = step
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "weights": self.model.state_dict()}
+        return {"step": self.step, "age": self.age, "weights": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if "shadow_params" in state:  # a diffusers EMAModel, as checkpoints of diffexp 0.1 hold it
@@ -59,7 +60,7 @@ class EMA:
             return
         # (runs compiled before the EMA copied the plain module saved its weights under ``_orig_mod.``)
         self.model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["weights"].items()})
-        self.step = int(state["step"])
+        self.step, self.age = int(state["step"]), int(state.get("age", 0))
 
 
 class TrainState:
