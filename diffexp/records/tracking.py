@@ -266,7 +266,7 @@ class WandbTracker(_Guarded):
 
     def _set_up(self, cfg: DictConfig, run: RunDir) -> None:
         self.acc.store_init_configuration(dashboard_config(cfg, run.info()))
-        # Resumed runs replay steps after the last checkpoint: plot against train/step, not wandb's _step.
+        # Plotted against train/step (which W&B's own step now equals; runs logged before it counted rows).
         self.run.define_metric("train/step")
         for pattern in ("train/*", "samples/*"):
             self.run.define_metric(pattern, step_metric="train/step")
@@ -287,13 +287,15 @@ class WandbTracker(_Guarded):
         return True
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Log a row with ``train/step`` as its x-axis (wandb's own step is left to count rows)."""
+        """Log a row at W&B step ``step``, the training step (so a fork's ``?_step=`` is a training step),
+        with ``train/step`` as its x-axis; what is logged at one step (losses, evaluation, grid) is one row.
+        Steps only grow: those a resume replays are not sent again (``held``)."""
         if self.held(step):
             return
         self.last_step = max(self.last_step, step)
         row = {k: v for k, v in metrics.items() if k != "step"}
         row["train/step"] = step
-        self._guard("log", self.acc.log, row)
+        self._guard("log", self.acc.log, row, step=step)
 
     def log_image(self, key: str, image: Image.Image, step: int) -> None:
         """Log ``image`` as a W&B image under ``key`` at ``train/step`` = ``step``."""
@@ -303,7 +305,7 @@ class WandbTracker(_Guarded):
 
         self.last_step = max(self.last_step, step)
         self._guard("log image", lambda: self.acc.log({key: wandb.Image(image, caption=f"step {step}"),
-                                                       "train/step": step}))
+                                                       "train/step": step}, step=step))
 
     def finish(self, status: str) -> None:
         """Upload model/ as a ``model`` artifact if finished, save run.json, close with the status's exit
