@@ -128,23 +128,6 @@ def record_choices(cfg: DictConfig) -> None:
         cfg.choices = choices
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
-    """The config a diffexp command's ``main`` receives for these command-line overrides, composed
-    in-process with Hydra's compose API: Hydra's runtime config is set (so ``${hydra:...}``
-    resolves and ``apply_overrides`` sees the overrides), group choices are recorded, and the
-    ``hydra`` node is dropped. The benchmark and the tests run commands this way."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    record_choices(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
 # Hydra's flags that take the next argument as their value (``--cfg job``, ``-cn NAME``); --info only
 # when the next argument is one of its topics.
 HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",

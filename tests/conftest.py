@@ -1,7 +1,7 @@
 """Shared fixtures: run diffexp's commands as a user would, with no network.
 
 Training runs in-process (``train``): the config is composed with Hydra's compose API
-(``diffexp.config.compose_config``, what ``main`` receives) and handed to ``diffexp.train.run``,
+(``compose_config`` below, what ``main`` receives) and handed to ``diffexp.train.run``,
 under the same one-line error reporting as the command line. Subprocesses (``run_cli``) are kept
 for what only a process shows: exit codes of the real command line, signals, Hydra's own
 parsing, multirun and the multi-process runs.
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig, open_dict
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["debug=tiny"]
@@ -98,7 +99,7 @@ def captured():
 
 def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True) -> Result:
     """``python -m diffexp.train overrides...`` in this process (``run_dir`` instead of ``hydra.run.dir``)."""
-    from diffexp.config import compose_config, report_errors
+    from diffexp.config import report_errors
     from diffexp.train import run
 
     code = 0
@@ -255,3 +256,22 @@ def pytest_collection_modifyitems(items):
     """Order the files longest first (the order of the tests within a file is kept)."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
+    """The config a diffexp command's ``main`` receives for these command-line overrides, composed
+    in-process with Hydra's compose API: Hydra's runtime config is set (so ``${hydra:...}``
+    resolves and ``apply_overrides`` sees the overrides), group choices are recorded, and the
+    ``hydra`` node is dropped. The tests run commands this way."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from diffexp.config import CONFIG_PATH, record_choices
+
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    record_choices(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
+from conftest import REPO, TINY, cli_env, compose_config, crashed_copy, run_main, run_train
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
-from diffexp.config import compose_config
 from diffexp.data.datasets import load_data
 from diffexp.models.build import build_model
 from diffexp.sampling.generate import sample_run

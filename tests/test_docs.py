@@ -9,10 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
-
-from diffexp.config import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import REPO, cli_env, run_main
+from conftest import REPO, cli_env, compose_config, run_main
 from omegaconf import OmegaConf
 from wandb_files import find_runs
 
-from diffexp.config import compose_config
 from diffexp.quality.evaluator import auto_eval_every, resolve_metric, score
 from diffexp.report.render import fmt, fmt_ci
 

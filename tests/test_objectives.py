@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import crashed_copy, run_train
+from conftest import compose_config, crashed_copy, run_train
 from omegaconf import OmegaConf
 
-from diffexp.config import compose_config
 from diffexp.models.build import build_objective, build_sampler
 from diffexp.sampling.generate import network_evaluations, sample_run
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import Accelerator
-from conftest import run_main
+from conftest import compose_config, run_main
 from PIL import Image
 from wandb_files import find_runs
 
-from diffexp.config import compose_config
 from diffexp.data.datasets import load_images
 from diffexp.quality.evaluator import load_feature_net, reference_features, resolve_metric
 from diffexp.records.rundir import RunDir

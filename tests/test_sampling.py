@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_train
+from conftest import compose_config, run_train
 from diffusers import DDPMPipeline, DiffusionPipeline, ModelMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import BaseOutput
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError
-from diffexp.config import CONFIG_PATH, compose_config
+from diffexp.config import CONFIG_PATH
 from diffexp.models.build import build_sampler
 from diffexp.records.rundir import RunDir
 from diffexp.sampling.generate import generate, sample_run, save_grid

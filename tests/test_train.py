@@ -206,9 +206,8 @@ def test_stop_at_stops_with_a_checkpoint_and_resume_finishes_identically(train):
 
 def child_setup(parent, tmp_path, cache_dir, *overrides):
     """The child run's parts as ``setup`` builds them (before its first step; nothing is written)."""
-    from conftest import end_process
+    from conftest import compose_config, end_process
 
-    from diffexp.config import compose_config
     from diffexp.train import plan
     from diffexp.training.loop import setup
 
@@ -350,7 +349,8 @@ def test_other_prediction_targets_and_grad_accumulation_train(train, prediction_
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weighting_works_with_zero_terminal_snr(train, prediction_type):
     """min(SNR, gamma) / SNR at SNR = 0 is 0/0 unless written with its limit (1)."""
-    from diffexp.config import compose_config
+    from conftest import compose_config
+
     from diffexp.models.build import build_objective
 
     cfg = compose_config(["scheduler.rescale_betas_zero_snr=true", f"scheduler.prediction_type={prediction_type}",
