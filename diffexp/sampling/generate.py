@@ -23,6 +23,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError, first_line
+from diffexp.config import need_guidance
 from diffexp.sampling.pipeline import DiffexpPipeline
 
 CHUNK_SEED_STRIDE = 1_000_003  # chunk c of seed s uses s + c * stride: chunk 0 is plain `seed`
@@ -141,8 +142,7 @@ def choose_guidance(requested: float | None, run_cfg, names: list[str] | None) -
     if names is None:
         raise DiffexpError(f"guidance_scale={requested}: {run_cfg.get('name') or 'the run'} is an unconditional run "
                            "(no classes to guide towards)")
-    if isinstance(requested, bool) or not isinstance(requested, (int, float)) or not 0 <= requested < math.inf:
-        raise DiffexpError(f"guidance_scale={requested}: expected a finite number >= 0 (1: no guidance)")
+    need_guidance(OmegaConf.create({"guidance_scale": requested}))  # the rule the commands' config checks apply
     return float(requested)
 
 
