@@ -20,7 +20,6 @@ result is printed only: the images need not be the run's, so eval.json does not 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -31,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError
 from diffexp.config import CONFIG_PATH, check_evaluate_config, report_errors
-from diffexp.records.rundir import RunDir, now
+from diffexp.records.rundir import RunDir, file_sha256, now
 from diffexp.records.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
@@ -72,7 +71,7 @@ def images_file(path: str, dataset_cfg: DictConfig) -> tuple[np.ndarray, np.ndar
                            f"dataset), got {images.dtype} {'x'.join(map(str, images.shape))}")
     if labels is not None and labels.shape != (len(images),):
         raise DiffexpError(f"images={path}: 'labels' has shape {labels.shape}, expected one per image ({len(images)})")
-    return images, labels, hashlib.sha256(file.read_bytes()).hexdigest()
+    return images, labels, file_sha256(file)
 
 
 def evaluate_file(cfg: DictConfig) -> dict | None:
