@@ -201,6 +201,7 @@ class PlainLoop:
         from torch.profiler import record_function as phase
 
         from diffexp.data.datasets import to_float
+        from diffexp.sampling.pipeline import call_denoiser
 
         # The phases are named as in ours, for the side-by-side breakdown (free without a profiler).
         with phase("data"):
@@ -211,7 +212,7 @@ class PlainLoop:
                                       device=self.device)
             noisy = self.noise_scheduler.add_noise(clean, noise, timesteps)
         with phase("forward_backward"):
-            noise_pred = self.model(noisy, timesteps).sample
+            noise_pred = call_denoiser(self.model, noisy, timesteps, None)  # a DiT gets its one constant label
             loss = F.mse_loss(noise_pred, noise)
             loss.backward()
         with phase("optimizer"):
@@ -307,12 +308,14 @@ def model_flops(unet, batch, timesteps) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from diffexp.sampling.pipeline import call_denoiser
+
     with FlopCounterMode(display=False) as counter:
-        unet(batch, timesteps).sample.float().pow(2).mean().backward()
+        call_denoiser(unet, batch, timesteps, None).float().pow(2).mean().backward()
     train = counter.get_total_flops()
     unet.zero_grad(set_to_none=True)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(batch, timesteps)
+        call_denoiser(unet, batch, timesteps, None)
     return {"train_per_image": train / len(batch), "forward_per_image": counter.get_total_flops() / len(batch)}
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
-from conftest import TINY, crashed_copy, run_main
+import pytest
+
+from conftest import REPO, TINY, crashed_copy, run_main
 
 QUICK = ["bench.steps=2", "bench.repeats=2", "bench.profile_steps=2", "bench.data_batches=3",
          "bench.samplers=[ddim,dpmpp]", "bench.sampler_steps=[2]", "bench.sample_n=2"]
@@ -78,8 +81,9 @@ def test_bench_refuses_a_bad_setting(tmp_path, cache_dir):
     assert not (tmp_path / "b.json").exists()
 
 
-def test_speed_options_train_correctly_on_cpu(train):
-    """bf16 autocast, fused AdamW, channels-last and TF32 (a no-op off CUDA) still train on a CPU."""
+@pytest.mark.gpu
+def test_speed_options_train(train):
+    """bf16 autocast, fused AdamW, channels-last and TF32 (a no-op off CUDA) train, on a CPU as on a GPU."""
     run_dir, _ = train("trainer.mixed_precision=bf16", "trainer.fused_adamw=true", "trainer.channels_last=true",
                        "trainer.tf32=true")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -102,6 +106,7 @@ def test_attention_is_pytorch_sdpa():
     assert {type(m.processor).__name__ for m in unet.modules() if isinstance(m, Attention)} == {"AttnProcessor2_0"}
 
 
+@pytest.mark.gpu
 def test_compiled_run_resumes_exactly(train, tmp_path):
     """``trainer.compile`` (torch.compile through accelerate) trains, checkpoints the uncompiled
     weights and resumes bit-identically. Dynamo and AOTAutograd wrap and trace the model as they do
@@ -132,3 +137,35 @@ def test_unknown_compile_mode_is_named(train):
     _, proc = train("trainer.compile=true", "trainer.compile_mode=fastest", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.compile_mode=fastest: expected one of null, default")
+
+
+def test_the_gpu_check_plan_composes_and_its_plain_loop_runs_a_dit():
+    """Every command of ``scripts/gpu_check.py`` (both sizes) composes, so device minutes are not spent
+    on a misspelt override; the plain loop it compares against steps a DiT too."""
+    import importlib.util
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from diffexp.bench import PlainLoop
+    from diffexp.config import CONFIG_PATH
+    from diffexp.data.datasets import load_images
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gpu_check  # its dataclass looks its module up there
+    spec.loader.exec_module(gpu_check)
+    with initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3"):
+        for size in ("full", "tiny"):
+            steps = gpu_check.plan(size)
+            assert [s.kind for s in steps[:2]] == ["tests", "bench"] and any(s.kind == "train" for s in steps)
+            for step in steps:
+                if step.kind != "tests":
+                    compose(config_name="bench" if step.kind == "bench" else "train", overrides=step.args)
+        names = [s.name for s in gpu_check.plan("full")]
+        assert {"unet_base-b128-cudagraphs", "unet_base-b512-default", "dit_b2-b128-compile"} <= set(names)
+        cfg = compose(config_name="bench", overrides=["debug=tiny", "model=dit_xs2", "model.num_layers=1"])
+    loop = PlainLoop(cfg, load_images(cfg.dataset, cfg.cache_dir), torch.device("cpu"))
+    before = [p.detach().clone() for p in loop.model.parameters()]
+    loop.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, loop.model.parameters()))

@@ -56,6 +56,7 @@ def test_digits_and_an_image_folder_of_classes_have_labels(tmp_path, cache_dir):
     assert again.labels.tolist() == pets.labels.tolist() and again.class_names == pets.class_names
 
 
+@pytest.mark.gpu
 def test_a_class_conditional_unet_trains_resumes_exports_and_samples_a_class(train, tmp_path):
     common = ["conditioning=class", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10",
               "trainer.grid_size=20", "trainer.sample_every=0", "metric.num_samples=20"]
@@ -83,6 +84,7 @@ def test_a_class_conditional_unet_trains_resumes_exports_and_samples_a_class(tra
     assert np.load(tmp_path / "all.npz")["labels"].tolist() == [i % 10 for i in range(12)]
 
 
+@pytest.mark.gpu
 def test_a_dit_trains_unconditional_and_class_conditional(train, tmp_path):
     net = build_model(compose_config(["model=dit_xs2"]).model, channels=1, size=8, num_classes=10)
     from diffusers.models.embeddings import LabelEmbedding
@@ -103,6 +105,7 @@ def test_a_dit_trains_unconditional_and_class_conditional(train, tmp_path):
         assert samples.images.shape == (2, 8, 8, 1)
 
 
+@pytest.mark.gpu
 def test_latent_diffusion_with_a_local_autoencoder_end_to_end(train, tmp_path, tiny_vae, cache_dir):
     common = ["autoencoder=kl", f"autoencoder.path={tiny_vae}", "autoencoder.scaling_factor=auto",
               "conditioning=class", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=10",

@@ -116,6 +116,7 @@ images = pipe(batch_size=4, num_inference_steps=STEPS, generator=torch.Generator
 """
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("scheduler", ["linear", "flow_matching", "edm"])
 def test_each_objective_trains_resumes_exactly_exports_and_samples(scheduler, train, tmp_path):
     common = [f"scheduler={scheduler}", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.log_every=2",

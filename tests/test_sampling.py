@@ -163,6 +163,7 @@ def test_a_sampler_that_cannot_sample_the_schedule_is_refused():
                       cfg.scheduler)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "ddpm"] + ["ddpm"])
 def test_grids_sample_and_the_exported_pipeline_give_the_same_images(sampler, tmp_path, cache_dir):
     """For every sampler config: the training grid, `sample`'s images and the exported pipeline

@@ -71,6 +71,7 @@ def test_the_command_line_writes_hydras_record_and_the_run(tmp_path, cache_dir):
     assert "diffexp.train" in " ".join(json.loads((run / "run.json").read_text())["command"])
 
 
+@pytest.mark.gpu
 def test_exported_model_loads_in_an_unmodified_ddpm_pipeline(finished_run):
     run = finished_run
     pipe = DDPMPipeline.from_pretrained(run / "model")
@@ -84,6 +85,7 @@ def test_exported_model_loads_in_an_unmodified_ddpm_pipeline(finished_run):
     assert not all(torch.equal(raw[k], v) for k, v in pipe.unet.state_dict().items())
 
 
+@pytest.mark.gpu
 def test_sample_cli_writes_npz_and_grid_and_matches_the_exported_pipeline(finished_run, tmp_path):
     run = finished_run
     out = tmp_path / "s" / "samples.npz"
