@@ -9,7 +9,9 @@ Measures, after warm-up, on the composed training config (same groups and overri
 - a per-step breakdown of our loop (data, forward_backward, optimizer, ema, logging) from the
   loop's own ``record_function`` phases under ``torch.profiler``;
 - the input pipeline alone (``Batches.get``), sampling images/s per sampler and step count,
-  evaluation cost, peak memory, model FLOPs per image and the achieved FLOP/s.
+  evaluation cost, peak memory, model FLOPs per image and the achieved FLOP/s, against the card's
+  datasheet bf16 peak and against the machine's own measured matrix-product rate (fp32, and bf16
+  where the device has it natively).
 
 Writes JSON (``bench.out``) and prints a short table. Examples::
 
@@ -319,6 +321,35 @@ def model_flops(unet, batch, timesteps) -> dict:
     return {"train_per_image": train / len(batch), "forward_per_image": counter.get_total_flops() / len(batch)}
 
 
+def has_native_bf16(device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware: any CUDA card we run on, a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def matmul_rate(device, dtype, n: int, repeats: int = 3) -> float:
+    """FLOP/s of an ``n`` x ``n`` matrix product on ``device`` in ``dtype`` (2 n^3 FLOPs), the best of
+    ``repeats`` after a warm-up, with every thread: what the machine's arithmetic can do, to hold the
+    training rate against (``torch.mm`` 2048^2 on a CPU, 8192^2 on a GPU)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def peak_memory_mib(device) -> float:
     """Peak memory so far: GPU memory allocated by PyTorch on CUDA, else the process's peak RSS."""
     import torch
@@ -388,6 +419,16 @@ def run_bench(cfg: DictConfig) -> dict:
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if info["gpu"] and k in info["gpu"]), None)
     flops["peak_bf16_flop_per_s"] = peak * 1e12 if peak else None
     flops["fraction_of_peak"] = flops["achieved_flop_per_s"] / (peak * 1e12) if peak else None
+    # The machine's own measured rates (issue 31's yardstick): fp32, and bf16 where it is native.
+    n = 8192 if device.type == "cuda" else 2048
+    rates = {"fp32": matmul_rate(device, torch.float32, n)}
+    if has_native_bf16(device):
+        rates["bf16"] = matmul_rate(device, torch.bfloat16, n)
+    for name in ("fp32", "bf16"):
+        rate = rates.get(name)
+        flops[f"matmul_{name}_flop_per_s"] = rate
+        flops[f"fraction_of_matmul_{name}"] = flops["achieved_flop_per_s"] / rate if rate else None
+    flops["matmul_size"] = n
 
     from diffusers.models.attention_processor import Attention
 
@@ -445,6 +486,10 @@ def table(result: dict) -> str:
     lines.append(f"eval    {e['seconds']:.1f} s" if e["measured"] else f"eval    not measured: {e['note']}")
     f = result["flops"]
     frac = f" = {100 * f['fraction_of_peak']:.1f}% of bf16 peak" if f["fraction_of_peak"] else ""
+    for name in ("fp32", "bf16"):
+        if f.get(f"fraction_of_matmul_{name}"):
+            frac += (f", {100 * f[f'fraction_of_matmul_{name}']:.0f}% of this machine's {name} matmul "
+                     f"({f[f'matmul_{name}_flop_per_s'] / 1e12:.3f} TFLOP/s at {f['matmul_size']}^2)")
     lines.append(f"flops   {f['train_per_image'] / 1e9:.3f} GFLOP/img/step, achieved {f['achieved_flop_per_s'] / 1e12:.4f} "
                  f"TFLOP/s{frac}")
     lines.append("memory  " + ", ".join(f"{k} {v:.0f} MiB" for k, v in result["peak_memory_mib"].items()))

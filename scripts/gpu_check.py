@@ -132,7 +132,8 @@ def bench_summary(result: dict) -> dict:
     """What the check reports of one ``diffexp.bench`` result."""
     t, f = result["train"], result["flops"]
     return {"full": result, "ours_img_per_s": t["ours_img_per_s"]["median"], "plain_img_per_s": t["plain_img_per_s"]["median"],
-            "ratio": t["ratio"]["median"], "mfu": f["fraction_of_peak"], "gflop_per_img": f["train_per_image"] / 1e9,
+            "ratio": t["ratio"]["median"], "mfu": f["fraction_of_peak"],
+            "of_measured_bf16_matmul": f.get("fraction_of_matmul_bf16"), "gflop_per_img": f["train_per_image"] / 1e9,
             "ms_per_step": {name: {k: round(v, 2) for k, v in row.items() if k.endswith("_ms")}
                             for name, row in result["breakdown_ms_per_step"].items()},
             "syncs_per_step": t["host_device_syncs_per_step"], "peak_memory_mib": result["peak_memory_mib"],

@@ -58,6 +58,9 @@ def test_bench_writes_a_complete_report(tmp_path, cache_dir):
     assert flops["train_per_image"] > 2 * flops["forward_per_image"]  # backward costs about twice the forward
     assert math.isclose(flops["achieved_flop_per_s"], flops["train_per_image"] * train["ours_img_per_s"]["median"])
     assert flops["fraction_of_peak"] is None  # no known peak for a CPU
+    assert positive(flops["matmul_fp32_flop_per_s"]) and flops["matmul_size"] == 2048
+    assert math.isclose(flops["fraction_of_matmul_fp32"], flops["achieved_flop_per_s"] / flops["matmul_fp32_flop_per_s"])
+    assert (flops["matmul_bf16_flop_per_s"] is None) == (flops["fraction_of_matmul_bf16"] is None)
 
 
 def test_bench_times_an_evaluation_when_the_inception_weights_are_there(tmp_path, inception_file):
