@@ -14,7 +14,6 @@ Examples::
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -148,19 +147,6 @@ def nothing_to_do(cfg: DictConfig, step: int) -> bool:
     return True
 
 
-def need_same_processes(run: RunDir) -> None:
-    """A resume runs on as many processes as wrote its newest checkpoint (one RNG state each): each
-    process's noise comes from its own RNG and its share of a batch from its rank, so on another count
-    the run would not continue the same stream. The count is the launcher's (``WORLD_SIZE``; the loop
-    refuses a launch whose count accelerate does not share)."""
-    launched = int(os.environ.get("WORLD_SIZE") or 1)
-    checkpoint = run.latest_checkpoint()
-    saved = len(list(checkpoint.glob("random_states_*.pkl"))) if checkpoint else 0
-    if saved and saved != launched:
-        raise DiffexpError(f"num_processes={launched}: {checkpoint} was written by {saved} process(es); resume on "
-                           f"{saved} (its noise and data order depend on the process count)", everywhere=True)
-
-
 def continues_in_place(cfg: DictConfig, run_dir: str | None, session_dir: str | None) -> bool:
     """Whether this command continues the run already in its folder: the folder was fixed by the
     command (``hydra.run.dir=``, a multirun job's folder: the same command again, or a requeued SLURM
@@ -213,8 +199,6 @@ def plan(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) -
         log.warning(warning)
     if resume and nothing_to_do(cfg, step):
         return None
-    if resume:
-        need_same_processes(RunDir(cfg.resume))
     with open_dict(cfg):
         cfg.metric = resolve_metric(cfg.metric, cfg.dataset)
     return cfg, run_dir, resume

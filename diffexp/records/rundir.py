@@ -422,8 +422,10 @@ class RunDir:
         ``resume_note``'s fields, e.g. ``{"step": 4, "max_steps": [4, 6]}`` for an extension)."""
         info = self.info() if resumed else {}
         if resumed:
+            stopped_by = info.pop("stopped_by", None)  # what stopped the run before: kept with this resume
             info.setdefault("resumes", []).append({"at": now(), "command": sys.orig_argv, "git": git_state(),
-                                                   **(resume_note or {})})
+                                                   **(resume_note or {}),
+                                                   **({"stopped_by": stopped_by} if stopped_by else {})})
         else:
             info.update(
                 git=git_state(),

@@ -3,8 +3,9 @@ evaluate, checkpoint, stop) only on the steps where one of them is due.
 
 One optimizer step = ``trainer.grad_accum`` micro-batches on every process; the global batch is
 ``trainer.batch_size``. Everything a resumed run needs (model, optimizer, LR schedule, EMA, step,
-the log interval's running sums, every RNG) is in the accelerate checkpoint, and the data order
-depends only on (seed, step), so a resumed run continues exactly where the interrupted one stopped.
+the log interval's running sums, every RNG) is in the accelerate checkpoint, and the data and
+noise of every sample depend only on (seed, step, its place in the global batch), so a resumed run
+continues exactly where the interrupted one stopped, on any number of processes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from diffexp.models.build import (
     fused_adamw,
     resolve_sampler,
 )
+from diffexp.objectives import Noised
 from diffexp.quality.evaluator import evaluation_interval, make_evaluator
 from diffexp.records.rundir import RunDir
 from diffexp.records.tracking import check_logger_cfg, make_tracker
@@ -108,22 +110,22 @@ class Parts:
 
 
 def train_step(p: Parts, step: int) -> None:
-    """Optimizer step ``step``: for each micro-batch, noise it, predict, weighted MSE, backward; then
+    """Optimizer step ``step``: the step's global batch noised (``noised_step``); for this process's
+    micro-batches of it, predict, weighted MSE, backward; then
     clip, step the optimizer and the LR schedule, add the loss and gradient norm to the log
     interval's sums (on the device: no host sync) and, every ``ema.update_every`` steps, the EMA.
     Class-conditional runs: the batch's labels condition the network, each replaced by the null
     class with probability ``p_uncond`` (classifier-free guidance)."""
-    t, acc, null_class = p.t, p.accelerator, p.data.num_classes
+    t, acc = p.t, p.accelerator
     p.model.train()
     loss_sum = torch.zeros((), device=acc.device)
+    with phase("data"):  # phases are named for `python -m diffexp.bench` (free when no profiler runs)
+        whole, whole_labels = noised_step(p, step)
     for micro in range(t.grad_accum):
-        # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
         with phase("data"):
-            batch = p.objective.noise(p.data.batches.get(step - 1, micro))
-            labels = None
-            if null_class is not None:
-                labels = p.data.batches.get_labels(step - 1, micro)
-                labels = torch.where(torch.rand(labels.shape, device=labels.device) < p.p_uncond, null_class, labels)
+            rows = p.data.batches.rows(micro)  # this process's share of the step's batch
+            batch = Noised(*(None if v is None else v[rows] for v in (getattr(whole, f.name) for f in fields(whole))))
+            labels = None if whole_labels is None else whole_labels[rows]
         with acc.accumulate(p.model):
             with phase("forward_backward"):
                 pred = call_denoiser(p.model, batch.model_input, batch.timestep, labels)
@@ -142,6 +144,23 @@ def train_step(p: Parts, step: int) -> None:
         if step % t.ema.get("update_every", 1) == 0:
             p.ema.update(p.net, step)
     p.state.step = step
+
+
+def noised_step(p: Parts, step: int) -> tuple[Noised, torch.Tensor | None]:
+    """Optimizer step ``step``'s whole global batch, noised, and its labels (each replaced by the null
+    class with probability ``p_uncond``; None when unconditional), drawn from an RNG seeded by
+    (seed, step) alone: every process draws the same numbers and trains on its rows, so the noise of
+    each sample, and the run, do not depend on the number of processes or on ``trainer.grad_accum``."""
+    acc, batches, null_class = p.accelerator, p.data.batches, p.data.num_classes
+    devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=acc.device.type if devices else "cuda"):
+        torch.manual_seed(p.cfg.seed * 1_000_000_007 + step)
+        whole = p.objective.noise(batches.get_step(step - 1))
+        labels = None
+        if null_class is not None:
+            labels = batches.labels[batches.step_indices(step - 1)]
+            labels = torch.where(torch.rand(labels.shape, device=labels.device) < p.p_uncond, null_class, labels)
+    return whole, labels
 
 
 def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
@@ -307,6 +326,9 @@ def checkpoint(p: Parts, step: int) -> None:
     if not all_finite(p.accelerator, p.state, p.net, p.ema.model):
         raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
                            f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
+    # The log interval's sums are saved from the main process: made every process's mean first, so a
+    # resume on any number of processes logs the interval's global mean.
+    p.state.sums.copy_(p.accelerator.reduce(p.state.sums, "mean"))
     save_checkpoint(p.accelerator, p.run, step, p.t.keep_checkpoints)
 
 
