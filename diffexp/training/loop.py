@@ -415,8 +415,8 @@ def train_loop(p: Parts, resume: bool, session_dir: str | None) -> str:
         if stopping and step < t.max_steps:
             status = "requeue" if stop.requeue else "interrupted"
             if main:
-                log.warning("interrupted at step %d; checkpoint saved. Continue with the same command (a fixed "
-                            "hydra.run.dir) or: python -m diffexp.train resume=%s", step, p.run.path)
+                log.warning("interrupted at step %d; checkpoint saved. Continue with: python -m diffexp.train resume=%s "
+                            "(or the same command again, where hydra.run.dir is fixed)", step, p.run.path)
         else:
             export(p, step)
             status = "finished"
