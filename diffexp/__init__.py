@@ -4,7 +4,12 @@ __version__ = "0.1.0"
 
 
 class DiffexpError(Exception):
-    """A problem with the user's input or environment, reported as one line and a non-zero exit."""
+    """A problem with the user's input or environment, reported as one line and a non-zero exit.
+    ``everywhere``: every process of a launch raises the same one, and only the first (RANK 0) says it."""
+
+    def __init__(self, *args, everywhere: bool = False):
+        super().__init__(*args)
+        self.everywhere = everywhere
 
 
 def first_line(error: BaseException) -> str:

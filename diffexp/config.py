@@ -222,7 +222,8 @@ def report_errors():
     try:
         yield
     except DiffexpError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not (e.everywhere and process_rank() > 0):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OmegaConfBaseException as e:
         print(f"error: {first_line(e)}", file=sys.stderr, flush=True)

@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffexp import DiffexpError
-from diffexp.config import CONFIG_PATH, apply_overrides, record_choices, report_errors, session_dirs
+from diffexp.config import CONFIG_PATH, apply_overrides, process_rank, record_choices, report_errors, session_dirs
 from diffexp.records.rundir import RunDir, step_of
 
 log = logging.getLogger("diffexp.train")
@@ -141,8 +141,24 @@ def nothing_to_do(cfg: DictConfig, step: int) -> bool:
     run = RunDir(cfg.resume)
     if run.info().get("status") != "finished" or step < cfg.trainer.max_steps:
         return False
-    print(f"{run.path} is finished ({step} of {cfg.trainer.max_steps} steps): nothing to do. To train on, pass "
-          f"trainer.max_steps=N with N > {step}.", flush=True)
+    if process_rank() == 0:
+        print(f"{run.path} is finished ({step} of {cfg.trainer.max_steps} steps): nothing to do. To train on, pass "
+              f"trainer.max_steps=N with N > {step}.", flush=True)
+    return True
+
+
+def continues_in_place(cfg: DictConfig, run_dir: str | None, session_dir: str | None) -> bool:
+    """Whether this command continues the run already in its folder: the folder was fixed by the
+    command (``hydra.run.dir=``, a multirun job's folder: the same command again, or a requeued SLURM
+    job, lands in it) and holds a run (config.yaml and run.json). The run's recipe must be this
+    command's (``resume_config`` refuses a changed one in one line)."""
+    if cfg.resume or run_dir is None or session_dir is not None:
+        return False
+    run = RunDir(run_dir)
+    if not (run.exists() and run.info_file.is_file()):
+        return False
+    if process_rank() == 0:
+        log.info("%s holds this run: continuing it (the same command again resumes)", run.path)
     return True
 
 
@@ -155,6 +171,9 @@ def plan(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) -
     from diffexp.models.build import resolve_sampler
     from diffexp.quality.evaluator import resolve_metric
 
+    if continues_in_place(cfg, run_dir, session_dir):
+        with open_dict(cfg):
+            cfg.resume, cfg.init_from, cfg.checkpoint, cfg.init_optimizer = run_dir, None, None, False
     resume, step = bool(cfg.resume), None
     if resume and cfg.get("init_from"):
         raise DiffexpError(f"init_from={cfg.init_from}: a new run; resume= continues one (give one of them)")
@@ -198,16 +217,37 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
     return train(cfg, run_dir, resume=resume, session_dir=session_dir)
 
 
+def another_process_failed(e: BaseException) -> bool:
+    """Whether ``e`` is a collective's failure because another process of the run went away (gloo
+    raises one at once; NCCL waits, and the launcher stops this process instead)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return process_rank() > 0 and (isinstance(e, dist.DistError) or "closed by peer" in text
+                                   or "reset by peer" in text)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
     with report_errors():
         try:
             status = run(cfg, *session_dirs())
+        except Exception as e:
+            if not another_process_failed(e):
+                raise
+            # Its own error is shown by the process that failed; this one says why it stops, once.
+            print(f"error: process {process_rank()} stops: another process of this run failed (its error is shown "
+                  "above or in its log)", file=sys.stderr, flush=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             print("error: interrupted (Ctrl-C); a run that had started is recorded as interrupted", file=sys.stderr, flush=True)
             sys.exit(128 + signal.SIGINT)
     if status == "interrupted":
         sys.exit(128 + signal.SIGINT)
+    if status == "requeue":  # stopped by SIGUSR1/SIGUSR2 (a job near its time limit): a status a job script can test
+        from diffexp.training.stop import REQUEUE_EXIT
+
+        sys.exit(REQUEUE_EXIT)
 
 
 if __name__ == "__main__":

@@ -162,11 +162,15 @@ def test_a_new_run_never_writes_into_a_folder_holding_other_files_or_a_run(finis
     mine.mkdir()
     (mine / "config.yaml").write_text("my: own\n")
     (mine / "notes.txt").write_text("keep")
-    for folder, says in ((mine, "holds a run (config.yaml, notes.txt); resume="),
-                         (finished_run, "holds a run (")):
+    # A folder holding a diffexp run (run.json too) is that run: the same command continues it (here:
+    # finished, nothing to do), a changed recipe is refused; neither writes a file of the run.
+    for folder, extra, code, says in (
+            (mine, (), 2, f"error: hydra.run.dir={mine}: holds a run (config.yaml, notes.txt); resume="),
+            (finished_run, (), 0, f"{finished_run} is finished (4 of 4 steps): nothing to do"),
+            (finished_run, ("trainer.lr=0.5",), 2, "error: trainer.lr=0.5: a resume continues the same recipe")):
         before = tree(folder)
-        result = run_main("train", *TINY, "logger=none", f"hydra.run.dir={folder}")
-        assert result.returncode == 2 and f"error: hydra.run.dir={folder}: {says}" in result.stderr, result.stderr
+        result = run_main("train", *TINY, "logger=none", f"hydra.run.dir={folder}", *extra)
+        assert result.returncode == code and says in result.stdout + result.stderr, result.stderr
         assert {k: v for k, v in tree(folder).items() if not k.startswith(".hydra") and not k.endswith(".log")} == \
             {k: v for k, v in before.items() if not k.startswith(".hydra") and not k.endswith(".log")}
     (mine / "config.yaml").unlink()

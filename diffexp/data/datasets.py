@@ -397,6 +397,24 @@ class Batches:
         start += (micro * self.num_processes + self.process_index) * self.per_micro
         return self._perm[start : start + self.per_micro]
 
+    def step_indices(self, step: int) -> torch.Tensor:
+        """The images of optimizer step ``step``'s whole global batch (every process's, every micro-batch)."""
+        epoch = self.epoch_of(step)
+        if epoch != self._epoch:
+            self._load_epoch(epoch)
+        start = (step % self.steps_per_epoch) * self.batch_size
+        return self._perm[start : start + self.batch_size]
+
+    def rows(self, micro: int = 0) -> slice:
+        """Where this process's micro-batch ``micro`` lies in its step's whole global batch."""
+        start = (micro * self.num_processes + self.process_index) * self.per_micro
+        return slice(start, start + self.per_micro)
+
+    def get_step(self, step: int) -> torch.Tensor:
+        """Optimizer step ``step``'s whole global batch (images: float in [-1, 1]); ``get(step, micro)``
+        is its ``rows(micro)``."""
+        return self.flipped(self.step_indices(step))
+
     def materialize(self, idx: torch.Tensor) -> torch.Tensor:
         """The training tensors of images ``idx``: their crop windows, as floats in [-1, 1]."""
         x = self.images[idx]
@@ -410,7 +428,9 @@ class Batches:
 
     def get(self, step: int, micro: int = 0) -> torch.Tensor:
         """This process's micro-batch ``micro`` of optimizer step ``step`` (images: float in [-1, 1])."""
-        idx = self.indices(step, micro)
+        return self.flipped(self.indices(step, micro))
+
+    def flipped(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.materialize(idx)
         if self.random_flip:
             x = torch.where(self._flip[idx, None, None, None], x.flip(-1), x)

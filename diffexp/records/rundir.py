@@ -284,6 +284,24 @@ class RunDir:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
+    @contextlib.contextmanager
+    def training_lock(self) -> Iterator[None]:
+        """This command's exclusive hold on the run (``.train.lock``, held until the context ends; the
+        folder is made if needed). Another command training the same run is refused in one line."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".train.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                raise DiffexpError(f"{self.path}: another command is training this run ({holder}); one run "
+                                   "directory takes one launch at a time") from None
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            lock.flush()
+            yield
+
     def keep_result(self, file: Path, result: dict[str, Any], fields: tuple[str, ...], *,
                     ordered: bool = True) -> list[dict[str, Any]]:
         """Add ``result`` to the results file ``file`` (``{"results": [...]}``: ``eval.json``, a study's),
@@ -404,8 +422,10 @@ class RunDir:
         ``resume_note``'s fields, e.g. ``{"step": 4, "max_steps": [4, 6]}`` for an extension)."""
         info = self.info() if resumed else {}
         if resumed:
+            stopped_by = info.pop("stopped_by", None)  # what stopped the run before: kept with this resume
             info.setdefault("resumes", []).append({"at": now(), "command": sys.orig_argv, "git": git_state(),
-                                                   **(resume_note or {})})
+                                                   **(resume_note or {}),
+                                                   **({"stopped_by": stopped_by} if stopped_by else {})})
         else:
             info.update(
                 git=git_state(),
@@ -426,8 +446,8 @@ class RunDir:
         info.update(fields)
         write_json_atomic(self.info_file, info)
 
-    def finish(self, status: str) -> None:
-        self.update_info(status=status, end=now())
+    def finish(self, status: str, **fields: Any) -> None:
+        self.update_info(status=status, end=now(), **fields)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as f:

@@ -3,8 +3,9 @@ evaluate, checkpoint, stop) only on the steps where one of them is due.
 
 One optimizer step = ``trainer.grad_accum`` micro-batches on every process; the global batch is
 ``trainer.batch_size``. Everything a resumed run needs (model, optimizer, LR schedule, EMA, step,
-the log interval's running sums, every RNG) is in the accelerate checkpoint, and the data order
-depends only on (seed, step), so a resumed run continues exactly where the interrupted one stopped.
+the log interval's running sums, every RNG) is in the accelerate checkpoint, and the data and
+noise of every sample depend only on (seed, step, its place in the global batch), so a resumed run
+continues exactly where the interrupted one stopped, on any number of processes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from diffexp.models.build import (
     fused_adamw,
     resolve_sampler,
 )
+from diffexp.objectives import Noised
 from diffexp.quality.evaluator import evaluation_interval, make_evaluator
 from diffexp.records.rundir import RunDir
 from diffexp.records.tracking import check_logger_cfg, make_tracker
@@ -46,28 +49,9 @@ from diffexp.sampling.pipeline import call_denoiser
 from diffexp.training.checkpoints import all_finite, continue_schedule, load_parent, save_checkpoint
 from diffexp.training.perf import configure_backends, dynamo_plugin, optimize_model
 from diffexp.training.state import EMA, TrainState
+from diffexp.training.stop import StopRequest
 
 log = logging.getLogger(__name__)
-class StopRequest:
-    """SIGINT/SIGTERM set a flag that the loop reads at a step boundary; a second SIGINT aborts."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: stopping after this step (with several processes: at the next log step, "
-                    "which they agree on), with a checkpoint", signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-
 class Speed:
     """Training images per second between two log steps; the time spent sampling, evaluating and
     checkpointing (``paused``) is left out."""
@@ -126,22 +110,22 @@ class Parts:
 
 
 def train_step(p: Parts, step: int) -> None:
-    """Optimizer step ``step``: for each micro-batch, noise it, predict, weighted MSE, backward; then
+    """Optimizer step ``step``: the step's global batch noised (``noised_step``); for this process's
+    micro-batches of it, predict, weighted MSE, backward; then
     clip, step the optimizer and the LR schedule, add the loss and gradient norm to the log
     interval's sums (on the device: no host sync) and, every ``ema.update_every`` steps, the EMA.
     Class-conditional runs: the batch's labels condition the network, each replaced by the null
     class with probability ``p_uncond`` (classifier-free guidance)."""
-    t, acc, null_class = p.t, p.accelerator, p.data.num_classes
+    t, acc = p.t, p.accelerator
     p.model.train()
     loss_sum = torch.zeros((), device=acc.device)
+    with phase("data"):  # phases are named for `python -m diffexp.bench` (free when no profiler runs)
+        whole, whole_labels = noised_step(p, step)
     for micro in range(t.grad_accum):
-        # Phases are named for `python -m diffexp.bench` (free when no profiler runs).
         with phase("data"):
-            batch = p.objective.noise(p.data.batches.get(step - 1, micro))
-            labels = None
-            if null_class is not None:
-                labels = p.data.batches.get_labels(step - 1, micro)
-                labels = torch.where(torch.rand(labels.shape, device=labels.device) < p.p_uncond, null_class, labels)
+            rows = p.data.batches.rows(micro)  # this process's share of the step's batch
+            batch = Noised(*(None if v is None else v[rows] for v in (getattr(whole, f.name) for f in fields(whole))))
+            labels = None if whole_labels is None else whole_labels[rows]
         with acc.accumulate(p.model):
             with phase("forward_backward"):
                 pred = call_denoiser(p.model, batch.model_input, batch.timestep, labels)
@@ -162,19 +146,50 @@ def train_step(p: Parts, step: int) -> None:
     p.state.step = step
 
 
+def noised_step(p: Parts, step: int) -> tuple[Noised, torch.Tensor | None]:
+    """Optimizer step ``step``'s whole global batch, noised, and its labels (each replaced by the null
+    class with probability ``p_uncond``; None when unconditional), drawn from an RNG seeded by
+    (seed, step) alone: every process draws the same numbers and trains on its rows, so the noise of
+    each sample, and the run, do not depend on the number of processes or on ``trainer.grad_accum``."""
+    acc, batches, null_class = p.accelerator, p.data.batches, p.data.num_classes
+    devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=acc.device.type if devices else "cuda"):
+        torch.manual_seed(p.cfg.seed * 1_000_000_007 + step)
+        whole = p.objective.noise(batches.get_step(step - 1))
+        labels = None
+        if null_class is not None:
+            labels = batches.labels[batches.step_indices(step - 1)]
+            labels = torch.where(torch.rand(labels.shape, device=labels.device) < p.p_uncond, null_class, labels)
+    return whole, labels
+
+
 def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
     """The maintenance due after optimizer step ``step``, by name: ``log``, ``sample``, ``eval``,
     ``checkpoint``, and ``stop`` (with a checkpoint) at ``trainer.stop_at`` or when a signal asked
-    this process to stop (several processes agree on a signal at log steps instead: ``log_row``)."""
+    any process to stop (``stop_signal``, which every process agrees on after every step)."""
     t, last = p.t, p.t.max_steps
     due = {name for name, interval in (("log", t.log_every), ("sample", t.sample_every),
                                        ("eval", p.eval_every), ("checkpoint", t.checkpoint_every))
            if every(step, interval, last)}
     if not p.eval_every:
         due.discard("eval")
-    if step == t.get("stop_at") or (stop_signal and p.accelerator.num_processes == 1):
+    if step == t.get("stop_at") or stop_signal:
         due |= {"stop", "checkpoint"}
     return due
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """The launcher's processes are accelerate's: a launcher (accelerate launch, torchrun: WORLD_SIZE;
+    srun: its task count) that started several processes which accelerate sees as one each would
+    make independent runs writing one folder, and is refused in one line."""
+    launched = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or "1"
+    key = "WORLD_SIZE" if os.environ.get("WORLD_SIZE") else "SLURM_STEP_NUM_TASKS"
+    if int(launched) != accelerator.num_processes:
+        hint = (" (no GPU here: ACCELERATE_USE_CPU=true runs the processes on CPUs)" if int(launched) > 1
+                and accelerator.device.type == "cpu" else "")
+        raise DiffexpError(f"{key}={launched}: the launcher started {launched} processes but accelerate runs "
+                           f"{accelerator.num_processes}{hint}; each would train a separate run into one folder",
+                           everywhere=True)
 
 
 def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
@@ -187,6 +202,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
                                   dynamo_plugin=dynamo_plugin(t))
     except ValueError as e:
         raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
+    check_launch(accelerator)
     run = RunDir(broadcast_object_list([run_dir])[0])
     configure_backends(t, accelerator.device)
     set_seed(cfg.seed, device_specific=True)
@@ -272,22 +288,20 @@ def progress_bar(p: Parts, step: int):
         yield bar
 
 
-def log_row(p: Parts, step: int, lr: float, speed: Speed, stop_signal: int) -> tuple[dict, bool]:
+def log_row(p: Parts, step: int, lr: float, speed: Speed) -> dict:
     """The row of log step ``step`` (the interval's mean loss and gradient norm over every process,
-    the learning rate it used, img/s) and whether any process asked to stop: the loop's one
-    host-device sync. A non-finite loss stops the run here."""
+    the learning rate it used, img/s): the loop's one host-device sync. A non-finite loss stops the
+    run here."""
     state = p.state
-    flag = torch.tensor([float(stop_signal)], device=p.accelerator.device)
     with phase("logging"):
-        loss, norm, bad, stop_any = p.accelerator.reduce(
-            torch.cat([state.sums[:2] / state.count, state.sums[2:], flag]), "mean").tolist()
+        loss, norm, bad = p.accelerator.reduce(torch.cat([state.sums[:2] / state.count, state.sums[2:]]), "mean").tolist()
     if bad or not math.isfinite(loss):
         raise DiffexpError(f"non-finite loss at or before step {step}: stopped; "
                            f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
     state.reset()
     return {"step": step, "train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
             "train/img_per_s": speed.read(), "train/step": step,
-            "train/epoch": step / p.data.batches.steps_per_epoch}, stop_any > 0
+            "train/epoch": step / p.data.batches.steps_per_epoch}
 
 
 def sample_grid(p: Parts, step: int):
@@ -312,6 +326,9 @@ def checkpoint(p: Parts, step: int) -> None:
     if not all_finite(p.accelerator, p.state, p.net, p.ema.model):
         raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
                            f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
+    # The log interval's sums are saved from the main process: made every process's mean first, so a
+    # resume on any number of processes logs the interval's global mean.
+    p.state.sums.copy_(p.accelerator.reduce(p.state.sums, "mean"))
     save_checkpoint(p.accelerator, p.run, step, p.t.keep_checkpoints)
 
 
@@ -324,18 +341,43 @@ def export(p: Parts, step: int) -> None:
 
 
 def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_dir: str | None = None) -> str:
-    """Train as ``cfg`` says, writing the run directory; returns the final status: ``finished``, or
-    ``interrupted`` (by a signal or at ``trainer.stop_at``, with a checkpoint to resume from).
+    """Train as ``cfg`` says, writing the run directory; returns the final status: ``finished``,
+    ``interrupted`` (by SIGINT/SIGTERM or at ``trainer.stop_at``, with a checkpoint to resume from) or
+    ``requeue`` (interrupted by a requeue signal, SIGUSR1/SIGUSR2, which was then handed on: see
+    ``StopRequest.hand_on``; run.json says ``interrupted``).
 
     ``resume``: continue ``run_dir`` from its newest checkpoint. ``run_dir`` is only read on the main
     process (the others get it broadcast); ``session_dir`` is Hydra's scratch record of this
-    command, adopted when the run starts. Raises DiffexpError for bad input and on non-finite
-    losses or weights (the last checkpoint, checked finite when it was written, is kept).
+    command, adopted when the run starts. Raises DiffexpError for bad input, when another command
+    is training in ``run_dir``, and on non-finite losses or weights (the last checkpoint, checked
+    finite when it was written, is kept).
     """
     p = setup(cfg, run_dir, resume)
+    with contextlib.ExitStack() as held:
+        hold_run_dir(p, held)
+        return train_loop(p, resume, session_dir)
+
+
+def hold_run_dir(p: Parts, held: contextlib.ExitStack) -> None:
+    """The main process takes the run directory's lock for this command (released when ``held``
+    closes); every process raises the same one-line DiffexpError when another command holds it."""
+    refused = None
+    if p.accelerator.is_main_process:
+        try:
+            held.enter_context(p.run.training_lock())
+        except DiffexpError as e:
+            refused = str(e)
+    refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise DiffexpError(refused, everywhere=True)
+
+
+def train_loop(p: Parts, resume: bool, session_dir: str | None) -> str:
+    """``train``'s records and loop, once the run directory is this command's."""
     acc, t, main = p.accelerator, p.t, p.accelerator.is_main_process
-    status, tracker, stop, speed, t_start = "failed", None, StopRequest(), Speed(t.batch_size), time.perf_counter()
-    step, stopping = p.state.step, False
+    status, tracker, speed, t_start = "failed", None, Speed(t.batch_size), time.perf_counter()
+    stop = StopRequest(acc.num_processes)
+    step, stopping, left_together = p.state.step, False, False
     try:
         tracker = start_records(p, resume, session_dir) if main else None
         with progress_bar(p, step) as bar:
@@ -345,18 +387,16 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
                 train_step(p, step)
                 speed.steps += 1
                 bar.update(1)
-                due = due_now(p, step, stop.signum)
+                due = due_now(p, step, stop.agreed())  # every process, every step: one number on the CPU
                 if not due:
                     continue
                 # ---------------------------------------- maintenance: only when something is due
                 if "log" in due:
-                    row, stop_any = log_row(p, step, lr, speed, stop.signum)
+                    row = log_row(p, step, lr, speed)
                     if main:
                         p.run.append_metrics(row)
                         tracker.log(row, step)
                         bar.set_postfix(loss=f"{row['train/loss']:.4f}", img_s=f"{row['train/img_per_s']:.0f}")
-                    if stop_any:  # a signal to any of several processes stops all of them here
-                        due |= {"stop", "checkpoint"}
                 with speed.paused():  # sampling, evaluation and checkpoints do not count towards img/s
                     if due & {"sample", "eval"}:
                         p.ema.update(p.net, step)  # on every process, so the averages stay one
@@ -373,10 +413,10 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
 
         # ------------------------------------------------------------ done
         if stopping and step < t.max_steps:
-            status = "interrupted"
+            status = "requeue" if stop.requeue else "interrupted"
             if main:
-                log.warning("interrupted at step %d; checkpoint saved. Continue with: python -m diffexp.train resume=%s",
-                            step, p.run.path)
+                log.warning("interrupted at step %d; checkpoint saved. Continue with: python -m diffexp.train resume=%s "
+                            "(or the same command again, where hydra.run.dir is fixed)", step, p.run.path)
         else:
             export(p, step)
             status = "finished"
@@ -385,14 +425,26 @@ def train(cfg: DictConfig, run_dir: str | None, resume: bool = False, session_di
             p.run.update_info(eval_seconds=round(p.eval_seconds, 3), loop_seconds=round(wall, 3))
             log.info("evaluation took %.1fs of this session's %.1fs (%.1f%%)", p.eval_seconds, wall,
                      100 * p.eval_seconds / wall)
+        left_together = True
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
-        stop.restore()
         if main and p.run.info_file.exists() and p.run.info().get("status") == "running":
-            p.run.finish(status)
+            p.run.finish("interrupted" if status == "requeue" else status,
+                         **({"stopped_by": signal_name(stop.signum)} if stop.signum and status != "failed" else {}))
         if tracker is not None:
-            tracker.finish(status)
+            tracker.finish("interrupted" if status == "requeue" else status)
+        if left_together:
+            # Every process leaves after the records are written: a launcher that sees one process end
+            # stops the others, which must not be half-way through.
+            acc.wait_for_everyone()
+        stop.restore()
         acc.end_training()
+    if status == "requeue":
+        stop.hand_on(main)
     return status
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
