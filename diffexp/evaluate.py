@@ -109,8 +109,9 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from accelerate import Accelerator
 
     from diffexp.data.datasets import load_images
-    from diffexp.models.build import build_sampler
+    from diffexp.models.build import build_objective, build_sampler
     from diffexp.quality.evaluator import Evaluator, resolve_metric
+    from diffexp.quality.likelihood import describe
     from diffexp.sampling.generate import (
         check_steps,
         choose_guidance,
@@ -136,15 +137,18 @@ def evaluate(cfg: DictConfig) -> dict | None:
     with accelerator.main_process_first():
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
+    objective = build_objective(run_cfg.scheduler, run_cfg.trainer)
     scores = evaluator(model.denoiser, sampler, steps, vae=model.vae, num_classes=len(names) if names else None,
-                       guidance_scale=guidance)
+                       guidance_scale=guidance, objective=objective)
     result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network,
-              "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
+              "num_samples": evaluator.num_samples, "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
               "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),
               "guidance_scale": guidance if names else None,
               "num_processes": accelerator.num_processes, "at": now()}
+    if metric_cfg.get("nll"):
+        result["nll"] = describe(metric_cfg, objective)
     main_process = accelerator.is_main_process
     if main_process:
         record_result(run, result)

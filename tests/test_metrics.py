@@ -134,21 +134,25 @@ def test_evaluate_keeps_every_setting_and_two_processes_give_one_processs_number
     assert sorted((r["sampler"], r["sampler_steps"]) for r in results) == [("ddim", 2), ("ddim", 3), ("dpmpp", 2),
                                                                           ("dpmpp", 3)]
     assert len({r["eval/fd_digits_12"] for r in results}) == 4
-    single = json.loads(run_main("evaluate", *common, "sampler=ddim", "sampler.steps=2", "metric.seed=1", check=True)
-                        .stdout.strip().splitlines()[-1])
+    # with the likelihood too (both estimators, 6 images in chunks of 2: split 2:1 as well)
+    nll = ["metric.nll=true", "metric.nll_images=6", "metric.nll_batch_size=2", "metric.nll_steps=1",
+           "metric.nll_vlb_terms=2"]
+    single = json.loads(run_main("evaluate", *common, "sampler=ddim", "sampler.steps=2", "metric.seed=1", *nll,
+                                 check=True).stdout.strip().splitlines()[-1])
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 5  # a new seed is a new entry
 
     # The same evaluation under two processes: chunks of 5 images (5 + 5 + 2) split 2:1, features
     # gathered in chunk order, the metrics computed once: the same numbers.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffexp.evaluate", *common,
-           "sampler=ddim", "sampler.steps=2", "metric.seed=1"]
+           "sampler=ddim", "sampler.steps=2", "metric.seed=1", *nll]
     two = subprocess.run(cmd, cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     double = json.loads(two.stdout.strip().splitlines()[-1])
     assert double["num_processes"] == 2 and single["num_processes"] == 1
+    assert {"eval/nll_bpd_6", "eval/nll_bpd_vlb_6"} <= set(single)
     for key, value in single.items():
-        if key.startswith("eval/") and key != "eval/seconds":
+        if key.startswith("eval/") and not key.endswith("seconds"):
             assert double[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert len(json.loads((run / "eval.json").read_text())["results"]) == 5  # the same key: replaced, not added
 

@@ -10,11 +10,18 @@ sampler classes that can integrate what it trains (``compatible_samplers``) and 
 The three peers: ``ddpm.DDPMObjective`` (the DDPM family on diffusers' ``DDPMScheduler``),
 ``flow_matching.FlowMatching`` and ``edm.EDM``. A new objective is one file here and one
 ``conf/scheduler`` config whose ``_target_`` is its class.
+
+For the likelihood (``diffexp.quality.likelihood``) each objective also states its probability-flow
+ODE in its own parametrisation: ``ode_times(steps)`` (a grid of its time variable from the data end
+to the noise end), ``velocity(net, x, time)`` (dx/dtime; ``net(x, timestep)`` is the raw network)
+and ``prior_logp(x)`` (the log density of the noise end, per image, in nats).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
 
 import torch
 
@@ -29,3 +36,9 @@ class Noised:
     timestep: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor | None  # None: uniform
+
+
+def gaussian_logp(x: torch.Tensor, std: float = 1.0) -> torch.Tensor:
+    """Per-image log density (nats, float64) of ``x`` under N(0, std^2 I)."""
+    x = x.double().flatten(1)
+    return -0.5 * (x / std).square().sum(1) - x.shape[1] * (math.log(std) + 0.5 * math.log(2 * math.pi))

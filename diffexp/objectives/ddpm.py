@@ -3,12 +3,16 @@ with an epsilon, v or x_0 target (``scheduler.prediction_type``)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from diffexp import DiffexpError
-from diffexp.objectives import LOSS_WEIGHTINGS, Noised
+from diffexp.objectives import LOSS_WEIGHTINGS, Noised, gaussian_logp
+
+ODE_SIGMA_MAX = 80.0  # the likelihood's ODE stops here (EDM's sampling range): x_0 is 1/80 of x there
 
 
 class DDPMObjective:
@@ -64,3 +68,42 @@ class DDPMObjective:
         if kind == "v_prediction":
             return clipped / (snr + 1)
         return clipped
+
+    def predicted_noise(self, out: torch.Tensor, x: torch.Tensor, a, s) -> torch.Tensor:
+        """The noise the network's output ``out`` at ``x = a x_0 + s eps`` stands for, whatever its prediction type."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return out
+        if kind == "v_prediction":  # v = a eps - s x_0, x = a x_0 + s eps
+            return a * out + s * x
+        return (x - a * out) / s
+
+    def log_sigmas(self) -> torch.Tensor:
+        """``ln sigma`` per training timestep (float64, increasing), ``sigma^2 = (1 - abar) / abar``; a zero-SNR
+        last timestep (infinite sigma) is left out."""
+        abar = self.scheduler.alphas_cumprod.double()
+        return (0.5 * ((1 - abar) / abar).log())[abar > 0]
+
+    def ode_times(self, steps: int) -> torch.Tensor:
+        """The ODE's time is ``ln sigma``, from the first training timestep's to the last's or
+        ``ODE_SIGMA_MAX``, whichever is lower (the cosine schedule's last sigma, 642, would spend a third
+        of the steps where x is noise already)."""
+        ls = self.log_sigmas()
+        return torch.linspace(float(ls[0]), min(float(ls[-1]), math.log(ODE_SIGMA_MAX)), steps + 1, dtype=torch.float64)
+
+    def velocity(self, net, x: torch.Tensor, log_sigma: float) -> torch.Tensor:
+        """The VP probability-flow ODE in ``u = ln sigma``: ``dx/du = s (eps_hat - s x)`` with ``s = sqrt(1 - abar)``
+        (from ``x = x_0 / sqrt(1 + sigma^2) + sigma eps / sqrt(1 + sigma^2)``); the network sees the
+        fractional timestep whose sigma that is (linear in ``ln sigma`` between training timesteps)."""
+        ls = self.log_sigmas()
+        u = torch.tensor(float(log_sigma), dtype=torch.float64).clamp(ls[0], ls[-1])
+        i = int(torch.searchsorted(ls, u).clamp(1, len(ls) - 1))
+        timestep = (i - 1) + float((u - ls[i - 1]) / (ls[i] - ls[i - 1]))
+        sigma = math.exp(float(u))
+        a, s = 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+        out = net(x, torch.full((x.shape[0],), timestep, device=x.device))
+        return s * (self.predicted_noise(out, x, a, s) - s * x)
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """N(0, I): the VP marginal at the ODE's end (up to x_0 / sqrt(1 + sigma^2), at most 1/80)."""
+        return gaussian_logp(x)

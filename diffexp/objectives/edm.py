@@ -4,10 +4,12 @@ weight that makes every level count alike."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffexp import DiffexpError
-from diffexp.objectives import Noised
+from diffexp.objectives import Noised, gaussian_logp
 
 
 class EDM:
@@ -37,6 +39,7 @@ class EDM:
             raise DiffexpError(f"scheduler: sigma_data={sigma_data}, p_std={p_std}, sigma_min={sigma_min}, "
                                f"sigma_max={sigma_max}, rho={rho}: expected positive values and sigma_min < sigma_max")
         self.sigma_data, self.p_mean, self.p_std = float(sigma_data), float(p_mean), float(p_std)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def sigmas(self, n: int, device: torch.device) -> torch.Tensor:
         """``n`` training noise levels, log-normal, from the global RNG."""
@@ -53,3 +56,18 @@ class EDM:
         c_skip = sd**2 / (s**2 + sd**2)
         c_out = s * sd / (s**2 + sd**2).sqrt()
         return Noised(c_in * x, sigma.log() / 4, (clean - c_skip * x) / c_out, None)
+
+    def ode_times(self, steps: int) -> torch.Tensor:
+        """The ODE's time is ``ln sigma``, from ``sigma_min`` to ``sigma_max`` (the sampling range)."""
+        return torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), steps + 1, dtype=torch.float64)
+
+    def velocity(self, net, x: torch.Tensor, log_sigma: float) -> torch.Tensor:
+        """``dx/du = x - D(x; sigma)`` for ``u = ln sigma`` (Karras et al. 2022, eq. 3: dx/dsigma = (x - D) / sigma)."""
+        sigma, sd = math.exp(float(log_sigma)), self.sigma_data
+        c_in, c_skip, c_out = 1 / math.sqrt(sigma**2 + sd**2), sd**2 / (sigma**2 + sd**2), sigma * sd / math.sqrt(sigma**2 + sd**2)
+        out = net(c_in * x, torch.full((x.shape[0],), float(log_sigma) / 4, device=x.device))
+        return x - (c_skip * x + c_out * out)
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """N(0, sigma_max^2 I) (the data's own spread adds sigma_data^2 / sigma_max^2 ~ 4e-5 to the variance)."""
+        return gaussian_logp(x, self.sigma_max)

@@ -3,12 +3,15 @@ it (Esser et al. 2024): the straight path between data and noise, and its veloci
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from diffexp import DiffexpError
-from diffexp.objectives import Noised
+from diffexp.objectives import Noised, gaussian_logp
 
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+ODE_SIGMAS = (0.002, 80.0)  # the likelihood's range of sigma = t / (1 - t): EDM's sampling range
 
 
 class FlowMatching:
@@ -52,3 +55,19 @@ class FlowMatching:
         t4 = t.reshape(-1, 1, 1, 1)
         noisy = (1 - t4) * clean + t4 * noise
         return Noised(noisy, t * self.num_train_timesteps, noise - clean, None)
+
+    def ode_times(self, steps: int) -> torch.Tensor:
+        """The ODE's time is ``ln sigma`` with ``sigma = t / (1 - t)`` (x_t / (1 - t) = x_0 + sigma eps),
+        evenly spaced over ``ODE_SIGMAS``: the path's time ``t = sigmoid(ln sigma)`` runs from 0.002 to 0.988."""
+        lo, hi = ODE_SIGMAS
+        return torch.linspace(math.log(lo), math.log(hi), steps + 1, dtype=torch.float64)
+
+    def velocity(self, net, x: torch.Tensor, log_sigma: float) -> torch.Tensor:
+        """``dx/du = v t (1 - t)`` for ``u = ln sigma``, ``t = sigmoid(u)``, ``v`` the network's dx/dt."""
+        t = 1 / (1 + math.exp(-float(log_sigma)))
+        return t * (1 - t) * net(x, torch.full((x.shape[0],), t * self.num_train_timesteps, device=x.device))
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """N(0, t^2 I) at the last time (the data's share, (1 - t) x_0, adds 1.5e-4 of the variance)."""
+        hi = ODE_SIGMAS[1]
+        return gaussian_logp(x, hi / (1 + hi))

@@ -20,6 +20,9 @@ Names carry the network, so no number is mistaken for a paper's FID: Inception g
 ``eval/fid_2k``, ``eval/is_2k``, ``eval/kid_2k``; the digits network ``eval/fd_digits_500``,
 ``eval/fd_digits_balanced_500``, ``eval/cs_digits_500``, ``eval/precision_digits_500``, ...
 
+``nll: true`` (or ``metric=nll``, with no feature network) adds the negative log-likelihood in
+bits/dim of training images, ``eval/nll_bpd_<n>`` (``diffexp.quality.likelihood``).
+
 Under several processes, each generates whole chunks of the samples (``diffexp.sampling.generate``: chunk
 ``c`` has its own seed), the features are gathered in chunk order and the main process computes the
 metrics once: the numbers do not depend on the number of processes.
@@ -46,6 +49,7 @@ from tqdm.auto import tqdm
 from diffexp import DiffexpError
 from diffexp.data.datasets import cache_key
 from diffexp.quality.features.inception import WeightsMissing, how_to_get_weights, weights_available
+from diffexp.quality.likelihood import check_nll_config, likelihood_scores, network_calls_per_image, nll_names
 from diffexp.quality.stats import class_accuracy, class_balanced_fd, class_mix_distance, class_stats, precision_recall
 from diffexp.records.rundir import atomic_path
 from diffexp.sampling.generate import chunk_seed, chunk_sizes, generate_chunk, make_pipeline
@@ -83,9 +87,17 @@ def metric_name(kind: str, network: str, n: int) -> str:
 def resolve_metric(metric_cfg: DictConfig, dataset_cfg: DictConfig) -> DictConfig:
     """A copy of ``metric_cfg`` with ``network: auto`` and null ``metrics``/``num_samples`` decided for
     the dataset (the digits network on digit datasets, Inception on the others); DiffexpError when
-    the network does not fit the dataset or a setting is invalid."""
+    the network does not fit the dataset or a setting is invalid. ``network: none`` (``metric=nll``):
+    no sample metrics, only the likelihood."""
     cfg = OmegaConf.create(OmegaConf.to_container(metric_cfg, resolve=True))
     if cfg.name == "none":
+        return cfg
+    if cfg.get("nll", False) or cfg.get("network") == "none":
+        check_nll_config(cfg)
+    if cfg.get("network") == "none":
+        if cfg.get("metrics") or not cfg.nll:
+            raise DiffexpError(f"metric.network=none: no feature network for metric.metrics={list(cfg.metrics or [])}; "
+                               "it measures only the likelihood (metric.nll=true)")
         return cfg
     with open_dict(cfg):
         if cfg.get("network", "inception") == "auto":
@@ -272,9 +284,13 @@ class Evaluator:
                  dataset_cfg: DictConfig, cache_dir: str | Path):
         self.cfg = metric_cfg
         self.accelerator = accelerator
-        self.num_samples = int(metric_cfg.num_samples)
+        self.nll = bool(metric_cfg.get("nll", False))
+        self.real = real_images_u8 if self.nll else None  # the likelihood's images
+        self.num_samples = int(metric_cfg.num_samples) if metric_cfg.metrics else 0
+        self.net = self.reference = self.reference_logits = self.num_real = None
+        if not metric_cfg.metrics:  # metric=nll: no feature network, nothing sampled
+            return
         self.net = load_feature_net(metric_cfg, accelerator)
-        self.reference = self.reference_logits = None
         if accelerator.is_main_process:  # the metrics are computed there, once
             self.reference = reference_features(self.net, real_images_u8, metric_cfg=metric_cfg,
                                                 dataset_cfg=dataset_cfg, cache_dir=cache_dir, progress=True)
@@ -287,11 +303,18 @@ class Evaluator:
 
     def names(self) -> list[str]:
         """The metric names this evaluator logs (for W&B's summaries and the default comparison)."""
-        return [metric_name(k, self.cfg.network, self.num_samples) for k in ("fd", "cs", "kid") if k in self.cfg.metrics]
+        names = [metric_name(k, self.cfg.network, self.num_samples) for k in ("fd", "cs", "kid") if k in self.cfg.metrics]
+        if self.nll:
+            names += list(nll_names(self.cfg, short_count(min(int(self.cfg.nll_images), len(self.real)))).values())
+        return names
 
     def score_images(self, images_u8: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
         """Scores of given uint8 images (N x H x W x C; ``labels``: the classes asked for, if any),
-        computed on the main process and handed to every process, with ``eval/seconds``."""
+        computed on the main process and handed to every process, with ``eval/seconds``. The likelihood
+        is a model's, not images': ``metric.nll`` is ignored here."""
+        if not self.cfg.metrics:
+            raise DiffexpError(f"metric={self.cfg.name}: scores a run's model; images=FILE needs sample metrics "
+                               "(e.g. metric=auto)")
         t0 = time.perf_counter()
         results = None
         if self.accelerator.is_main_process:
@@ -307,12 +330,34 @@ class Evaluator:
         return results
 
     def __call__(self, denoiser, sampler, steps: int, *, vae=None, num_classes: int | None = None,
-                 guidance_scale: float = 1.0) -> dict[str, float]:
-        """Scores of ``denoiser`` sampled with ``sampler`` in ``steps`` steps, with ``eval/seconds``.
+                 guidance_scale: float = 1.0, objective=None) -> dict[str, float]:
+        """Scores of ``denoiser`` sampled with ``sampler`` in ``steps`` steps, with ``eval/seconds``;
+        with ``metric.nll``, also its likelihood of training images under ``objective`` (what it was trained with).
 
         A class-conditional denoiser (``num_classes``) is asked for every class in turn (sample i
         is of class i mod num_classes), with ``guidance_scale``.
         """
+        results = {}
+        t0 = time.perf_counter()
+        if self.cfg.metrics:
+            results.update(self.sample_scores(denoiser, sampler, steps, vae=vae, num_classes=num_classes,
+                                              guidance_scale=guidance_scale))
+        if self.nll:
+            if vae is not None:
+                raise DiffexpError("metric.nll=true: bits/dim are of pixels; this run diffuses latents (autoencoder)")
+            if objective is None:
+                raise ValueError("metric.nll needs the objective the denoiser was trained with")
+            results.update(likelihood_scores(self.cfg, objective, denoiser, self.real, self.accelerator, num_classes))
+            if self.accelerator.is_main_process:
+                log.info("likelihood of %d training images took %.1fs: %s", min(int(self.cfg.nll_images), len(self.real)),
+                         results["eval/nll_seconds"],
+                         ", ".join(f"{k}={v:.4g}" for k, v in results.items() if k.startswith("eval/nll_bpd")))
+        results["eval/seconds"] = time.perf_counter() - t0
+        return results
+
+    def sample_scores(self, denoiser, sampler, steps: int, *, vae=None, num_classes: int | None = None,
+                      guidance_scale: float = 1.0) -> dict[str, float]:
+        """The sample metrics of ``__call__``."""
         acc = self.accelerator
         t0 = time.perf_counter()
         pipe = make_pipeline(denoiser, sampler, vae, num_classes)
@@ -413,12 +458,13 @@ def auto_eval_every(*, max_steps: int, budget: float, train_flops_per_step: floa
 
 
 def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator: Evaluator, net: torch.nn.Module, sampler,
-                        data) -> int:
+                        data, objective=None) -> int:
     """``trainer.eval_every``, with ``auto`` turned into the interval at which evaluations cost
     ``metric.budget`` of the training's floating-point operations (counted on one image: the
     denoiser's forward and backward, and per evaluation ``metric.num_samples`` x the sampler's
-    network evaluations (twice with guidance), the decoder of latents and the feature network).
-    ``t``: the trainer settings in force; ``data``: the loop's ``TrainingData``."""
+    network evaluations (twice with guidance), the decoder of latents and the feature network; with
+    ``metric.nll``, the likelihood's network calls per image x ``metric.nll_images``).
+    ``t``: the trainer settings in force; ``data``: the loop's ``TrainingData``; ``objective``: the training's."""
     from diffexp.models.build import resolve_sampler
     from diffexp.sampling.pipeline import call_denoiser
 
@@ -434,14 +480,19 @@ def evaluation_interval(cfg: DictConfig, t: DictConfig, evaluator: Evaluator, ne
         with torch.no_grad():
             forward = count_flops(lambda: call_denoiser(net, x, step_t, labels)) * (2 if data.num_classes else 1)
             decode = count_flops(lambda: data.vae.decode(x)) if data.vae is not None else 0
-            features = count_flops(lambda: evaluator.net(data.real[:1].to(device)))
+            features = count_flops(lambda: evaluator.net(data.real[:1].to(device))) if evaluator.net is not None else 0
     sampler.set_timesteps(resolve_sampler(cfg.sampler, cfg.scheduler).steps)
     nfe = len(sampler.timesteps)
     eval_flops = evaluator.num_samples * (nfe * forward + decode + features)
+    nll_images = min(int(cfg.metric.nll_images), len(data.real)) if evaluator.nll else 0
+    if evaluator.nll:  # the likelihood's network calls (unconditional: one forward each)
+        eval_flops += nll_images * network_calls_per_image(cfg.metric, objective) * forward / (2 if data.num_classes else 1)
     every = auto_eval_every(max_steps=t.max_steps, budget=float(cfg.metric.budget), train_flops_per_step=train_flops,
                             eval_flops=eval_flops, multiple_of=t.log_every or 1)
     evaluations = t.max_steps // every + (t.max_steps % every != 0)
+    likelihood = f" and the likelihood of {nll_images} images" if evaluator.nll else ""
     (log.info if evaluator.accelerator.is_main_process else log.debug)("evaluating every %d steps (trainer.eval_every=auto): %d evaluations of %d samples x %d network "
-             "evaluations = %.1f%% of the training's compute (metric.budget=%g)", every, evaluations,
-             evaluator.num_samples, nfe, 100 * evaluations * eval_flops / (t.max_steps * train_flops), cfg.metric.budget)
+             "evaluations%s = %.1f%% of the training's compute (metric.budget=%g)", every, evaluations,
+             evaluator.num_samples, nfe, likelihood, 100 * evaluations * eval_flops / (t.max_steps * train_flops),
+             cfg.metric.budget)
     return every

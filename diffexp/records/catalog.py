@@ -103,7 +103,7 @@ RUN_JOBS = ("train", "reproduce")
 # Keys are the first word of the name: eval/fd_digits_1k -> fd, eval/kid_2k -> kid.
 QUALITY_GOALS = {"fd": "min", "fid": "min", "kid": "min", "is": "max", "cs": "max", "precision": "max",
                  "recall": "max", "coverage": "max", "balance": "max", "confidence": "max", "class": "max",
-                 "classmix": "min"}
+                 "classmix": "min", "nll": "min"}  # nll: bits/dim (eval/nll_bpd_<n>)
 # The metric a comparison leads with, in order of preference: the Fréchet distances first.
 PRIMARY_ORDER = ("fd", "fid", "kid", "cs", "is")
 
@@ -166,8 +166,9 @@ def run_status(run) -> str:
 def quality_goal(key: str) -> str | None:
     """``min`` or ``max`` for a sample-quality metric (``eval/fd_digits_1k``, ``eval/is_2k``, ...);
     None for what is not one (training keys, ``eval/seconds``, the ``*_std_*`` spreads).
-    A quality name not in QUALITY_GOALS counts as a distance (lower is better)."""
-    if not key.startswith("eval/") or key == "eval/seconds" or "_std" in key:
+    A quality name not in QUALITY_GOALS counts as a distance (lower is better); timings
+    (``eval/seconds``, ``eval/nll_seconds``) and spreads (``_std_``, the standard errors ``_se_``) are none."""
+    if not key.startswith("eval/") or key.endswith("seconds") or "_std" in key or "_se_" in key:
         return None
     return QUALITY_GOALS.get(key[len("eval/"):].split("_")[0], "min")
 

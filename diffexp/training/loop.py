@@ -236,7 +236,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
         log.info("resumed from %s (step %d)", checkpoint, state.step)
     elif cfg.get("init_from"):
         load_parent(cfg, p.net, p.ema, p.optimizer, accelerator.device)
-    p.eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data) if evaluator is not None else 0
+    p.eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data, objective) if evaluator is not None else 0
     return p
 
 
@@ -316,7 +316,7 @@ def sample_grid(p: Parts, step: int):
 def evaluate(p: Parts) -> dict:
     """The evaluator's metrics of the EMA weights (every process takes part); its time is added up."""
     results = p.evaluator(p.ema.model, p.sampler, p.sampler_cfg.steps, vae=p.data.vae,
-                          num_classes=p.data.num_classes, guidance_scale=p.guidance)
+                          num_classes=p.data.num_classes, guidance_scale=p.guidance, objective=p.objective)
     p.eval_seconds += results["eval/seconds"]
     return results
 
