@@ -150,9 +150,10 @@ class Settings:
     n: int
     class_label: int | None = None
     guidance_scale: float | None = None
+    ema_std: float | None = None  # a post-hoc EMA width (runs with phema snapshots); None: model/
 
 
-def settings(sampler, steps, seed, n, class_label, guidance_scale, *, max_images: int) -> Settings:
+def settings(sampler, steps, seed, n, class_label, guidance_scale, ema_std=None, *, max_images: int) -> Settings:
     """The controls' values checked and typed (a DiffexpError names the one that is off)."""
     for what, value in (("steps", steps), ("seed", seed), ("number of images", n)):
         if value is None or value != int(value):
@@ -161,7 +162,8 @@ def settings(sampler, steps, seed, n, class_label, guidance_scale, *, max_images
         raise DiffexpError(f"number of images={n}: from 1 to {max_images}")
     return Settings(sampler or OWN, int(steps), int(seed), int(n),
                     None if class_label in (None, "") else int(class_label),
-                    None if guidance_scale is None else float(guidance_scale))
+                    None if guidance_scale is None else float(guidance_scale),
+                    None if ema_std in (None, "", 0) else float(ema_std))
 
 
 @dataclass
@@ -186,7 +188,8 @@ def draw(run: RunDir, request: Settings, samplers: dict[str, DictConfig], out_di
     start = time.perf_counter()
     samples = sample_run(run, n=request.n, seed=request.seed, sampler_cfg=sampler_cfg, steps=request.steps,
                          class_label=request.class_label if conditional else None,
-                         guidance_scale=request.guidance_scale if conditional else None, device=device)
+                         guidance_scale=request.guidance_scale if conditional else None, device=device,
+                         ema_std=request.ema_std)
     seconds = time.perf_counter() - start
     npz = out_dir / f"{cfg.get('name') or run.path.name}_{samples.sampler}_{samples.steps}steps_s{samples.seed}.npz"
     grid_file = save_samples(samples, npz)
@@ -196,7 +199,8 @@ def draw(run: RunDir, request: Settings, samplers: dict[str, DictConfig], out_di
 def described(drawn: Drawn, request: Settings, device: str) -> str:
     """One line about a sampling: how many images, how, and how long it took."""
     n, h, w, _ = drawn.shape
-    return (f"{n} images of {h}×{w} px, {drawn.sampler} in {request.steps} steps, seed {request.seed}: "
+    ema = f", post-hoc EMA σ_rel {request.ema_std:g}" if request.ema_std is not None else ""
+    return (f"{n} images of {h}×{w} px, {drawn.sampler} in {request.steps} steps, seed {request.seed}{ema}: "
             f"{drawn.seconds:.2f} s on {device}")
 
 
@@ -306,23 +310,25 @@ class Page:
         except Exception:  # noqa: BLE001 - the run view says why
             return gr.skip()
 
-    def sample(self, run, sampler, steps, seed, n, class_label, guidance_scale):
+    def sample(self, run, sampler, steps, seed, n, class_label, guidance_scale, ema_std=None):
         """Sample the selected run: the grid, a line on how, and the .npz and PNG to download."""
         try:
-            request = settings(sampler, steps, seed, n, class_label, guidance_scale, max_images=self.max_images)
+            request = settings(sampler, steps, seed, n, class_label, guidance_scale, ema_std,
+                               max_images=self.max_images)
             drawn = draw(find_run(self.root, run), request, self.samplers, self.out_dir(), self.device)
         except Exception as e:  # noqa: BLE001 - a message on the page, never a traceback
             raise refusal(reported(e)) from None
         return str(drawn.grid), described(drawn, request, self.device_name), [str(drawn.npz), str(drawn.grid)]
 
-    def compare(self, runs, sampler, steps, seed, n, class_label, guidance_scale):
+    def compare(self, runs, sampler, steps, seed, n, class_label, guidance_scale, ema_std=None):
         """Sample each of the chosen runs with the same settings: their grids, captioned, and a line
         per run on how long it took (or why it could not be sampled)."""
         keys = list(runs or [])
         if len(keys) < 2:
             raise refusal("pick two or more runs to put side by side")
         try:
-            request = settings(sampler, steps, seed, n, class_label, guidance_scale, max_images=self.max_images)
+            request = settings(sampler, steps, seed, n, class_label, guidance_scale, ema_std,
+                               max_images=self.max_images)
         except Exception as e:  # noqa: BLE001
             raise refusal(shown(e)) from None
         gallery, lines = [], []
@@ -386,6 +392,8 @@ def build(page: Page) -> gr.Blocks:
                         class_label = gr.Dropdown([], label="class", visible=False, elem_id="class")
                         guidance_scale = gr.Slider(0, 10, value=1.0, step=0.5, visible=False,
                                                    label="guidance scale (1: no guidance)", elem_id="guidance")
+                        ema_std = gr.Number(None, label="post-hoc EMA σ_rel (empty: model/; runs with phema snapshots)",
+                                            minimum=0, elem_id="ema-std")
                         sample_button = gr.Button("Sample", variant="primary", elem_id="sample-button")
                     with gr.Column(scale=2):
                         sampled = gr.Image(label="samples", format="png", interactive=False, elem_id="sampled",
@@ -404,7 +412,7 @@ def build(page: Page) -> gr.Blocks:
 
         view = [status, loss, quality, grid_slider, grid, config, info]  # VIEW's order
         controls = [sampler, steps, class_label, guidance_scale]
-        settings_in = [sampler, steps, seed, n, class_label, guidance_scale]
+        settings_in = [sampler, steps, seed, n, class_label, guidance_scale, ema_std]
 
         tick = dict(fn=page.refresh, inputs=[run_menu, known, seen],
                     outputs=[table, note, run_menu, compare_menu, known, *view, seen], show_progress="hidden",

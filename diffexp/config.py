@@ -305,6 +305,7 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
     need_number(cfg, f"{t}.ema.inv_gamma", low=0, low_open=True)
     need_number(cfg, f"{t}.ema.power", low=0, low_open=True)
     need_int(cfg, f"{t}.ema.update_after_step", 0)
+    need_phema(cfg)
     mp = _value(cfg, f"{t}.mixed_precision")
     if mp not in MIXED_PRECISION:
         raise DiffexpError(f"{t}.mixed_precision={mp}: expected one of {', '.join(MIXED_PRECISION)}")
@@ -331,6 +332,27 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
         warnings.append(f"trainer.lr={cfg.trainer.lr} is unusually large for Adam (1e-4 to 2e-3 is typical)")
     return warnings
 
+
+
+EMA_KINDS = ("ema", "phema", "ema+phema")
+
+
+def need_phema(cfg: DictConfig) -> None:
+    """``trainer.ema.kind`` and, when it tracks power-function profiles, ``trainer.ema.phema.*``."""
+    ema = cfg.trainer.ema
+    kind = ema.get("kind", "ema")
+    if kind not in EMA_KINDS:
+        raise DiffexpError(f"trainer.ema.kind={kind}: expected one of {', '.join(EMA_KINDS)}")
+    if kind == "ema":
+        return
+    stds = ema.get("phema", {}).get("std")
+    if not (OmegaConf.is_list(stds) and len(stds) >= 1 and len(set(stds)) == len(stds)
+            and all(isinstance(s, Real) and not isinstance(s, bool) and 0 < s < 0.3 for s in stds)):
+        raise DiffexpError(f"trainer.ema.phema.std={stds}: expected distinct relative widths in (0, 0.3), e.g. [0.05,0.10]")
+    need_int(cfg, "trainer.ema.phema.snapshot_every", 1)
+    dtype = ema.phema.get("dtype", "float16")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise DiffexpError(f"trainer.ema.phema.dtype={dtype}: expected float16, bfloat16 or float32")
 
 
 def need_new_run_dir(path: str | os.PathLike) -> None:
@@ -363,6 +385,7 @@ def check_sample_config(cfg: DictConfig) -> None:
     need_int(cfg, "sampler.steps", 1, allow=(None,))
     need_int(cfg, "class_label", 0, allow=(None,))
     need_guidance(cfg)
+    need_number(cfg, "ema_std", low=0, low_open=True, allow_none=True)
     if cfg.out is not None and Path(str(cfg.out)).suffix != ".npz":
         raise DiffexpError(f"out={cfg.out}: expected a file name ending in .npz (the grid PNG is written beside it)")
 
@@ -371,6 +394,7 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     """``python -m diffexp.evaluate``'s own settings (the metric's are checked with the run's dataset)."""
     need_int(cfg, "sampler.steps", 1, allow=(None,))
     need_guidance(cfg)
+    need_number(cfg, "ema_std", low=0, low_open=True, allow_none=True)
     if not isinstance(cfg.wandb, bool):
         raise DiffexpError(f"wandb={cfg.wandb}: expected true or false")
 

@@ -34,7 +34,7 @@ from diffexp.records.rundir import RunDir, file_sha256, now
 from diffexp.records.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
-KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale")
+KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale", "ema_std")
 
 
 def record_result(run: RunDir, result: dict) -> list[dict]:
@@ -131,7 +131,8 @@ def evaluate(cfg: DictConfig) -> dict | None:
     sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
     guidance = choose_guidance(cfg.guidance_scale, run_cfg, names)
     accelerator = Accelerator()
-    model = load_run_model(run, accelerator.device)
+    ema_std = cfg.get("ema_std")
+    model = load_run_model(run, accelerator.device, ema_std=ema_std)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
     with accelerator.main_process_first():
@@ -145,7 +146,7 @@ def evaluate(cfg: DictConfig) -> dict | None:
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
               "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),
-              "guidance_scale": guidance if names else None,
+              "guidance_scale": guidance if names else None, "ema_std": ema_std,
               "num_processes": accelerator.num_processes, "at": now()}
     if metric_cfg.get("nll"):
         result["nll"] = describe(metric_cfg, objective)

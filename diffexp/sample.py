@@ -20,10 +20,12 @@ log = logging.getLogger("diffexp.sample")
 
 
 def out_path(cfg: DictConfig, run: RunDir, sampler: str, steps: int) -> Path:
-    """Where the images go: ``out`` (an .npz, checked by ``check_sample_config``), else RUN_DIR/samples/sample_<sampler>_<steps>steps_s<seed>.npz."""
+    """Where the images go: ``out`` (an .npz, checked by ``check_sample_config``), else
+    RUN_DIR/samples/sample_<sampler>_<steps>steps[_ema<ema_std>]_s<seed>.npz."""
     if cfg.out:
         return Path(str(cfg.out)).expanduser()
-    return run.samples_dir / f"sample_{sampler}_{steps}steps_s{cfg.seed}.npz"
+    ema = f"_ema{cfg.ema_std:g}" if cfg.get("ema_std") is not None else ""
+    return run.samples_dir / f"sample_{sampler}_{steps}steps{ema}_s{cfg.seed}.npz"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="sample")
@@ -35,7 +37,8 @@ def main(cfg: DictConfig) -> None:
         run = RunDir(cfg.run).require()
         samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler,
                              batch_size=int(cfg.batch_size), class_label=cfg.class_label,
-                             guidance_scale=cfg.guidance_scale, progress=True)
+                             guidance_scale=cfg.guidance_scale, progress=True,
+                             ema_std=cfg.get("ema_std"))
         out = out_path(cfg, run, samples.sampler, samples.steps)
         grid_file = save_samples(samples, out)
         print(f"{len(samples.images)} images {samples.images.shape[1:]} -> {out} (grid {grid_file})", flush=True)

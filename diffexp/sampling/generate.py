@@ -157,22 +157,27 @@ class RunModel:
     vae: torch.nn.Module | None
 
 
-def load_run_model(run, device: str | torch.device) -> RunModel:
+def load_run_model(run, device: str | torch.device, ema_std: float | None = None) -> RunModel:
     """Run directory ``run``'s exported EMA weights (``model/``, through ``export.load_pipeline``) on
-    ``device``, frozen, with the run's config and classes."""
+    ``device``, frozen, with the run's config and classes. ``ema_std``: instead, the post-hoc EMA of
+    that relative width reconstructed from the run's snapshots (``training.phema.reconstruct``)."""
     from diffexp.records.rundir import RunDir
     from diffexp.sampling.export import load_pipeline
 
     run = RunDir(run) if not isinstance(run, RunDir) else run
     cfg = run.config()
     pipe = load_pipeline(run.require_model())
+    if ema_std is not None:
+        from diffexp.training import phema  # (training imports sampling: not at module level)
+
+        phema.load_weights(pipe.unet, phema.reconstruct(run, float(ema_std)))
     vae = pipe.vae.to(device) if pipe.vae is not None else None
     return RunModel(cfg, class_names(run), pipe.unet.to(device).eval().requires_grad_(False), vae)
 
 
 def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 250,
                class_label: int | None = None, guidance_scale: float | None = None, device: str | None = None,
-               progress: bool = False) -> Samples:
+               progress: bool = False, ema_std: float | None = None) -> Samples:
     """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``) with
     ``sampler_cfg`` (default: the run's own sampler) in ``steps`` steps (default: the sampler's).
 
@@ -181,7 +186,7 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     chunks of the metric's ``batch_size`` (250), the images ``evaluate`` scores.
     Class-conditional runs (``class_names``) sample ``class_label`` (default: every class in turn)
     with classifier-free guidance ``guidance_scale`` (``choose_guidance``); both are refused for
-    unconditional runs.
+    unconditional runs. ``ema_std``: the post-hoc EMA of that width instead (``load_run_model``).
     """
     from diffexp.models.build import build_sampler
     from diffexp.records.rundir import RunDir
@@ -197,7 +202,7 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     guidance_scale = choose_guidance(guidance_scale, run_cfg, names)
     request = OmegaConf.merge(sampler_cfg or {}, {} if steps is None else {"steps": steps})
     sampler_cfg, steps = choose_sampler(request, run_cfg)
-    model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"), ema_std=ema_std)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
     images = generate(model.denoiser, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size, vae=model.vae,

@@ -20,6 +20,7 @@ from diffexp.training.state import EMA, TrainState
 log = logging.getLogger(__name__)
 # What the loop registers for checkpointing, in order, is saved as custom_checkpoint_<index>.pkl.
 EMA_FILE = "custom_checkpoint_1.pkl"
+PHEMA_FILE = "custom_checkpoint_3.pkl"  # trainer.ema.kind=ema+phema: the power-function profiles beside the EMA
 
 
 def all_finite(accelerator: Accelerator, state: TrainState, *models: torch.nn.Module) -> bool:
@@ -46,20 +47,27 @@ def save_checkpoint(accelerator: Accelerator, run: RunDir, step: int, keep: int)
     return final
 
 
-def load_parent(cfg: DictConfig, net: torch.nn.Module, ema: EMA, optimizer, device: torch.device) -> None:
+def load_parent(cfg: DictConfig, net: torch.nn.Module, ema: EMA, optimizer, device: torch.device, phema=None) -> None:
     """A new run's start from checkpoint ``cfg.checkpoint`` of run ``cfg.init_from``: its model and EMA
-    weights, and with ``init_optimizer`` its Adam moments (the settings, the LR schedule, the step
-    and the data order stay this run's). A checkpoint that does not fit the model is one line."""
+    weights (and a separate power-function tracker ``phema``'s, with ``trainer.ema.kind=ema+phema``),
+    and with ``init_optimizer`` its Adam moments (the settings, the LR schedule, the step and the data
+    order stay this run's). A checkpoint that does not fit the model is one line."""
     folder = RunDir(cfg.init_from).find_checkpoint(cfg.checkpoint)
     try:
         weights = load_file(folder / "model.safetensors", device=str(device))
         net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in weights.items()})
-        ema.load_state_dict(torch.load(folder / EMA_FILE, map_location=device, weights_only=True))
+        averages = [(ema, EMA_FILE)] + ([(phema, PHEMA_FILE)] if phema is not None and phema is not ema else [])
+        for average, file in averages:
+            if not (folder / file).exists():
+                raise DiffexpError(f"init_from={cfg.init_from} checkpoint={cfg.checkpoint}: it holds no {file} "
+                                   f"(trained with another trainer.ema.kind)")
+            average.load_state_dict(torch.load(folder / file, map_location=device, weights_only=True))
     except RuntimeError as e:  # load_state_dict's first line only names the class; the next says what differs
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
         raise DiffexpError(f"init_from={cfg.init_from} checkpoint={cfg.checkpoint}: its weights do not fit "
                            f"this model ({detail})") from None
-    ema.age, ema.step = ema.age + step_of(folder), 0  # the average goes on, counting the parent's steps
+    for average, _ in averages:  # the average goes on, counting the parent's steps
+        average.age, average.step = average.age + step_of(folder), 0
     if cfg.get("init_optimizer"):
         moments = torch.load(folder / "optimizer.bin", map_location=device, weights_only=True)["state"]
         optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})

@@ -48,6 +48,7 @@ from diffexp.sampling.generate import check_steps, generate, save_grid
 from diffexp.sampling.pipeline import call_denoiser
 from diffexp.training.checkpoints import all_finite, continue_schedule, load_parent, save_checkpoint
 from diffexp.training.perf import configure_backends, dynamo_plugin, optimize_model
+from diffexp.training.phema import PowerEMA, drop_snapshots_after, make_averages, snapshot_dtype
 from diffexp.training.state import EMA, TrainState
 from diffexp.training.stop import StopRequest
 
@@ -96,12 +97,18 @@ class Parts:
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
-    ema: EMA
+    ema: EMA | PowerEMA  # the average the run samples, evaluates and exports (trainer.ema.kind)
     state: TrainState
     evaluator: object
     eval_every: int
     p_uncond: float  # class-conditional runs: how often a label is dropped for guidance
     eval_seconds: float = 0.0
+    phema: PowerEMA | None = None  # the power-function profiles (``ema`` itself with kind=phema), or None
+
+    @property
+    def averages(self) -> list:
+        """Every average the run keeps (one object once)."""
+        return [self.ema] + ([self.phema] if self.phema is not None and self.phema is not self.ema else [])
 
     @property
     def guidance(self) -> float:
@@ -142,7 +149,8 @@ def train_step(p: Parts, step: int) -> None:
     p.state.add(loss_sum, grad_norm)
     with phase("ema"):
         if step % t.ema.get("update_every", 1) == 0:
-            p.ema.update(p.net, step)
+            for average in p.averages:
+                average.update(p.net, step)
     p.state.step = step
 
 
@@ -165,8 +173,9 @@ def noised_step(p: Parts, step: int) -> tuple[Noised, torch.Tensor | None]:
 
 def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
     """The maintenance due after optimizer step ``step``, by name: ``log``, ``sample``, ``eval``,
-    ``checkpoint``, and ``stop`` (with a checkpoint) at ``trainer.stop_at`` or when a signal asked
-    any process to stop (``stop_signal``, which every process agrees on after every step)."""
+    ``checkpoint``, ``snapshot`` (of the power-function EMA profiles; also when stopping), and ``stop``
+    (with a checkpoint) at ``trainer.stop_at`` or when a signal asked any process to stop
+    (``stop_signal``, which every process agrees on after every step)."""
     t, last = p.t, p.t.max_steps
     due = {name for name, interval in (("log", t.log_every), ("sample", t.sample_every),
                                        ("eval", p.eval_every), ("checkpoint", t.checkpoint_every))
@@ -175,6 +184,8 @@ def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
         due.discard("eval")
     if step == t.get("stop_at") or stop_signal:
         due |= {"stop", "checkpoint"}
+    if p.phema is not None and every(step, t.ema.phema.snapshot_every, last):
+        due.add("snapshot")
     return due
 
 
@@ -224,18 +235,19 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
         raise DiffexpError("trainer.compile=true: accelerate did not compile the model (an Accelerator with other "
                            "settings already exists in this process)")
     net = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain module: EMA copy, export
-    ema, state = EMA(net, t.ema), TrainState(accelerator.device)
-    accelerator.register_for_checkpointing(lr_scheduler, ema, state)  # custom_checkpoint_0, 1 (EMA_FILE), 2
+    (ema, phema), state = make_averages(net, t.ema), TrainState(accelerator.device)
+    # custom_checkpoint_0, 1 (EMA_FILE), 2, and with kind=ema+phema 3 (PHEMA_FILE)
+    accelerator.register_for_checkpointing(lr_scheduler, ema, state, *([phema] if phema not in (None, ema) else []))
     evaluator = make_evaluator(cfg, accelerator, data.real, evaluates=bool(t.eval_every))
     p_uncond = float((cfg.get("conditioning") or {}).get("p_uncond", 0.0))  # runs before conditioning: none
     p = Parts(cfg, t, accelerator, run, objective, sampler_cfg, sampler, data, model, net, optimizer,
-              lr_scheduler, ema, state, evaluator, 0, p_uncond)
+              lr_scheduler, ema, state, evaluator, 0, p_uncond, phema=phema)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         continue_schedule(optimizer, lr_scheduler)
         log.info("resumed from %s (step %d)", checkpoint, state.step)
     elif cfg.get("init_from"):
-        load_parent(cfg, p.net, p.ema, p.optimizer, accelerator.device)
+        load_parent(cfg, p.net, p.ema, p.optimizer, accelerator.device, phema)
     p.eval_every = evaluation_interval(cfg, t, evaluator, net, sampler, data, objective) if evaluator is not None else 0
     return p
 
@@ -270,6 +282,7 @@ def start_records(p: Parts, resume: bool, session_dir: str | None):
     logged = run.last_recorded_step() if resume else 0  # what the tracker already holds of this run
     if resume:
         run.truncate_metrics(p.state.step)
+        drop_snapshots_after(run.path / "phema", p.state.step)
     fork = f"{parent['wandb_run_id']}?_step={parent['step']}" if parent and parent["wandb_run_id"] else None
     tracker = make_tracker(cfg.logger, cfg, acc, run, run.info().get("wandb_run_id"), fork_from=fork,
                            logged_through=logged)
@@ -321,9 +334,17 @@ def evaluate(p: Parts) -> dict:
     return results
 
 
+def snapshot(p: Parts, step: int) -> None:
+    """The power-function EMA profiles brought up to ``step`` (every process) and written to RUN_DIR/phema/ (main)."""
+    p.phema.update(p.net, step)
+    if p.accelerator.is_main_process:
+        p.phema.save_snapshots(p.run.path / "phema", snapshot_dtype(p.t.ema))
+
+
 def checkpoint(p: Parts, step: int) -> None:
     """Save the training state, once its losses and weights are checked finite (so a kept checkpoint is good)."""
-    if not all_finite(p.accelerator, p.state, p.net, p.ema.model):
+    models = [m for a in p.averages for m in getattr(a, "models", [a.model])]
+    if not all_finite(p.accelerator, p.state, p.net, *models):
         raise DiffexpError(f"non-finite loss or weights at or before step {step}: stopped; "
                            f"last good checkpoint {p.run.latest_checkpoint() or '(none)'} kept")
     # The log interval's sums are saved from the main process: made every process's mean first, so a
@@ -407,6 +428,8 @@ def train_loop(p: Parts, resume: bool, session_dir: str | None) -> str:
                         if main:
                             p.run.append_metrics({"step": step, "train/step": step, **results})
                             tracker.log(results, step)
+                    if "snapshot" in due or "stop" in due and p.phema is not None:
+                        snapshot(p, step)
                     if "checkpoint" in due:
                         checkpoint(p, step)
                 stopping = "stop" in due

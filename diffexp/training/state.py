@@ -9,6 +9,8 @@ import math
 import torch
 from omegaconf import DictConfig
 
+from diffexp import DiffexpError
+
 
 class EMA:
     """An exponential moving average of the model's weights: a copy of the model and a lerp.
@@ -52,6 +54,9 @@ class EMA:
         return {"step": self.step, "age": self.age, "weights": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") == "phema":
+            raise DiffexpError("trainer.ema.kind=ema: the checkpoint holds a power-function EMA "
+                               "(resume or start from it with trainer.ema.kind=phema)")
         if "shadow_params" in state:  # a diffusers EMAModel, as checkpoints of diffexp 0.1 hold it
             with torch.no_grad():
                 for mine, saved in zip(self.model.parameters(), state["shadow_params"]):
