@@ -7,7 +7,8 @@ A Gradio page over the run directories below ``app.runs``, all read through ``di
 - the selected run's loss and quality curves, its sample grids through training (a slider), its
   config and ``run.json``;
 - sampling through ``diffexp.sampling.generate.sample_run``, what ``python -m diffexp.sample`` uses (the same
-  seed gives the same images), downloadable as the sample command writes them (``.npz`` + grid PNG);
+  seed gives the same images), from the run's ``model/`` or any complete checkpoint (``last``, ``best``,
+  a step; an interrupted run: its newest), downloadable as the sample command writes them (``.npz`` + grid PNG);
 - two or more runs side by side, sampled with the same settings.
 
 A folder that cannot be read is a message on the page, never a traceback, and the table goes on.
@@ -40,6 +41,7 @@ from diffexp.sampling.generate import class_names, sample_run, sampler_name, sav
 
 log = logging.getLogger("diffexp.app")
 OWN = "own"  # the sampler menu's value for "the run's own sampler"
+MODEL = "model"  # the weights menu's value for "the run's model/" (an interrupted run: its newest checkpoint)
 
 
 # --- what the page shows, as plain data
@@ -150,19 +152,26 @@ class Settings:
     n: int
     class_label: int | None = None
     guidance_scale: float | None = None
-    ema_std: float | None = None  # a post-hoc EMA width (runs with phema snapshots); None: model/
+    checkpoint: int | str | None = None  # None: the run's model/; a step, last or best (sample's checkpoint=)
+    ema_std: float | None = None  # a post-hoc EMA width (runs with phema snapshots); None: the EMA weights
 
 
-def settings(sampler, steps, seed, n, class_label, guidance_scale, ema_std=None, *, max_images: int) -> Settings:
+def settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint=None, ema_std=None, *,
+             max_images: int) -> Settings:
     """The controls' values checked and typed (a DiffexpError names the one that is off)."""
     for what, value in (("steps", steps), ("seed", seed), ("number of images", n)):
         if value is None or value != int(value):
             raise DiffexpError(f"{what}: give a whole number")
     if not 1 <= int(n) <= max_images:
         raise DiffexpError(f"number of images={n}: from 1 to {max_images}")
+    checkpoint = None if checkpoint in (None, "", MODEL) else str(checkpoint).strip()
+    if checkpoint is not None and checkpoint not in ("last", "best"):
+        if not checkpoint.isdigit():
+            raise DiffexpError(f"checkpoint={checkpoint}: expected a checkpoint step, last or best")
+        checkpoint = int(checkpoint)
     return Settings(sampler or OWN, int(steps), int(seed), int(n),
                     None if class_label in (None, "") else int(class_label),
-                    None if guidance_scale is None else float(guidance_scale),
+                    None if guidance_scale is None else float(guidance_scale), checkpoint,
                     None if ema_std in (None, "", 0) else float(ema_std))
 
 
@@ -189,9 +198,10 @@ def draw(run: RunDir, request: Settings, samplers: dict[str, DictConfig], out_di
     samples = sample_run(run, n=request.n, seed=request.seed, sampler_cfg=sampler_cfg, steps=request.steps,
                          class_label=request.class_label if conditional else None,
                          guidance_scale=request.guidance_scale if conditional else None, device=device,
-                         ema_std=request.ema_std)
+                         checkpoint=request.checkpoint, ema_std=request.ema_std)
     seconds = time.perf_counter() - start
-    npz = out_dir / f"{cfg.get('name') or run.path.name}_{samples.sampler}_{samples.steps}steps_s{samples.seed}.npz"
+    at = "" if samples.checkpoint is None else f"_ckpt{samples.checkpoint}"
+    npz = out_dir / f"{cfg.get('name') or run.path.name}_{samples.sampler}_{samples.steps}steps_s{samples.seed}{at}.npz"
     grid_file = save_samples(samples, npz)
     return Drawn(npz, grid_file, samples.images.shape, samples.sampler, seconds)
 
@@ -286,20 +296,23 @@ class Page:
         return gr.update(value=Image.open(path), label=f"sample grid at step {step_of(path)}")
 
     def controls(self, key: str | None) -> list:
-        """The sampling controls for the selected run (sampler, steps, class, guidance): its own
-        sampler named in the menu, its steps, and class and guidance for class-conditional runs only."""
+        """The sampling controls for the selected run (sampler, steps, class, guidance, weights): its own
+        sampler named in the menu, its steps, class and guidance for class-conditional runs only, and
+        its model/ or any of its complete checkpoints."""
         try:
             run = find_run(self.root, key)
             own, classes = run.config().sampler, class_names(run)
             own_name, own_steps = sampler_name(own), int(own.steps)
+            steps = [step_of(c) for c in run.checkpoints()]
         except Exception:  # noqa: BLE001 - the run view says why
-            return [gr.skip()] * 4
+            return [gr.skip()] * 5
         menu = [(f"the run's own ({own_name})", OWN), *[(n, n) for n in self.samplers]]
         conditional = classes is not None
         return [gr.update(choices=menu, value=OWN), own_steps,
                 gr.update(choices=[(c, i) for i, c in enumerate(classes or [])], value=0 if conditional else None,
                           visible=conditional),
-                gr.update(visible=conditional)]
+                gr.update(visible=conditional),
+                gr.update(choices=weights_menu(run.model_dir.is_dir(), steps), value=MODEL)]
 
     def sampler_steps(self, key: str | None, sampler: str):
         """The default step count of the sampler just chosen (the run's own, or a conf/sampler one)."""
@@ -310,24 +323,24 @@ class Page:
         except Exception:  # noqa: BLE001 - the run view says why
             return gr.skip()
 
-    def sample(self, run, sampler, steps, seed, n, class_label, guidance_scale, ema_std=None):
+    def sample(self, run, sampler, steps, seed, n, class_label, guidance_scale, checkpoint=MODEL, ema_std=None):
         """Sample the selected run: the grid, a line on how, and the .npz and PNG to download."""
         try:
-            request = settings(sampler, steps, seed, n, class_label, guidance_scale, ema_std,
+            request = settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint, ema_std,
                                max_images=self.max_images)
             drawn = draw(find_run(self.root, run), request, self.samplers, self.out_dir(), self.device)
         except Exception as e:  # noqa: BLE001 - a message on the page, never a traceback
             raise refusal(reported(e)) from None
         return str(drawn.grid), described(drawn, request, self.device_name), [str(drawn.npz), str(drawn.grid)]
 
-    def compare(self, runs, sampler, steps, seed, n, class_label, guidance_scale, ema_std=None):
+    def compare(self, runs, sampler, steps, seed, n, class_label, guidance_scale, checkpoint=MODEL, ema_std=None):
         """Sample each of the chosen runs with the same settings: their grids, captioned, and a line
         per run on how long it took (or why it could not be sampled)."""
         keys = list(runs or [])
         if len(keys) < 2:
             raise refusal("pick two or more runs to put side by side")
         try:
-            request = settings(sampler, steps, seed, n, class_label, guidance_scale, ema_std,
+            request = settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint, ema_std,
                                max_images=self.max_images)
         except Exception as e:  # noqa: BLE001
             raise refusal(shown(e)) from None
@@ -347,6 +360,14 @@ class Page:
     def out_dir(self) -> Path:
         """A fresh folder for one sampling's files (gradio copies what it serves into its cache)."""
         return Path(tempfile.mkdtemp(dir=self.scratch))
+
+
+def weights_menu(has_model: bool, steps: list[int]) -> list[tuple[str, str]]:
+    """The weights menu of a run: its model/ (or, without one, its newest checkpoint), the newest and
+    best checkpoint, and each complete checkpoint by step."""
+    first = "model/ (final)" if has_model else "newest checkpoint (no model/ yet)"
+    return [(first, MODEL), ("last checkpoint", "last"), ("best checkpoint (by its quality metric)", "best"),
+            *[(f"checkpoint {s}", str(s)) for s in reversed(steps)]]
 
 
 # The selected run's view, as Page.show_run returns it.
@@ -392,6 +413,8 @@ def build(page: Page) -> gr.Blocks:
                         class_label = gr.Dropdown([], label="class", visible=False, elem_id="class")
                         guidance_scale = gr.Slider(0, 10, value=1.0, step=0.5, visible=False,
                                                    label="guidance scale (1: no guidance)", elem_id="guidance")
+                        checkpoint = gr.Dropdown(weights_menu(True, []), value=MODEL, label="weights",
+                                                 allow_custom_value=True, elem_id="checkpoint")
                         ema_std = gr.Number(None, label="post-hoc EMA σ_rel (empty: model/; runs with phema snapshots)",
                                             minimum=0, elem_id="ema-std")
                         sample_button = gr.Button("Sample", variant="primary", elem_id="sample-button")
@@ -411,8 +434,8 @@ def build(page: Page) -> gr.Blocks:
                 compared_info = gr.Markdown(elem_id="compared-info")
 
         view = [status, loss, quality, grid_slider, grid, config, info]  # VIEW's order
-        controls = [sampler, steps, class_label, guidance_scale]
-        settings_in = [sampler, steps, seed, n, class_label, guidance_scale, ema_std]
+        controls = [sampler, steps, class_label, guidance_scale, checkpoint]
+        settings_in = [sampler, steps, seed, n, class_label, guidance_scale, checkpoint, ema_std]
 
         tick = dict(fn=page.refresh, inputs=[run_menu, known, seen],
                     outputs=[table, note, run_menu, compare_menu, known, *view, seen], show_progress="hidden",

@@ -30,7 +30,7 @@ from diffexp import DiffexpError
 from diffexp.config import hydra_command, option_text, report_errors
 from diffexp.records.catalog import iter_runs, run_dirs, wandb_runs
 from diffexp.records.rundir import atomic_path
-from diffexp.report.render import REPORT_FILES, write_report
+from diffexp.report.render import is_report_file, write_report
 from diffexp.report.stats import compare_runs, parse_statuses, select_status, smoothing
 
 USAGE = ("usage: python -m diffexp.compare RUN_OR_SWEEP_DIR... [by=model,scheduler] [status=finished] [rank=KEY] "
@@ -60,7 +60,7 @@ def read_runs(cfg: DictConfig) -> tuple[list, Path]:
 
 def check_out(out: Path) -> None:
     """Refuse, in one line and before any work, a report folder that holds anything but an earlier
-    report of compare's own (``REPORT_FILES``): compare replaces its own files only, never a run or
+    report of compare's own (``render.is_report_file``): compare replaces its own files only, never a run or
     a user's file."""
     if not out.exists():
         return
@@ -69,7 +69,7 @@ def check_out(out: Path) -> None:
     if run_dirs(out, empty=True):
         raise DiffexpError(f"out={out}: holds runs; compare writes its report into a folder of its own "
                            f"(e.g. out={out / 'compare'})")
-    foreign = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name not in REPORT_FILES or not p.is_file())
+    foreign = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if not is_report_file(p.name) or not p.is_file())
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise DiffexpError(f"out={out}: holds files compare did not write ({shown}); choose a new or empty folder")

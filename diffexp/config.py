@@ -376,6 +376,19 @@ def need_guidance(cfg: DictConfig, key: str = "guidance_scale") -> None:
     need_number(cfg, key, low=0, high=float("inf"), high_open=True, allow_none=True)
 
 
+def need_checkpoint(cfg: DictConfig, key: str = "checkpoint") -> None:
+    """``key`` names a run's weights: null (its model/), a checkpoint step, ``last`` or ``best``; with
+    ``best``, ``metric_key`` is null or a quality metric's name (``eval/...``)."""
+    v = _value(cfg, key)
+    if v is None or v in ("last", "best") or (isinstance(v, Integral) and not isinstance(v, bool) and v >= 0):
+        metric_key = cfg.get("metric_key")
+        if metric_key is not None and not str(metric_key).startswith("eval/"):
+            raise DiffexpError(f"metric_key={metric_key}: expected a quality metric's name (eval/..., e.g. "
+                               "eval/fd_digits_1k)")
+        return
+    raise DiffexpError(f"{key}={v}: expected a checkpoint step, last or best (null: the run's model/)")
+
+
 def check_sample_config(cfg: DictConfig) -> None:
     """``python -m diffexp.sample``'s own settings (the run-dependent ones, a class for an unconditional
     run say, are checked against the run before any sampling)."""
@@ -386,6 +399,7 @@ def check_sample_config(cfg: DictConfig) -> None:
     need_int(cfg, "class_label", 0, allow=(None,))
     need_guidance(cfg)
     need_number(cfg, "ema_std", low=0, low_open=True, allow_none=True)
+    need_checkpoint(cfg)
     if cfg.out is not None and Path(str(cfg.out)).suffix != ".npz":
         raise DiffexpError(f"out={cfg.out}: expected a file name ending in .npz (the grid PNG is written beside it)")
 
@@ -395,6 +409,8 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     need_int(cfg, "sampler.steps", 1, allow=(None,))
     need_guidance(cfg)
     need_number(cfg, "ema_std", low=0, low_open=True, allow_none=True)
+    need_checkpoint(cfg)
+    need_int(cfg, "seed", 0, allow=(None,))
     if not isinstance(cfg.wandb, bool):
         raise DiffexpError(f"wandb={cfg.wandb}: expected true or false")
 

@@ -1,16 +1,20 @@
-"""``python -m diffexp.evaluate run=RUN_DIR [overrides]``: sample quality of a finished run.
+"""``python -m diffexp.evaluate run=RUN_DIR [overrides]``: sample quality of a run's model or checkpoints.
 
 Examples::
 
     python -m diffexp.evaluate run=outputs/2026-11-26/10-00-00_unet_small-linear-s0       # the dataset's metric
     python -m diffexp.evaluate run=RUN_DIR metric=fid_is_kid metric.num_samples=50000 sampler=ddpm
     python -m diffexp.evaluate -m run=RUN_DIR sampler=ddim,dpmpp sampler.steps=10,20,50   # several samplers
+    python -m diffexp.evaluate -m run=RUN_DIR checkpoint=500,1000,1500 guidance_scale=1,1.5 seed=0,1,2  # a sweep
     accelerate launch -m diffexp.evaluate run=RUN_DIR                                       # several GPUs
     python -m diffexp.evaluate run=RUN_DIR images=FILE.npz                 # images made elsewhere
 
-Every result is kept in ``RUN_DIR/eval.json``, keyed by metric, sample count, sampler, steps and
-seed (the same key again replaces its own entry: it is the same measurement); the result is also
-printed as JSON on the last line.
+Every result is kept in ``RUN_DIR/eval.json``, keyed by its setting (``setting``: the weights'
+checkpoint, sampler, options, steps, guidance, sampling seed, metric and sample count; the same
+setting again replaces its own entry: it is the same measurement); the result is also printed as
+JSON on the last line. Images are scored as they are drawn and never written, so a sweep over
+settings (``-m``) costs no disk; every setting draws from the same sampling seed (``seed=``, default
+``metric.seed``), so settings differ only in what they set.
 
 ``images=FILE.npz`` scores the images in that file instead of sampling the run (all of them; an
 ``.npz`` as ``sample`` writes it: ``images``, uint8 N x H x W x C, at the run's resolution and channels,
@@ -34,12 +38,33 @@ from diffexp.records.rundir import RunDir, file_sha256, now
 from diffexp.records.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
-KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale", "ema_std")
+
+
+def setting(model, metric_cfg: DictConfig, sampler_cfg: DictConfig, steps: int, guidance: float | None,
+            ema_std: float | None, num_samples: int) -> dict:
+    """What an evaluation result is keyed by (its ``key`` in eval.json): which weights (``checkpoint``: a
+    step, None for ``model/``; ``ema_std``, a post-hoc EMA width), the sampler, its options and steps, the guidance scale, the sampling seed,
+    and the metric with its sample count. One more axis of evaluation is one more line here; ``compare``
+    and the W&B table show any key field that varies."""
+    from diffexp.sampling.generate import sampler_name
+
+    return {
+        "checkpoint": model.checkpoint,
+        "ema_std": ema_std,
+        "sampler": sampler_name(sampler_cfg),
+        "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True),
+        "sampler_steps": steps,
+        "guidance_scale": guidance,
+        "seed": int(metric_cfg.seed),
+        "metric": metric_id(metric_cfg),
+        "num_samples": num_samples,
+    }
 
 
 def record_result(run: RunDir, result: dict) -> list[dict]:
-    """Add ``result`` to the run's eval.json (replacing an entry with the same KEY); returns all results."""
-    return run.keep_result(run.eval_file, result, KEY)
+    """Add ``result`` to the run's eval.json (replacing the entry with the same setting, its ``key``
+    fields); returns all results."""
+    return run.keep_result(run.eval_file, result, tuple(result["key"]))
 
 
 def metric_id(metric_cfg: DictConfig) -> str:
@@ -105,7 +130,8 @@ def evaluate_file(cfg: DictConfig) -> dict | None:
 
 
 def evaluate(cfg: DictConfig) -> dict | None:
-    """Evaluate the EMA weights of ``cfg.run``; the main process records the result in eval.json and gets it (others None)."""
+    """Evaluate the EMA weights of ``cfg.run`` (its ``model/``, or ``cfg.checkpoint``'s); the main process
+    records the result in eval.json and gets it (others None)."""
     from accelerate import Accelerator
 
     from diffexp.data.datasets import load_images
@@ -119,7 +145,6 @@ def evaluate(cfg: DictConfig) -> dict | None:
         class_names,
         load_run_model,
         network_evaluations,
-        sampler_name,
     )
 
     if cfg.get("images"):
@@ -128,11 +153,13 @@ def evaluate(cfg: DictConfig) -> dict | None:
     run_cfg = run.config()
     names = class_names(run)
     metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
+    if cfg.get("seed") is not None:  # the sampling seed: every setting of a sweep draws the same noise
+        metric_cfg.seed = int(cfg.seed)
     sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
     guidance = choose_guidance(cfg.guidance_scale, run_cfg, names)
     accelerator = Accelerator()
     ema_std = cfg.get("ema_std")
-    model = load_run_model(run, accelerator.device, ema_std=ema_std)
+    model = load_run_model(run, accelerator.device, cfg.checkpoint, metric_key=cfg.metric_key, ema_std=ema_std)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
     with accelerator.main_process_first():
@@ -141,20 +168,17 @@ def evaluate(cfg: DictConfig) -> dict | None:
     objective = build_objective(run_cfg.scheduler, run_cfg.trainer)
     scores = evaluator(model.denoiser, sampler, steps, vae=model.vae, num_classes=len(names) if names else None,
                        guidance_scale=guidance, objective=objective)
-    result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network,
-              "num_samples": evaluator.num_samples, "num_real": evaluator.num_real,
-              "sampler": sampler_name(sampler_cfg),
-              "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
-              "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),
-              "guidance_scale": guidance if names else None, "ema_std": ema_std,
+    key = setting(model, metric_cfg, sampler_cfg, steps, guidance if names else None, ema_std, evaluator.num_samples)
+    result = {**scores, **key, "key": list(key), "step": model.step, "network": metric_cfg.network,
+              "num_real": evaluator.num_real, "nfe": network_evaluations(sampler, steps),
               "num_processes": accelerator.num_processes, "at": now()}
     if metric_cfg.get("nll"):
         result["nll"] = describe(metric_cfg, objective)
     main_process = accelerator.is_main_process
     if main_process:
-        record_result(run, result)
+        results = record_result(run, result)
         if cfg.wandb:
-            add_to_wandb_summary(run, result)
+            add_to_wandb_summary(run, result, results=results)
     accelerator.end_training()
     return result if main_process else None
 

@@ -5,7 +5,7 @@ from a real default run: scripts/app_screenshot.py).
 
 One server for the module: ``digits16`` (a 16 px run of 30 steps), ``tiny``
 (the module's tiny run), ``broken`` (config.yaml is not
-YAML) and ``unfinished`` (still running, no ``model/`` yet).
+YAML) and ``unfinished`` (still running, no ``model/`` yet: its checkpoint of step 2 is its model).
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def sample(client, run, *, sampler="ddim", steps=5, seed=3, n=6):
+def sample(client, run, *, sampler="ddim", steps=5, seed=3, n=6, checkpoint="model"):
     """The page's Sample button through the API: (grid file, line, [npz, png])."""
-    return client.predict(run, sampler, steps, seed, n, None, 1.0, api_name="/sample")
+    return client.predict(run, sampler, steps, seed, n, None, 1.0, checkpoint, api_name="/sample")
 
 
 def test_lists_runs_with_their_summary_and_says_which_folder_cannot_be_read(client, runs):
@@ -144,24 +144,25 @@ def test_samples_as_the_cli_does_for_the_same_seed(client, runs, tmp_path):
 def test_compares_runs_side_by_side_with_the_same_settings(client):
     gallery, lines = client.predict(["digits16", "tiny", "unfinished"], "dpmpp", 3, 1, 4, None, 1.0,
                                     api_name="/compare")
-    assert [g["caption"] for g in gallery] == ["digits16", "tiny"]
+    assert [g["caption"] for g in gallery] == ["digits16", "tiny", "unfinished"]  # its newest checkpoint
     for item in gallery:  # each grid is the one that run gives alone with these settings
         alone, _, _ = sample(client, item["caption"], sampler="dpmpp", steps=3, seed=1, n=4)
         assert np.array_equal(np.asarray(Image.open(item["image"])), np.asarray(Image.open(alone)))
     assert "- `digits16`: 4 images of 16×16 px, dpmpp in 3 steps, seed 1: " in lines
     assert "- `tiny`: 4 images of 8×8 px, dpmpp in 3 steps, seed 1: " in lines
-    assert "- ⚠ `unfinished`: " in lines and "no model/ yet" in lines
+    assert "- `unfinished`: 4 images of 8×8 px, dpmpp in 3 steps, seed 1: " in lines
 
 
 def test_a_bad_run_is_a_clear_message_never_a_traceback(client):
     from gradio_client.exceptions import AppError
 
-    for run, says in (("unfinished", "no model/ yet (the run has not finished)"),
-                      ("broken", "config.yaml: "),
-                      ("../..", "not below"),
-                      ("", "no run selected")):
+    for run, checkpoint, says in (("unfinished", "9", "checkpoint=9: "),
+                                  ("tiny", "soon", "checkpoint=soon: expected a checkpoint step, last or best"),
+                                  ("broken", "model", "config.yaml: "),
+                                  ("../..", "model", "not below"),
+                                  ("", "model", "no run selected")):
         with pytest.raises(AppError) as refused:
-            sample(client, run)
+            sample(client, run, checkpoint=checkpoint)
         assert says in str(refused.value) and "Traceback" not in str(refused.value)
     with pytest.raises(AppError, match="pick two or more runs"):
         client.predict(["digits16"], "ddim", 2, 0, 1, None, 1.0, api_name="/compare")
@@ -213,10 +214,10 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
         table.get_by_text("later", exact=True).filter(visible=True).first.wait_for(timeout=15_000)
     finally:
         shutil.rmtree(runs / "later")
-    # A run with no model yet: a message on the page, not a traceback.
+    # A run with no model yet samples its newest checkpoint.
     page.locator("#run-menu input").fill("unfinished")
     page.locator("#run-menu input").press("Enter")
     page.locator("#run-status").get_by_text("running").wait_for()
     page.locator("#sample-button").click()
-    page.get_by_text("no model/ yet").first.wait_for()
+    page.locator("#sampled-info").get_by_text("16 images of 8×8 px").wait_for()
     assert "Traceback" not in page.content()

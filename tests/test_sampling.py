@@ -245,3 +245,89 @@ def test_evaluate_refuses_guidance_on_an_unconditional_run(finished_run):
 
     result = run_main("evaluate", f"run={finished_run}", "guidance_scale=3")
     assert result.returncode == 2 and "is an unconditional run" in result.stderr
+
+
+# ---------------------------------------------------------------------------- every checkpoint a model
+EVAL_TINY = ["metric.num_samples=4", "metric.num_real=8", "metric.batch_size=4"]
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.cpu() for k, v in model.denoiser.state_dict().items()}
+
+
+def test_every_complete_checkpoint_is_a_model(finished_run, tmp_path):
+    from conftest import crashed_copy, run_main
+
+    from diffexp.sampling.generate import load_run_model
+    from diffexp.training.checkpoints import EMA_FILE
+
+    # checkpoint=STEP is that checkpoint's EMA weights; the last checkpoint's are model/'s (the final EMA).
+    early = load_run_model(finished_run, "cpu", 2)
+    saved = torch.load(finished_run / "checkpoints" / "step_0000002" / EMA_FILE, weights_only=True)["weights"]
+    assert early.checkpoint == early.step == 2 and weights(early).keys() == saved.keys()
+    assert all(torch.equal(weights(early)[k], saved[k]) for k in saved)
+    final, last = load_run_model(finished_run, "cpu"), load_run_model(finished_run, "cpu", "last")
+    assert final.checkpoint is None and last.checkpoint == 4
+    assert all(torch.equal(weights(final)[k], v) for k, v in weights(last).items())
+    assert not all(torch.equal(weights(final)[k], v) for k, v in weights(early).items())
+
+    # An interrupted run (no model/) samples its newest complete checkpoint, built from its config, and
+    # says so; those are the images checkpoint=2 gives the finished run (built from its model/).
+    stopped = crashed_copy(finished_run, tmp_path / "stopped", checkpoint=2, logged=2)
+    out = tmp_path / "s.npz"
+    result = run_main("sample", f"run={stopped}", "n=3", f"out={out}", check=True)
+    assert "has no model/" in result.stdout and "newest complete checkpoint, step 2" in result.stdout  # its log
+    assert np.array_equal(np.load(out)["images"], sample_run(finished_run, n=3, checkpoint=2).images)
+
+    # checkpoint=best: by the run's primary quality metric, as training logged it (step 4 only here).
+    assert load_run_model(finished_run, "cpu", "best").checkpoint == 4
+    for bad, says in (("7", "checkpoint=7: "), ("soon", "checkpoint=soon: expected a checkpoint step, last or best")):
+        result = run_main("sample", f"run={stopped}", f"checkpoint={bad}", f"out={out}")
+        assert result.returncode == 2 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_main("sample", f"run={stopped}", "checkpoint=best", f"out={out}")
+    assert result.returncode == 2 and "checkpoint=best: no quality metric was computed" in result.stderr
+
+
+def test_an_evaluation_sweep_keeps_every_setting_and_compare_names_the_best(finished_run, cache_dir):
+    from conftest import run_main
+    from wandb_files import find_runs
+
+    from diffexp.records.tracking import EXIT_CODES
+    from diffexp.sampling.generate import load_run_model
+
+    run = finished_run
+    before = {p for p in run.rglob("*") if ".evaluate" not in p.parts}
+    run_main("evaluate", "-m", f"run={run}", "checkpoint=2,4", "seed=0,1", *EVAL_TINY, f"cache_dir={cache_dir}",
+             check=True)
+    results = json.loads((run / "eval.json").read_text())["results"]
+    assert sorted((r["checkpoint"], r["seed"]) for r in results) == [(2, 0), (2, 1), (4, 0), (4, 1)]
+    assert all(r["key"][0] == "checkpoint" and "seed" in r["key"] for r in results)
+    # the same sampling seed gives every setting the same noise: one model, one seed, one number
+    again = json.loads(run_main("evaluate", f"run={run}", "checkpoint=4", "seed=1", *EVAL_TINY,
+                                f"cache_dir={cache_dir}", "wandb=true", check=True).stdout.strip().splitlines()[-1])
+    assert again["eval/fd_digits_4"] == next(r["eval/fd_digits_4"] for r in results if (r["checkpoint"], r["seed"]) == (4, 1))
+    assert len(json.loads((run / "eval.json").read_text())["results"]) == 4  # the same setting: replaced
+    written = {p for p in run.rglob("*") if ".evaluate" not in p.parts} - before
+    assert {p.name for p in written if p.parent == run} == {"eval.json", ".eval.lock"}  # no images
+    assert all(p.is_relative_to(run / "wandb") for p in written if p.parent != run)
+
+    # checkpoint=best by a metric evaluate computed: the step with the better mean over the seeds
+    fd = {s: np.mean([r["eval/fd_digits_4"] for r in results if r["checkpoint"] == s]) for s in (2, 4)}
+    best = load_run_model(run, "cpu", "best", metric_key="eval/fd_digits_4")
+    assert best.checkpoint == min(fd, key=fd.get)
+
+    # compare: quality against the checkpoint's step, and the best setting with its interval over seeds
+    run_main("compare", str(run), f"out={run / 'cmp'}", check=True)
+    summary = json.loads((run / "cmp" / "summary.json").read_text())
+    [[point2, point4]] = summary["evaluation_curves"]["fields"]["checkpoint"].values()
+    assert (point2["x"], point4["x"]) == (2, 4) and point2["mean"] == pytest.approx(fd[2]) and point2["n"] == 2
+    [top] = summary["samplers"]["best_setting"]
+    assert top["setting"] == {"checkpoint": min(fd, key=fd.get)} and top["n"] == 2 and top["eval/fd_digits_4"]["ci95"] > 0
+    assert (run / "cmp" / "eval_vs_checkpoint.png").is_file()
+    assert f"best evaluation setting: checkpoint={min(fd, key=fd.get)}" in (run / "cmp" / "report.md").read_text()
+
+    # W&B: the results as a table and a chart against the step, the run closed as training left it
+    *_, added = find_runs(run / "wandb")
+    [row] = [h for h in added.history if "evaluations/results" in h]
+    assert row["evaluations/results"]["nrows"] == 4 and "evaluations/fd_digits_4_vs_checkpoint_table" in row
+    assert added.exit_code == EXIT_CODES["finished"]

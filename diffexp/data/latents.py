@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
-from diffexp.data.datasets import Batches, cache_path, hub_reachable
+from diffexp.data.datasets import Batches, cache_path, center_window, hub_reachable, load_data
 from diffexp.records.rundir import atomic_path
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,22 @@ def load_autoencoder(ae_cfg: DictConfig, dataset_cfg: DictConfig, device: torch.
         raise DiffexpError(f"dataset.resolution={dataset_cfg.resolution}: not divisible by the autoencoder's "
                            f"downsampling factor {factor}")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def trained_autoencoder(cfg: DictConfig, device: torch.device | str = "cpu"):
+    """The autoencoder run config ``cfg`` trained with, its scaling factor set as training set it (with
+    ``auto``: from the dataset's cached latents, encoded again if the cache is gone); None in pixel space.
+    For a run without an exported ``model/``, whose autoencoder is recorded there."""
+    ae_cfg = cfg.get("autoencoder")
+    if not wanted(ae_cfg):
+        return None
+    vae = load_autoencoder(ae_cfg, cfg.dataset, device)
+    mean = None
+    if ae_cfg.get("scaling_factor") == "auto":
+        real = center_window(load_data(cfg.dataset, cfg.cache_dir, crop_margin=True).images, int(cfg.dataset.resolution))
+        mean = encoded_dataset(vae, real, ae_cfg, cfg.dataset, cfg.cache_dir)["mean"]
+    vae.register_to_config(scaling_factor=scaling_factor(ae_cfg, vae, mean))
+    return vae
 
 
 def latent_cache_file(vae, ae_cfg: DictConfig, dataset_cfg: DictConfig, cache_dir: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ final and best quality), which way each metric is better and which one leads a c
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from diffexp import DiffexpError, first_line
-from diffexp.records.rundir import RunDir, reachable
+from diffexp.records.rundir import RunDir, reachable, step_of
 
 
 # --- W&B as a source of runs (compare source=wandb, reproduce run=ENTITY/PROJECT/RUN_ID)
@@ -248,3 +249,100 @@ def summarize(run) -> dict[str, Any]:
         if values:
             out[f"final {key}"], out[f"best {key}"] = values[-1], min(values, key=lambda v: goal_sign(key) * v)
     return out
+
+
+# --- evaluation results by setting, and the best checkpoint
+# What an evaluate result was keyed by before results named their own key fields (``key``).
+OLD_EVAL_KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale")
+
+
+def result_key(result: dict[str, Any]) -> list[str]:
+    """The fields that make an evaluate result one measurement (its setting: checkpoint, sampler, steps,
+    guidance, sampling seed, metric, ...), as the result lists them under ``key``."""
+    return list(result.get("key") or OLD_EVAL_KEY)
+
+
+def result_setting(result: dict[str, Any], leave_out: tuple[str, ...] = ()) -> str:
+    """A result's setting as one comparable string, without the fields ``leave_out`` (``seed`` to pool
+    sampling seeds); an unset field (None: ``model/``'s checkpoint) is left out, so a result recorded
+    before that field existed has the same setting."""
+    return json.dumps({k: result.get(k) for k in result_key(result) if k not in leave_out and result.get(k) is not None},
+                      sort_keys=True, default=str)
+
+
+def checkpoint_scores(run: RunDir) -> dict[str, dict[tuple[str, int], list[float]]]:
+    """Every quality value computed for the run's complete checkpoints, by metric, then by (setting,
+    step): the evaluations logged during training (metrics.jsonl at the checkpoint's step; setting
+    ``training``) and evaluate's results for a checkpoint (eval.json, ``checkpoint`` = its step; one
+    setting per sampler, steps, guidance, ..., its sampling seeds pooled)."""
+    steps = {step_of(c) for c in run.checkpoints()}
+    found: dict[str, dict[tuple[str, int], list[float]]] = {}
+    sources = [("training", r.get("step"), r) for r in run.metrics()]
+    sources += [(result_setting(r, ("checkpoint", "seed")), r.get("checkpoint"), r) for r in run.eval_results()]
+    for setting, step, values in sources:
+        if step not in steps or isinstance(step, bool):
+            continue
+        for k, v in values.items():
+            if quality_goal(k) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                found.setdefault(k, {}).setdefault((setting, int(step)), []).append(float(v))
+    return found
+
+
+def best_checkpoint(run: RunDir, metric_key: str | None = None) -> tuple[int, str, float]:
+    """The complete checkpoint with the best ``metric_key`` value (default: the run's primary quality
+    metric, ``primary_quality``) among those already computed (``checkpoint_scores``; a setting's
+    values averaged over its sampling seeds, and the best of any setting wins): (step, metric, value).
+    A one-line DiffexpError when none was computed."""
+    found = checkpoint_scores(run)
+    if not found:
+        steps = ",".join(str(step_of(c)) for c in run.checkpoints())
+        raise DiffexpError(f"checkpoint=best: no quality metric was computed for any checkpoint of {run.path} "
+                           f"(steps: {steps or 'none'}); score them first, e.g. python -m diffexp.evaluate -m "
+                           f"run={run.path} checkpoint={steps or 'STEP'}")
+    key = metric_key or primary_quality([set(found)])
+    if key not in found:
+        raise DiffexpError(f"metric_key={metric_key}: not computed for any checkpoint of {run.path} "
+                           f"(computed: {', '.join(sorted(found))})")
+    means = {cell: sum(vs) / len(vs) for cell, vs in found[key].items()}
+    best = min(means, key=lambda cell: (goal_sign(key) * means[cell], -cell[1]))
+    return best[1], key, means[best]
+
+
+# Key fields that are no axis of a quality curve: the sampling seed (pooled into an interval), the
+# metric and its sample count (one curve is one metric), a sampler's options (shown with its name).
+NOT_AN_AXIS = ("seed", "metric", "num_samples", "sampler_options")
+
+
+def axis_value(result: dict[str, Any], field: str) -> Any:
+    """A result's value on key field ``field``; on ``checkpoint`` its training step (``model/`` at its own)."""
+    return result.get("step", result.get("checkpoint")) if field == "checkpoint" else result.get(field)
+
+
+def curve_axes(results: list[dict[str, Any]]) -> list[str]:
+    """The key fields whose values differ between ``results`` and are numbers (checkpoint, guidance,
+    steps, ...): what quality can be drawn against, in key order."""
+    fields = dict.fromkeys(k for r in results for k in result_key(r) if k not in NOT_AN_AXIS)
+    out = []
+    for field in fields:
+        values = {axis_value(r, field) for r in results}
+        if len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out.append(field)
+    return out
+
+
+def setting_curves(results: list[dict[str, Any]], metric: str, field: str) -> dict[str, list[tuple[float, list[float]]]]:
+    """``metric`` of ``results`` against key field ``field``: one curve per setting of the other fields that
+    vary (sampling seeds pooled), named ``sampler=ddim, guidance_scale=1.5`` (``all`` when none does);
+    its points (x, the values there) sorted by x."""
+    scored = [r for r in results if isinstance(r.get(metric), (int, float))]
+    others = [k for k in dict.fromkeys(k for r in scored for k in result_key(r))
+              if k not in (*NOT_AN_AXIS, field) and len({json.dumps(r.get(k), default=str) for r in scored}) > 1]
+    curves: dict[str, dict[float, list[float]]] = {}
+    for r in scored:
+        x = axis_value(r, field)
+        if not isinstance(x, (int, float)):
+            continue
+        name = ", ".join(f"{k}={'model/' if k == 'checkpoint' and r.get(k) is None else r.get(k)}"
+                         for k in others) or "all"
+        curves.setdefault(name, {}).setdefault(x, []).append(float(r[metric]))
+    return {name: sorted(points.items()) for name, points in sorted(curves.items())}

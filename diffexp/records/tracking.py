@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffexp import DiffexpError, first_line
-from diffexp.records.catalog import QUALITY_GOALS, quality_goal
+from diffexp.records.catalog import QUALITY_GOALS, curve_axes, primary_quality, quality_goal, result_key, setting_curves
 from diffexp.records.rundir import RunDir, reachable
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,13 @@ def check_logger_cfg(logger_cfg: DictConfig) -> None:
         wandb_mode(logger_cfg.mode)
 
 
-def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
+def add_to_wandb_summary(run: RunDir, values: dict[str, Any], results: list[dict[str, Any]] | None = None) -> None:
     """Continue ``run``'s W&B run (its id is in run.json) just long enough to put the numeric
-    ``values`` in its summary, and close it with the exit code its training ended with (run.json's
-    status), so its state stays what it was. A W&B failure costs one warning; a run without a W&B run
-    is an error."""
+    ``values`` in its summary and, given the run's evaluation ``results`` (eval.json), log them as a
+    table (``evaluations/results``) with the primary quality metric against each setting that varies
+    (``evaluation_charts``), at the run's last step; then close it with the exit code its training
+    ended with (run.json's status), so its state stays what it was. A W&B failure costs one warning;
+    a run without a W&B run is an error."""
     run_id = run.info().get("wandb_run_id")
     if not run_id:
         raise DiffexpError(f"wandb=true: {run.path} has no W&B run (it was not trained with logger=wandb)")
@@ -111,6 +113,8 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
         wb = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity or None,
                         dir=wandb_parent, mode=wandb_mode(logger_cfg.mode, starting_in=wandb_parent))
         wb.summary.update(numbers)
+        if results:  # at the last step the run logged: W&B's steps only grow, and training's stay untouched
+            wb.log(evaluation_charts(results), step=run.last_recorded_step())
         # closed as the training left it: adding results never turns a crashed or interrupted run finished
         status = run.info().get("status")
         if status == "interrupted":  # as training closes it: preempted, to be resumed
@@ -119,6 +123,36 @@ def add_to_wandb_summary(run: RunDir, values: dict[str, Any]) -> None:
     except Exception as e:  # noqa: BLE001 - eval.json already holds the result
         _warn_off("wandb", "could not add the evaluation to the W&B run", e)
     drop_latest_run_link(wandb_parent)
+
+
+def evaluation_charts(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """W&B objects of a run's evaluation results: ``evaluations/results``, a table of every result (its
+    setting, training step, quality metrics, NFE), and ``evaluations/<metric>_vs_<field>``, a line chart
+    of the primary quality metric against each numeric setting that varies (checkpoint step, guidance,
+    ...; one line per setting of the others, mean over sampling seeds)."""
+    import json
+
+    import wandb
+
+    keys = list(dict.fromkeys(k for r in results for k in result_key(r)))
+    metrics = sorted({k for r in results for k in r if quality_goal(k)})
+    columns = [*keys, "step", *metrics, "nfe"]
+
+    def cell(v):
+        return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+
+    charts: dict[str, Any] = {"evaluations/results": wandb.Table(
+        columns=columns, data=[[cell(r.get(c)) for c in columns] for r in results], allow_mixed_types=True)}
+    lead = primary_quality([set(metrics)])
+    for field in curve_axes(results) if lead else []:
+        curves = setting_curves(results, lead, field)
+        name = f"{lead.removeprefix('eval/')}_vs_{field}"
+        charts[f"evaluations/{name}"] = wandb.plot.line_series(
+            xs=[[x for x, _ in points] for points in curves.values()],
+            ys=[[sum(vs) / len(vs) for _, vs in points] for points in curves.values()],
+            keys=list(curves), title=f"{lead} against {'training step' if field == 'checkpoint' else field}",
+            xname="step" if field == "checkpoint" else field)
+    return charts
 
 
 def tracker_dir(logger_cfg: DictConfig, run: RunDir) -> str:

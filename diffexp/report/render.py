@@ -142,6 +142,32 @@ def plot_grids(runs, titles: list[str], path: Path) -> list[str]:
     return [t for t, _ in grids]
 
 
+def plot_setting_curves(curves: dict[str, list[dict]], metric: str, field: str, path: Path) -> bool:
+    """Quality ``metric`` against evaluation setting ``field`` (``stats.evaluation_curves``): one line per
+    curve, the mean over sampling seeds with its 95% interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, points) in enumerate(curves.items()):
+        n = max(p["n"] for p in points)
+        ax.errorbar([p["x"] for p in points], [p["mean"] for p in points], color=f"C{i % 10}", marker="o", markersize=4,
+                    yerr=[p["ci95"] or 0.0 for p in points], capsize=3, label=f"{name} (seeds: {n})")
+    goal = metric_goal(metric)
+    ax.set_xlabel("training step (checkpoint)" if field == "checkpoint" else field)
+    ax.set_ylabel(metric + (f" ({'lower' if goal == 'min' else 'higher'} is better)" if goal else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------------------- tables
 def sampler_cell(row: dict | None, lead: str) -> str:
     """``dpmpp_sde 20 steps (20 NFE, n=6): 1.61 ± 0.2`` for the best-sampler table (n: the results pooled;
@@ -151,16 +177,25 @@ def sampler_cell(row: dict | None, lead: str) -> str:
     return f"{row['sampler']} {row['steps']} steps ({fmt(row['nfe'])} NFE, n={row['n']}): {fmt_ci(row.get(lead))}"
 
 
+def setting_cell(row: dict, field: str) -> str:
+    """A sampler row's value of an evaluation setting beyond the sampler's (``model/`` for no checkpoint)."""
+    value = row.get("setting", {}).get(field)
+    return "model/" if value is None and field == "checkpoint" else fmt(value)
+
+
 def sampler_tables(rows: list[dict], axes: list[str], lead: str, best: list[dict]) -> list[tuple]:
-    """The report's tables of evaluate results: every sampler setting, and the best per NFE budget."""
+    """The report's tables of evaluate results: every evaluation setting (checkpoint, sampler, ...), and
+    the best sampler per NFE budget."""
     lead_base = uncounted(lead)  # each row shows its metrics at its own sample count (the samples column)
     own = [at_own_count(r) for r in rows]
     # the lead first, then its variants (eval/fd_digits_balanced after eval/fd_digits), then the rest by name
     columns = [lead_base, *sorted({k for values in own for k in values if k != lead_base},
                                   key=lambda k: (not k.startswith(lead_base), k))]
-    header = [*axes, "sampler", "steps", "NFE", "samples", "guidance", "n", *map(heading, columns)]
-    table = [[*r["axes"], r["sampler"], fmt(r["steps"]), fmt(r["nfe"]), fmt(r["num_samples"]), fmt(r["guidance_scale"]),
-              str(r["n"]), *(fmt_ci(values.get(c), r["n"]) for c in columns)] for r, values in zip(rows, own)]
+    settings = list(dict.fromkeys(k for r in rows for k in r.get("setting", {})))
+    header = [*axes, *settings, "sampler", "steps", "NFE", "samples", "guidance", "n", *map(heading, columns)]
+    table = [[*r["axes"], *(setting_cell(r, k) for k in settings), r["sampler"], fmt(r["steps"]), fmt(r["nfe"]),
+              fmt(r["num_samples"]), fmt(r["guidance_scale"]), str(r["n"]), *(fmt_ci(values.get(c), r["n"]) for c in columns)]
+             for r, values in zip(rows, own)]
     limits = [k for k in best[0] if k != "axes"]
     best_header = [*axes, *(f"best at {k.replace('nfe<=', 'NFE ≤ ')}" if k != "any" else "best at any NFE"
                             for k in limits)]
@@ -234,8 +269,16 @@ def to_html(title: str, warnings: list[str], notes: list[str], tables, plots) ->
     return "\n".join(parts) + "\n"
 
 
-# Every file ``write_report`` may write: what a folder of compare's own holds (``compare.check_out``).
+# Every file ``write_report`` may write: what a folder of compare's own holds (``compare.check_out``),
+# and the pattern of its plots against evaluation settings (``eval_vs_checkpoint.png``, ...).
 REPORT_FILES = ("report.md", "report.html", "summary.json", "loss.png", "quality.png", "grids.png")
+SETTING_PLOTS = "eval_vs_{}.png"
+
+
+def is_report_file(name: str) -> bool:
+    """Whether ``name`` is a file ``write_report`` writes."""
+    prefix, suffix = SETTING_PLOTS.split("{}")
+    return name in REPORT_FILES or (name.startswith(prefix) and name.endswith(suffix))
 
 
 def write_report(summary: dict[str, Any], runs: list, out: Path) -> dict[str, Any]:
@@ -251,11 +294,18 @@ def write_report(summary: dict[str, Any], runs: list, out: Path) -> dict[str, An
     titles = plot_grids(runs, [f"{label(axes, k)}, seed {s['seed']}" for k, s in zip(keys, summary["runs"])],
                         out / "grids.png")
     plots["grids"] = bool(titles)
+    by_setting = summary.get("evaluation_curves") or {"fields": {}}
+    for field, lines in by_setting["fields"].items():
+        name = SETTING_PLOTS.format(field).removesuffix(".png")
+        plots[name] = plot_setting_curves(lines, by_setting["metric"], field, out / f"{name}.png")
     summary = {**summary, "grid_titles": titles, "plots": [f"{k}.png" for k, ok in plots.items() if ok]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
     titles_of = {"loss": "Training loss" + (f" (smoothed {weight:g}; faint: raw)" if weight > 0 else ""),
-                 "quality": f"Sample quality: {lead}", "grids": "Last sample grids"}
+                 "quality": f"Sample quality: {lead}", "grids": "Last sample grids",
+                 **{SETTING_PLOTS.format(f).removesuffix(".png"): f"{by_setting['metric']} against "
+                    f"{'the training step (checkpoints)' if f == 'checkpoint' else f} (evaluate results; mean ± 95% "
+                    "CI over sampling seeds)" for f in by_setting["fields"]}}
     shown = [(titles_of[k], f"{k}.png") for k, ok in plots.items() if ok]
     tables = comparison_tables(summary, lead)
     title = f"Comparison of {len(runs)} runs by {', '.join(axes)}"

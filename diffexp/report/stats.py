@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -16,11 +17,15 @@ from omegaconf import OmegaConf
 from diffexp import DiffexpError
 from diffexp.records.catalog import (
     STATUSES,
+    curve_axes,
     goal_sign,
     primary_quality,
     quality_goal,
+    result_key,
+    result_setting,
     run_status,
     sample_count,
+    setting_curves,
     summarize,
 )
 
@@ -35,6 +40,9 @@ LOSS_DEFINITION = ("scheduler._target_", "scheduler.prediction_type", "trainer.l
 TRIAL = "sweep_trial"  # the config group an offline random/bayes sweep draws its runs into (diffexp.sweep)
 SMOOTH = 0.9
 NFE_LIMITS = (20, 50)  # the budgets the best-sampler table answers for (network evaluations per image)
+# Setting fields the samplers table has columns of its own for; any other key field of a result
+# (checkpoint, ...) gets a column when its value is set.
+SAMPLER_COLUMNS = ("sampler", "sampler_options", "sampler_steps", "num_samples", "guidance_scale", "seed", "metric")
 
 
 # ---------------------------------------------------------------------------- which runs
@@ -326,10 +334,11 @@ def sampler_rows(runs, keys: list[tuple]) -> tuple[list[dict], str | None]:
     rows: dict[tuple, dict] = {}
     for key, r, nfe in found:
         label = sampler_label(r, usual)
-        row_key = (key, label, r["sampler_steps"], r.get("num_samples"), r.get("guidance_scale"))
+        row_key = (key, label, result_setting(r, ("seed", "sampler", "sampler_options")))
+        extra = {k: r.get(k) for k in result_key(r) if k not in SAMPLER_COLUMNS and r.get(k) is not None}
         row = rows.setdefault(row_key, {"axes": list(key), "sampler": label, "steps": r["sampler_steps"], "nfe": nfe,
                                         "num_samples": r.get("num_samples"), "guidance_scale": r.get("guidance_scale"),
-                                        "seeds": [], "values": {}})
+                                        "setting": extra, "seeds": [], "values": {}})
         row["seeds"].append(r.get("seed"))
         for k, v in r.items():
             if quality_goal(k) and isinstance(v, (int, float)):
@@ -368,6 +377,43 @@ def best_samplers(rows: list[dict], lead: str, limits=NFE_LIMITS) -> list[dict]:
     return best
 
 
+def best_setting(rows: list[dict], lead: str, axis_names: list[str]) -> list[dict]:
+    """Per group: the sampler row (a whole evaluation setting) with the best mean ``lead``, its interval
+    over the sampling seeds pooled in it; a line saying so (``note``)."""
+    sign, out = goal_sign(lead), []
+    groups = list(dict.fromkeys(tuple(r["axes"]) for r in rows))
+    for axes in groups:
+        scored = [r for r in rows if tuple(r["axes"]) == axes and lead in r]
+        if not scored:
+            continue
+        best = min(scored, key=lambda r: sign * r[lead]["mean"])
+        where = ", ".join(f"{k}={v}" for k, v in best["setting"].items())
+        cell = best[lead]
+        value = f"{cell['mean']:.4g}" + (f" ± {cell['ci95']:.3g}" if cell["ci95"] is not None else "")
+        out.append({"axes": list(axes), "row": best,
+                    "note": (f"best evaluation setting"
+                             f"{' of ' + ', '.join(f'{a}={v}' for a, v in zip(axis_names, axes)) if len(groups) > 1 else ''}: "
+                             f"{where + ', ' if where else ''}{best['sampler']} {best['steps']} steps, guidance "
+                             f"{best['guidance_scale'] if best['guidance_scale'] is not None else '–'}: {lead} {value} "
+                             f"(95% interval over {best['n']} sampling seed{'s' if best['n'] != 1 else ''})")})
+    return out
+
+
+def evaluation_curves(runs, names: list[str], lead: str) -> dict[str, dict[str, list[dict]]]:
+    """Quality ``lead`` of the runs' evaluate results against each numeric setting that varies
+    (``catalog.curve_axes``: checkpoint step, guidance, ...): per field, per curve (run name and the other
+    settings), the points ``{x, mean, ci95, n}`` (sampling seeds pooled)."""
+    per_run = [(name, run.eval_results()) for run, name in zip(runs, names) if hasattr(run, "eval_results")]
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for name, results in per_run:
+        for field in curve_axes(results):
+            for label, points in setting_curves(results, lead, field).items():
+                shown = label if len(per_run) == 1 else name if label == "all" else f"{name}: {label}"
+                curves.setdefault(field, {})[shown] = [
+                    dict(zip(("x", "mean", "ci95"), (x, *mean_ci(vs))), n=len(vs)) for x, vs in points]
+    return curves
+
+
 # ---------------------------------------------------------------------------- the whole comparison
 def compare_runs(runs: list, axes: list[str] | None, *, rank: str | None = None, weight: float = SMOOTH,
                  notes: list[str] | None = None) -> tuple[dict[str, Any], list]:
@@ -390,7 +436,13 @@ def compare_runs(runs: list, axes: list[str] | None, *, rank: str | None = None,
                "notes": [*(notes or []), rank_line], "rank": rank, "primary_quality": primary, "smooth": weight}
     rows, eval_lead = sampler_rows(runs, keys)  # the runs' evaluate results, if any
     if rows:
-        summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead)}
+        best = best_setting(rows, eval_lead, axes)
+        summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead),
+                               "best_setting": [{"axes": b["axes"], **b["row"]} for b in best]}
+        summary["notes"] += [b["note"] for b in best]
+        ordered = [runs[i] for i in by_rank]
+        summary["evaluation_curves"] = {"metric": eval_lead, "fields": evaluation_curves(
+            ordered, [s["name"] or Path(s["run"]).name for s in summary["runs"]], eval_lead)}
     return summary, [runs[i] for i in by_rank]
 
 

@@ -1,10 +1,16 @@
 """``model/``: what a finished run exports, a diffusers pipeline anyone can load, and the one way
-diffexp loads it back (``load_pipeline``: weights and configs only, never code from the folder)."""
+diffexp loads it back (``load_pipeline``: weights and configs only, never code from the folder).
+
+Every complete checkpoint is a model too: ``model_source`` says which weights ``checkpoint=`` names
+(``model/``, a step, ``last``, ``best``) and ``run_pipeline`` builds the pipeline of either, the one
+way ``sample``, ``evaluate``, the app and ``export`` get a run's model."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -13,11 +19,12 @@ from diffusers import ModelMixin, SchedulerMixin
 
 from diffexp import DiffexpError, first_line
 from diffexp.models.build import is_transformer
-from diffexp.records.rundir import RunDir, atomic_path
+from diffexp.records.rundir import RunDir, atomic_path, step_of
 from diffexp.sampling import pipeline as pipeline_module
 from diffexp.sampling import schedulers as schedulers_module
 from diffexp.sampling.pipeline import DiffexpPipeline
 
+log = logging.getLogger(__name__)
 # Samplers whose initial noise is unscaled and whose network input is the sample itself: the
 # loop of diffusers' DDPMPipeline runs them as they are.
 DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
@@ -26,8 +33,8 @@ DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepS
 
 
 def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
-                    class_names: list[str] | None = None) -> None:
-    """``model/``: a diffusers pipeline of the EMA weights, the run's sampler and, for latent
+                    class_names: list[str] | None = None, out: Path | None = None) -> None:
+    """``model/`` (or ``out``): a diffusers pipeline of the EMA weights, the run's sampler and, for latent
     diffusion, the autoencoder (written atomically).
 
     An unconditional pixel-space model with a sampler that diffusers' ``DDPMPipeline`` runs as it
@@ -40,7 +47,7 @@ def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
     num_classes = len(class_names) if class_names else None
     pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler, vae=vae, num_classes=num_classes, class_names=class_names)
     plain_loop = type(sampler).__name__ in DDPM_PIPELINE_SAMPLERS
-    with atomic_path(run.model_dir) as tmp:
+    with atomic_path(out or run.model_dir) as tmp:
         pipe.save_pretrained(tmp)
         index_file = tmp / "model_index.json"
         index = json.loads(index_file.read_text())
@@ -101,3 +108,85 @@ def load_pipeline(model_dir: str | Path) -> DiffexpPipeline:
     pipe = DiffexpPipeline(unet=denoiser.eval(), scheduler=parts["scheduler"], vae=parts.get("vae"),
                            num_classes=index.get("num_classes"), class_names=index.get("class_names"))
     return pipe
+
+
+@dataclass
+class ModelSource:
+    """Which weights of a run are the model: its exported ``model/`` (``checkpoint`` None) or the EMA
+    weights of the complete checkpoint ``folder`` of step ``checkpoint``; ``step``: the training step
+    the weights are from."""
+
+    folder: Path
+    checkpoint: int | None
+    step: int
+
+    def describe(self) -> str:
+        return "model/" if self.checkpoint is None else f"checkpoint {self.checkpoint}"
+
+
+def model_source(run: RunDir, checkpoint: int | str | None = None, metric_key: str | None = None) -> ModelSource:
+    """The weights ``checkpoint=`` names: None, the run's ``model/`` (a run without one, interrupted,
+    its newest complete checkpoint, said in a log line); a step; ``last``, the newest complete
+    checkpoint; ``best``, the one with the best ``metric_key`` computed so far (``catalog.best_checkpoint``).
+    A checkpoint that is not there is one line naming the steps that are."""
+    from diffexp.records.catalog import best_checkpoint
+
+    run.require()
+    if checkpoint is None:
+        if run.model_dir.is_dir():
+            return ModelSource(run.model_dir, None, int(run.config().trainer.max_steps))
+        folder = run.latest_checkpoint()
+        if folder is None:
+            raise DiffexpError(f"run={run.path}: no model/ and no complete checkpoint (nothing to sample yet)")
+        log.info("%s has no model/ (status %s): using its newest complete checkpoint, step %d (checkpoint=STEP "
+                 "picks another)", run.path, run.info().get("status", "unknown"), step_of(folder))
+        return ModelSource(folder, step_of(folder), step_of(folder))
+    if checkpoint == "best":
+        step, key, value = best_checkpoint(run, metric_key)
+        log.info("checkpoint=best: step %d (%s %.4g, the best computed so far)", step, key, value)
+        checkpoint = step
+    folder = run.find_checkpoint(checkpoint)
+    return ModelSource(folder, step_of(folder), step_of(folder))
+
+
+def run_pipeline(run: RunDir, source: ModelSource) -> DiffexpPipeline:
+    """The pipeline of ``source``'s weights: ``model/`` as ``load_pipeline`` reads it, or a checkpoint's
+    EMA weights in the run's network with its sampler, autoencoder and classes (from ``model/`` when the
+    run has one, else built from its config as training built them): what ``model/`` would have been
+    had the run ended at that step."""
+    from diffexp.training.checkpoints import checkpoint_ema
+
+    if source.checkpoint is None:
+        return load_pipeline(source.folder)
+    if run.model_dir.is_dir():
+        pipe = load_pipeline(run.model_dir)  # everything but the weights
+        parts = pipe.unet, pipe.scheduler, pipe.vae, pipe.config.num_classes, pipe.config.class_names
+    else:
+        parts = built_parts(run)
+    denoiser, sampler, vae, num_classes, names = parts
+    try:
+        denoiser = checkpoint_ema(source.folder, denoiser)
+    except RuntimeError as e:  # load_state_dict's first line only names the class; the next says what differs
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), first_line(e))
+        raise DiffexpError(f"checkpoint={source.checkpoint}: its EMA weights do not fit the run's network ({detail})") from None
+    return DiffexpPipeline(unet=denoiser.eval(), scheduler=sampler, vae=vae, num_classes=num_classes, class_names=names)
+
+
+def built_parts(run: RunDir) -> tuple:
+    """(network, sampler, autoencoder or None, number of classes and class names or None) of a run without ``model/``, built
+    from its config as training built them (the network's weights are the initial ones)."""
+    from diffexp.data.latents import trained_autoencoder
+    from diffexp.models.build import build_model, build_sampler, resolve_sampler
+
+    cfg = run.config()
+    conditional = (cfg.get("conditioning") or {}).get("kind", "none") == "class"
+    names = [str(n) for n in run.info().get("class_names") or []] if conditional else None
+    vae = trained_autoencoder(cfg)
+    if vae is None:
+        channels, size = int(cfg.dataset.channels), int(cfg.dataset.resolution)
+    else:
+        channels = int(vae.config.latent_channels)
+        size = int(cfg.dataset.resolution) // 2 ** (len(vae.config.block_out_channels) - 1)
+    denoiser = build_model(cfg.model, channels=channels, size=size, num_classes=len(names) if names else None)
+    sampler = build_sampler(resolve_sampler(cfg.sampler, cfg.scheduler), cfg.scheduler, latent=vae is not None)
+    return denoiser, sampler, vae, len(names) if names else None, names

@@ -88,13 +88,15 @@ def generate(denoiser, scheduler: SchedulerMixin, *, n: int, steps: int, seed: i
 @dataclass
 class Samples:
     """What ``sample_run`` made: uint8 images N x H x W x C, their class labels (None for an
-    unconditional run), and how (sampler config name, steps, seed)."""
+    unconditional run), and how (sampler config name, steps, seed, and the checkpoint step of the
+    weights, None for ``model/``)."""
 
     images: np.ndarray
     labels: np.ndarray | None
     sampler: str
     steps: int
     seed: int
+    checkpoint: int | None = None
 
 
 def class_names(run) -> list[str] | None:
@@ -148,37 +150,49 @@ def choose_guidance(requested: float | None, run_cfg, names: list[str] | None) -
 
 @dataclass
 class RunModel:
-    """A run's exported model ready to sample (``load_run_model``): its config, class names (None when
-    unconditional), the denoiser and the autoencoder (None in pixel space), on one device."""
+    """A run's model ready to sample (``load_run_model``): its config, class names (None when
+    unconditional), the denoiser and the autoencoder (None in pixel space), on one device; and which
+    weights they are: ``checkpoint`` (None: the exported ``model/``, else a checkpoint's step) and the
+    training ``step`` they are from."""
 
     cfg: DictConfig
     names: list[str] | None
     denoiser: torch.nn.Module
     vae: torch.nn.Module | None
+    checkpoint: int | None = None
+    step: int | None = None
 
 
-def load_run_model(run, device: str | torch.device, ema_std: float | None = None) -> RunModel:
-    """Run directory ``run``'s exported EMA weights (``model/``, through ``export.load_pipeline``) on
-    ``device``, frozen, with the run's config and classes. ``ema_std``: instead, the post-hoc EMA of
-    that relative width reconstructed from the run's snapshots (``training.phema.reconstruct``)."""
+def load_run_model(run, device: str | torch.device, checkpoint: int | str | None = None, *,
+                   metric_key: str | None = None, ema_std: float | None = None) -> RunModel:
+    """Run directory ``run``'s EMA weights on ``device``, frozen, with the run's config and classes:
+    its exported ``model/`` (``checkpoint=None``; a run without one, its newest complete checkpoint), or
+    checkpoint ``STEP``, ``last`` or ``best`` (by ``metric_key``), see ``export.model_source``. With
+    ``ema_std``, the post-hoc EMA of that relative width at that step instead, reconstructed from the
+    run's snapshots (``training.phema.reconstruct``). The one place every command (``sample``,
+    ``evaluate``, the app, ``export``) gets a run's model."""
     from diffexp.records.rundir import RunDir
-    from diffexp.sampling.export import load_pipeline
+    from diffexp.sampling.export import model_source, run_pipeline
 
     run = RunDir(run) if not isinstance(run, RunDir) else run
     cfg = run.config()
-    pipe = load_pipeline(run.require_model())
+    source = model_source(run, checkpoint, metric_key)
+    pipe = run_pipeline(run, source)
     if ema_std is not None:
         from diffexp.training import phema  # (training imports sampling: not at module level)
 
-        phema.load_weights(pipe.unet, phema.reconstruct(run, float(ema_std)))
+        phema.load_weights(pipe.unet, phema.reconstruct(run, float(ema_std), step=source.step))
     vae = pipe.vae.to(device) if pipe.vae is not None else None
-    return RunModel(cfg, class_names(run), pipe.unet.to(device).eval().requires_grad_(False), vae)
+    return RunModel(cfg, class_names(run), pipe.unet.to(device).eval().requires_grad_(False), vae,
+                    source.checkpoint, source.step)
 
 
 def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 250,
                class_label: int | None = None, guidance_scale: float | None = None, device: str | None = None,
-               progress: bool = False, ema_std: float | None = None) -> Samples:
-    """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``) with
+               progress: bool = False, checkpoint: int | str | None = None, metric_key: str | None = None,
+               ema_std: float | None = None) -> Samples:
+    """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``, or the checkpoint
+    ``checkpoint`` names, or the post-hoc EMA ``ema_std``: see ``load_run_model``) with
     ``sampler_cfg`` (default: the run's own sampler) in ``steps`` steps (default: the sampler's).
 
     The one way the ``sample`` command (and the app) samples a finished run; the sampler is built
@@ -202,14 +216,16 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     guidance_scale = choose_guidance(guidance_scale, run_cfg, names)
     request = OmegaConf.merge(sampler_cfg or {}, {} if steps is None else {"steps": steps})
     sampler_cfg, steps = choose_sampler(request, run_cfg)
-    model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"), ema_std=ema_std)
+    model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"), checkpoint,
+                           metric_key=metric_key, ema_std=ema_std)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
     images = generate(model.denoiser, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size, vae=model.vae,
                       num_classes=len(names) if names else None,
                       labels=torch.from_numpy(labels) if labels is not None else None,
                       guidance_scale=guidance_scale, progress=progress)
-    return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed)
+    return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed,
+                   checkpoint=model.checkpoint)
 
 
 def timesteps(sampler: SchedulerMixin, steps: int) -> torch.Tensor:

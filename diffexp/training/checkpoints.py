@@ -74,6 +74,14 @@ def load_parent(cfg: DictConfig, net: torch.nn.Module, ema: EMA, optimizer, devi
     log.info("started from %s (model, EMA%s)", folder, ", optimizer moments" if cfg.get("init_optimizer") else "")
 
 
+def checkpoint_ema(folder: Path, denoiser: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``denoiser`` (a network of the run's architecture) holding checkpoint ``folder``'s EMA
+    weights: the model a checkpoint is, as ``model/`` is the final EMA. Read as a resume reads them."""
+    ema = EMA(denoiser, None)
+    ema.load_state_dict(torch.load(folder / EMA_FILE, map_location="cpu", weights_only=True))
+    return ema.model
+
+
 def continue_schedule(optimizer, lr_scheduler) -> None:
     """After loading a checkpoint: the next step's learning rate from the schedule as built, at the
     saved position (``LambdaLR`` saves no lambdas, so a longer ``trainer.max_steps`` takes effect)."""
