@@ -34,7 +34,8 @@ from diffexp.records.rundir import RunDir, file_sha256, now
 from diffexp.records.tracking import add_to_wandb_summary
 
 log = logging.getLogger("diffexp.evaluate")
-KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale")
+KEY = ("metric", "num_samples", "sampler", "sampler_options", "sampler_steps", "seed", "guidance_scale", "guide",
+       "guide_checkpoint", "guidance_interval")
 
 
 def record_result(run: RunDir, result: dict) -> list[dict]:
@@ -114,8 +115,11 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from diffexp.sampling.generate import (
         check_steps,
         choose_guidance,
+        choose_interval,
         choose_sampler,
         class_names,
+        guide_name,
+        load_guide,
         load_run_model,
         network_evaluations,
         sampler_name,
@@ -128,8 +132,12 @@ def evaluate(cfg: DictConfig) -> dict | None:
     names = class_names(run)
     metric_cfg = resolve_metric(cfg.metric, run_cfg.dataset)
     sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
-    guidance = choose_guidance(cfg.guidance_scale, run_cfg, names)
+    guide, guide_checkpoint = cfg.get("guide"), cfg.get("guide_checkpoint")
+    guided_by = guide_name(guide, guide_checkpoint)
+    guidance = choose_guidance(cfg.guidance_scale, run_cfg, names, guided_by)
+    interval = choose_interval(cfg.get("guidance_interval"), names, guided_by)
     accelerator = Accelerator()
+    guide_model = load_guide(run, names, guide, guide_checkpoint, accelerator.device)
     model = load_run_model(run, accelerator.device)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
@@ -137,13 +145,17 @@ def evaluate(cfg: DictConfig) -> dict | None:
         real = load_images(run_cfg.dataset, cfg.cache_dir)
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
     scores = evaluator(model.denoiser, sampler, steps, vae=model.vae, num_classes=len(names) if names else None,
-                       guidance_scale=guidance)
+                       guidance_scale=guidance, guide=guide_model, guidance_interval=interval)
     result = {**scores, "metric": metric_id(metric_cfg), "network": metric_cfg.network,
               "num_samples": int(metric_cfg.num_samples), "num_real": evaluator.num_real,
               "sampler": sampler_name(sampler_cfg),
               "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True), "sampler_steps": steps,
               "nfe": network_evaluations(sampler, steps), "seed": int(metric_cfg.seed),
-              "guidance_scale": guidance if names else None,
+              "guidance_scale": guidance if names or guided_by else None,
+              # only when set, so results recorded before these options keep their keys
+              **({"guide": str(RunDir(guide).path) if guide is not None else None,
+                  "guide_checkpoint": guide_checkpoint} if guided_by else {}),
+              **({"guidance_interval": list(interval)} if interval is not None else {}),
               "num_processes": accelerator.num_processes, "at": now()}
     main_process = accelerator.is_main_process
     if main_process:

@@ -35,7 +35,8 @@ def main(cfg: DictConfig) -> None:
         run = RunDir(cfg.run).require()
         samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler,
                              batch_size=int(cfg.batch_size), class_label=cfg.class_label,
-                             guidance_scale=cfg.guidance_scale, progress=True)
+                             guidance_scale=cfg.guidance_scale, guide=cfg.guide, guide_checkpoint=cfg.guide_checkpoint,
+                             guidance_interval=cfg.guidance_interval, progress=True)
         out = out_path(cfg, run, samples.sampler, samples.steps)
         grid_file = save_samples(samples, out)
         print(f"{len(samples.images)} images {samples.images.shape[1:]} -> {out} (grid {grid_file})", flush=True)
