@@ -228,13 +228,18 @@ def draw(run: RunDir, request: Settings, samplers: dict[str, DictConfig], out_di
     sampler_cfg = None if request.sampler == OWN else samplers[request.sampler]
     chosen = {"checkpoint": request.checkpoint} if request.checkpoint is not None else {}
     start = time.perf_counter()
-    samples = sample_run(run, n=request.n, seed=request.seed, sampler_cfg=sampler_cfg, steps=request.steps,
-                         class_label=request.class_label if conditional else None,
-                         guidance_scale=request.guidance_scale if conditional or guided else None,
-                         guide=str(guide.path) if guide is not None else None,
-                         guide_checkpoint=request.guide_checkpoint,
-                         guidance_interval=request.guidance_interval if conditional or guided else None,
-                         device=device, **chosen)
+    try:
+        samples = sample_run(run, n=request.n, seed=request.seed, sampler_cfg=sampler_cfg, steps=request.steps,
+                             class_label=request.class_label if conditional else None,
+                             guidance_scale=request.guidance_scale if conditional or guided else None,
+                             guide=str(guide.path) if guide is not None else None,
+                             guide_checkpoint=request.guide_checkpoint,
+                             guidance_interval=request.guidance_interval if conditional or guided else None,
+                             device=device, **chosen)
+    except DiffexpError as e:  # the guide named as the page names it
+        if guide is None:
+            raise
+        raise DiffexpError(str(e).replace(f"guide={guide.path}", f"guide={request.guide}")) from None
     seconds = time.perf_counter() - start
     npz = out_dir / f"{cfg.get('name') or run.path.name}_{samples.sampler}_{samples.steps}steps_s{samples.seed}.npz"
     grid_file = save_samples(samples, npz)
