@@ -7,10 +7,11 @@ Examples::
     python -m diffexp.evaluate -m run=RUN_DIR sampler=ddim,dpmpp sampler.steps=10,20,50   # several samplers
     accelerate launch -m diffexp.evaluate run=RUN_DIR                                       # several GPUs
     python -m diffexp.evaluate run=RUN_DIR images=FILE.npz                 # images made elsewhere
+    python -m diffexp.evaluate -m run=RUN_DIR guide_checkpoint=500 guidance_scale=1,2,3   # autoguidance
 
-Every result is kept in ``RUN_DIR/eval.json``, keyed by metric, sample count, sampler, steps and
-seed (the same key again replaces its own entry: it is the same measurement); the result is also
-printed as JSON on the last line.
+Every result is kept in ``RUN_DIR/eval.json``, keyed by metric, sample count, sampler, steps, seed,
+guidance scale, guide and guidance interval (the same key again replaces its own entry: it is the
+same measurement); the result is also printed as JSON on the last line.
 
 ``images=FILE.npz`` scores the images in that file instead of sampling the run (all of them; an
 ``.npz`` as ``sample`` writes it: ``images``, uint8 N x H x W x C, at the run's resolution and channels,

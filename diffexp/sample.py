@@ -2,7 +2,9 @@
 
 Images from a run's EMA weights (its exported ``model/``): ``FILE.npz`` holds ``images`` (uint8,
 N x H x W x C) and a grid PNG is written beside it. Without ``sampler=...`` the run's own sampler
-is used (``sampler.steps=N`` alone changes only its step count).
+is used (``sampler.steps=N`` alone changes only its step count). ``guide=RUN``/``guide_checkpoint=STEP``
+autoguide with weight ``guidance_scale``; ``guidance_interval=[lo,hi]`` limits guidance to part of the
+trajectory (docs/guidance.md).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def test_autoguidance_at_w_1_is_the_unguided_model_and_a_weaker_guide_changes_it
 
 def test_the_guidance_interval_guides_only_its_part_of_the_trajectory():
     assert [in_interval(i, 4, (0.25, 0.75)) for i in range(4)] == [False, True, True, False]
-    assert all(in_interval(i, 4, (0.0, 1.0)) for i in range(4)) and not any(in_interval(i, 4, (0.5, 0.5)) for i in range(4))
+    assert all(in_interval(i, 4, (0.0, 1.0)) for i in range(4))
+    assert not any(in_interval(i, 4, (0.5, 0.5)) for i in range(4))
     net = tiny_unet(0, 10)
     cfg = images(net, num_classes=10, guidance_scale=3.0)
     unguided = images(net, num_classes=10, guidance_scale=1.0)

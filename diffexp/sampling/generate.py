@@ -153,7 +153,8 @@ def choose_guidance(requested: float | None, run_cfg, names: list[str] | None, g
         return float(run_cfg.conditioning.get("guidance_scale", 1.0)) if names else 1.0
     if names is None and guide is None:
         raise DiffexpError(f"guidance_scale={requested}: {run_cfg.get('name') or 'the run'} is an unconditional run "
-                           "(no classes to guide towards; guide=RUN or guide_checkpoint=STEP guide it by a weaker model)")
+                           "(no classes to guide towards; guide=RUN or guide_checkpoint=STEP guide it by a weaker "
+                           "model)")
     need_guidance(OmegaConf.create({"guidance_scale": requested}))  # the rule the commands' config checks apply
     return float(requested)
 
@@ -226,9 +227,13 @@ def guide_mismatch(run_cfg, names: list[str] | None, guide_cfg, guide_names: lis
         if mine != its:
             return f"its {what} is {its}, the run's {mine}"
     if names != guide_names:
-        shown = lambda n: f"{len(n)} classes ({', '.join(n[:3])}{', ...' if len(n) > 3 else ''})" if n else "none"  # noqa: E731
-        return f"its classes are {shown(guide_names)}, the run's {shown(names)}"
+        return f"its classes are {classes_text(guide_names)}, the run's {classes_text(names)}"
     return None
+
+
+def classes_text(names: list[str] | None) -> str:
+    """A run's classes in short: ``10 classes (0, 1, 2, ...)``, or ``none``."""
+    return f"{len(names)} classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "none"
 
 
 def load_guide(run, names: list[str] | None, guide: str | None, guide_checkpoint,
