@@ -8,7 +8,10 @@ A Gradio page over the run directories below ``app.runs``, all read through ``di
   config and ``run.json``;
 - sampling through ``diffexp.sampling.generate.sample_run``, what ``python -m diffexp.sample`` uses (the same
   seed gives the same images), from the run's ``model/`` or any complete checkpoint (``last``, ``best``,
-  a step; an interrupted run: its newest), downloadable as the sample command writes them (``.npz`` + grid PNG);
+  a step; an interrupted run: its newest) or a post-hoc EMA width, downloadable as the sample command
+  writes them (``.npz`` + grid PNG), with the run's own sampler, steps and guidance as defaults, a class
+  for class-conditional runs, autoguidance by a guide run or checkpoint and a guidance interval (the
+  API takes the same);
 - two or more runs side by side, sampled with the same settings.
 
 A folder that cannot be read is a message on the page, never a traceback, and the table goes on.
@@ -37,7 +40,7 @@ from diffexp.models.build import sampler_config, sampler_names
 from diffexp.records.catalog import primary_quality, quality_goal, run_dirs, summarize
 from diffexp.records.rundir import RunDir, step_of
 from diffexp.report.render import ARROW, fmt, shown_path, wall_time
-from diffexp.sampling.generate import class_names, sample_run, sampler_name, save_samples
+from diffexp.sampling.generate import choose_guidance, class_names, sample_run, sampler_name, save_samples
 
 log = logging.getLogger("diffexp.app")
 OWN = "own"  # the sampler menu's value for "the run's own sampler"
@@ -147,32 +150,63 @@ class Settings:
     """One sampling request as the page's controls give it."""
 
     sampler: str  # OWN or a conf/sampler name
-    steps: int
+    steps: int | None  # None: the sampler's own
     seed: int
     n: int
     class_label: int | None = None
-    guidance_scale: float | None = None
-    checkpoint: int | str | None = None  # None: the run's model/; a step, last or best (sample's checkpoint=)
+    guidance_scale: float | None = None  # None: the run's own
+    checkpoint: str | int | None = None  # None: the final model
+    guide: str | None = None  # a run of the runs folder (its key), for autoguidance
+    guide_checkpoint: str | int | None = None
+    guidance_interval: tuple[float, float] | None = None
     ema_std: float | None = None  # a post-hoc EMA width (runs with phema snapshots); None: the EMA weights
 
 
-def settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint=None, ema_std=None, *,
-             max_images: int) -> Settings:
-    """The controls' values checked and typed (a DiffexpError names the one that is off)."""
-    for what, value in (("steps", steps), ("seed", seed), ("number of images", n)):
+def blank(value) -> bool:
+    """An input left empty (the API's None, a cleared text field)."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def checkpoint_value(what: str, value) -> str | int | None:
+    """A checkpoint input: empty (None), a step (an int) or a word (``last``, ``best``)."""
+    if blank(value) or value == MODEL:
+        return None
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if text in ("last", "best"):
+        return text
+    raise DiffexpError(f"{what}={value}: give a step, last or best (empty: the final model)")
+
+
+def interval_value(value) -> tuple[float, float] | None:
+    """The guidance interval input ``lo, hi`` (empty: the whole trajectory)."""
+    if blank(value):
+        return None
+    try:
+        lo, hi = (float(x) for x in str(value).strip("[]() ").split(","))
+    except ValueError:
+        raise DiffexpError(f"guidance interval={value}: give two fractions 'lo, hi' (e.g. 0.2, 0.7)") from None
+    return lo, hi
+
+
+def settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint=None, guide=None,
+             guide_checkpoint=None, guidance_interval=None, ema_std=None, *, max_images: int) -> Settings:
+    """The controls' values checked and typed (a DiffexpError names the one that is off); empty
+    steps, guidance and checkpoint mean the run's own."""
+    for what, value in (("steps", 1 if blank(steps) else steps), ("seed", seed), ("number of images", n)):
         if value is None or value != int(value):
             raise DiffexpError(f"{what}: give a whole number")
     if not 1 <= int(n) <= max_images:
         raise DiffexpError(f"number of images={n}: from 1 to {max_images}")
-    checkpoint = None if checkpoint in (None, "", MODEL) else str(checkpoint).strip()
-    if checkpoint is not None and checkpoint not in ("last", "best"):
-        if not checkpoint.isdigit():
-            raise DiffexpError(f"checkpoint={checkpoint}: expected a checkpoint step, last or best")
-        checkpoint = int(checkpoint)
-    return Settings(sampler or OWN, int(steps), int(seed), int(n),
-                    None if class_label in (None, "") else int(class_label),
-                    None if guidance_scale is None else float(guidance_scale), checkpoint,
-                    None if ema_std in (None, "", 0) else float(ema_std))
+    return Settings(sampler or OWN, None if blank(steps) else int(steps), int(seed), int(n),
+                    None if blank(class_label) else int(class_label),
+                    None if blank(guidance_scale) else float(guidance_scale),
+                    checkpoint_value("checkpoint", checkpoint), None if blank(guide) else str(guide).strip(),
+                    checkpoint_value("guide checkpoint", guide_checkpoint), interval_value(guidance_interval),
+                    None if blank(ema_std) or ema_std == 0 else float(ema_std))
 
 
 @dataclass
@@ -183,34 +217,46 @@ class Drawn:
     grid: Path
     shape: tuple[int, ...]
     sampler: str
+    steps: int
     seconds: float
 
 
 def draw(run: RunDir, request: Settings, samplers: dict[str, DictConfig], out_dir: Path,
-         device: str | None = None) -> Drawn:
+         device: str | None = None, guide: RunDir | None = None) -> Drawn:
     """Sample ``run`` as ``python -m diffexp.sample`` would with these settings, timed, and write the
-    images as it does (``.npz`` and grid PNG) into ``out_dir``. Class and guidance go to
-    class-conditional runs only."""
+    images as it does (``.npz`` and grid PNG) into ``out_dir``. The class goes to class-conditional
+    runs only, and so does the guidance scale unless a guide (``guide``, ``request.guide_checkpoint``)
+    autoguides. A ``request.checkpoint`` is handed to ``sample_run``'s ``checkpoint``."""
     cfg, _ = read_run(run)  # a bad config.yaml is named as such
     conditional = class_names(run) is not None
+    guided = guide is not None or request.guide_checkpoint is not None
     sampler_cfg = None if request.sampler == OWN else samplers[request.sampler]
+    chosen = {"checkpoint": request.checkpoint} if request.checkpoint is not None else {}
     start = time.perf_counter()
-    samples = sample_run(run, n=request.n, seed=request.seed, sampler_cfg=sampler_cfg, steps=request.steps,
-                         class_label=request.class_label if conditional else None,
-                         guidance_scale=request.guidance_scale if conditional else None, device=device,
-                         checkpoint=request.checkpoint, ema_std=request.ema_std)
+    try:
+        samples = sample_run(run, n=request.n, seed=request.seed, sampler_cfg=sampler_cfg, steps=request.steps,
+                             class_label=request.class_label if conditional else None,
+                             guidance_scale=request.guidance_scale if conditional or guided else None,
+                             guide=str(guide.path) if guide is not None else None,
+                             guide_checkpoint=request.guide_checkpoint,
+                             guidance_interval=request.guidance_interval if conditional or guided else None,
+                             device=device, ema_std=request.ema_std, **chosen)
+    except DiffexpError as e:  # the guide named as the page names it
+        if guide is None:
+            raise
+        raise DiffexpError(str(e).replace(f"guide={guide.path}", f"guide={request.guide}")) from None
     seconds = time.perf_counter() - start
     at = "" if samples.checkpoint is None else f"_ckpt{samples.checkpoint}"
     npz = out_dir / f"{cfg.get('name') or run.path.name}_{samples.sampler}_{samples.steps}steps_s{samples.seed}{at}.npz"
     grid_file = save_samples(samples, npz)
-    return Drawn(npz, grid_file, samples.images.shape, samples.sampler, seconds)
+    return Drawn(npz, grid_file, samples.images.shape, samples.sampler, samples.steps, seconds)
 
 
 def described(drawn: Drawn, request: Settings, device: str) -> str:
     """One line about a sampling: how many images, how, and how long it took."""
     n, h, w, _ = drawn.shape
     ema = f", post-hoc EMA σ_rel {request.ema_std:g}" if request.ema_std is not None else ""
-    return (f"{n} images of {h}×{w} px, {drawn.sampler} in {request.steps} steps, seed {request.seed}{ema}: "
+    return (f"{n} images of {h}×{w} px, {drawn.sampler} in {drawn.steps} steps, seed {request.seed}{ema}: "
             f"{drawn.seconds:.2f} s on {device}")
 
 
@@ -247,7 +293,8 @@ class Page:
         """The timer's tick: the table again; the run menus and the selected run's view only when they changed."""
         table, note = self.read_table()
         keys = list(table["run"]) if not table.empty else []
-        menus = [gr.skip()] * 2 if keys == known else [gr.update(choices=keys)] * 2
+        menus = [gr.skip()] * 3 if keys == known else [gr.update(choices=keys)] * 2 + [
+            gr.update(choices=[("none", ""), *[(k, k) for k in keys]])]  # the guide menu
         now = self.view_signature(selected, table)
         view = [gr.skip()] * len(VIEW) if now == seen else self.show_run(selected)
         return table, note, *menus, keys, *view, now
@@ -297,12 +344,14 @@ class Page:
 
     def controls(self, key: str | None) -> list:
         """The sampling controls for the selected run (sampler, steps, class, guidance, weights): its own
-        sampler named in the menu, its steps, class and guidance for class-conditional runs only, and
-        its model/ or any of its complete checkpoints."""
+        sampler named in the menu, its steps, a class for class-conditional runs only, its own guidance
+        scale (``choose_guidance``; empty for an unconditional run, which only a guide guides), and its
+        model/ or any of its complete checkpoints."""
         try:
             run = find_run(self.root, key)
-            own, classes = run.config().sampler, class_names(run)
-            own_name, own_steps = sampler_name(own), int(own.steps)
+            cfg, classes = run.config(), class_names(run)
+            own_name, own_steps = sampler_name(cfg.sampler), int(cfg.sampler.steps)
+            guidance = choose_guidance(None, cfg, classes)
             steps = [step_of(c) for c in run.checkpoints()]
         except Exception:  # noqa: BLE001 - the run view says why
             return [gr.skip()] * 5
@@ -311,7 +360,7 @@ class Page:
         return [gr.update(choices=menu, value=OWN), own_steps,
                 gr.update(choices=[(c, i) for i, c in enumerate(classes or [])], value=0 if conditional else None,
                           visible=conditional),
-                gr.update(visible=conditional),
+                guidance if conditional else None,
                 gr.update(choices=weights_menu(run.model_dir.is_dir(), steps), value=MODEL)]
 
     def sampler_steps(self, key: str | None, sampler: str):
@@ -323,31 +372,46 @@ class Page:
         except Exception:  # noqa: BLE001 - the run view says why
             return gr.skip()
 
-    def sample(self, run, sampler, steps, seed, n, class_label, guidance_scale, checkpoint=MODEL, ema_std=None):
-        """Sample the selected run: the grid, a line on how, and the .npz and PNG to download."""
+    def guide_run(self, request: Settings) -> RunDir | None:
+        """The run ``request.guide`` names in the runs folder (None without one), named ``guide=`` when
+        it cannot be found."""
+        if request.guide is None:
+            return None
         try:
-            request = settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint, ema_std,
-                               max_images=self.max_images)
-            drawn = draw(find_run(self.root, run), request, self.samplers, self.out_dir(), self.device)
+            return find_run(self.root, request.guide)
+        except DiffexpError as e:
+            raise DiffexpError(f"guide={request.guide}: {e}") from None
+
+    def sample(self, run, sampler, steps, seed, n, class_label=None, guidance_scale=None, checkpoint=None, guide=None,
+               guide_checkpoint=None, guidance_interval=None, ema_std=None):
+        """Sample the selected run: the grid, a line on how, and the .npz and PNG to download. Empty
+        steps, class and guidance: the run's own (every class in turn)."""
+        try:
+            request = settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint, guide,
+                               guide_checkpoint, guidance_interval, ema_std, max_images=self.max_images)
+            drawn = draw(find_run(self.root, run), request, self.samplers, self.out_dir(), self.device,
+                         self.guide_run(request))
         except Exception as e:  # noqa: BLE001 - a message on the page, never a traceback
             raise refusal(reported(e)) from None
         return str(drawn.grid), described(drawn, request, self.device_name), [str(drawn.npz), str(drawn.grid)]
 
-    def compare(self, runs, sampler, steps, seed, n, class_label, guidance_scale, checkpoint=MODEL, ema_std=None):
+    def compare(self, runs, sampler, steps, seed, n, class_label=None, guidance_scale=None, checkpoint=None,
+                guide=None, guide_checkpoint=None, guidance_interval=None, ema_std=None):
         """Sample each of the chosen runs with the same settings: their grids, captioned, and a line
         per run on how long it took (or why it could not be sampled)."""
         keys = list(runs or [])
         if len(keys) < 2:
             raise refusal("pick two or more runs to put side by side")
         try:
-            request = settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint, ema_std,
-                               max_images=self.max_images)
+            request = settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint, guide,
+                               guide_checkpoint, guidance_interval, ema_std, max_images=self.max_images)
+            guide_run = self.guide_run(request)
         except Exception as e:  # noqa: BLE001
             raise refusal(shown(e)) from None
         gallery, lines = [], []
         for key in keys:
             try:
-                drawn = draw(find_run(self.root, key), request, self.samplers, self.out_dir(), self.device)
+                drawn = draw(find_run(self.root, key), request, self.samplers, self.out_dir(), self.device, guide_run)
             except Exception as e:  # noqa: BLE001 - the other runs still show
                 lines.append(f"- ⚠ `{key}`: {reported(e)}")
                 continue
@@ -410,13 +474,22 @@ def build(page: Page) -> gr.Blocks:
                         seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
                         n = gr.Slider(1, page.max_images, value=min(16, page.max_images), step=1,
                                       label="number of images", elem_id="n")
-                        class_label = gr.Dropdown([], label="class", visible=False, elem_id="class")
-                        guidance_scale = gr.Slider(0, 10, value=1.0, step=0.5, visible=False,
-                                                   label="guidance scale (1: no guidance)", elem_id="guidance")
+                        # custom values: the API asks for a class id before any run's classes are listed
+                        class_label = gr.Dropdown([], label="class", visible=False, allow_custom_value=True,
+                                                  elem_id="class")
+                        guidance_scale = gr.Number(None, minimum=0, label="guidance scale (empty: the run's own; "
+                                                   "1: none; with a guide: its weight w)", elem_id="guidance")
                         checkpoint = gr.Dropdown(weights_menu(True, []), value=MODEL, label="weights",
                                                  allow_custom_value=True, elem_id="checkpoint")
-                        ema_std = gr.Number(None, label="post-hoc EMA σ_rel (empty: model/; runs with phema snapshots)",
-                                            minimum=0, elem_id="ema-std")
+                        with gr.Accordion("post-hoc EMA and autoguidance", open=False):
+                            ema_std = gr.Number(None, label="post-hoc EMA σ_rel (empty: the EMA weights; runs with "
+                                                "phema snapshots)", minimum=0, elem_id="ema-std")
+                            guide = gr.Dropdown([], label="guide run (autoguidance; empty: none)", value=None,
+                                                allow_custom_value=True, elem_id="guide")
+                            guide_checkpoint = gr.Textbox(label="guide checkpoint (empty: the guide's final model; "
+                                                          "alone: this run's checkpoint)", elem_id="guide-checkpoint")
+                            guidance_interval = gr.Textbox(label="guidance interval 'lo, hi' (fractions of the "
+                                                           "trajectory; empty: all)", elem_id="guidance-interval")
                         sample_button = gr.Button("Sample", variant="primary", elem_id="sample-button")
                     with gr.Column(scale=2):
                         sampled = gr.Image(label="samples", format="png", interactive=False, elem_id="sampled",
@@ -435,10 +508,11 @@ def build(page: Page) -> gr.Blocks:
 
         view = [status, loss, quality, grid_slider, grid, config, info]  # VIEW's order
         controls = [sampler, steps, class_label, guidance_scale, checkpoint]
-        settings_in = [sampler, steps, seed, n, class_label, guidance_scale, checkpoint, ema_std]
+        settings_in = [sampler, steps, seed, n, class_label, guidance_scale, checkpoint, guide, guide_checkpoint,
+                       guidance_interval, ema_std]
 
         tick = dict(fn=page.refresh, inputs=[run_menu, known, seen],
-                    outputs=[table, note, run_menu, compare_menu, known, *view, seen], show_progress="hidden",
+                    outputs=[table, note, run_menu, compare_menu, guide, known, *view, seen], show_progress="hidden",
                     api_visibility="private")
         demo.load(**tick)
         gr.Timer(max(page.refresh_s, 0.1), active=page.refresh_s > 0).tick(**tick)

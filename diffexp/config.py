@@ -389,6 +389,28 @@ def need_checkpoint(cfg: DictConfig, key: str = "checkpoint") -> None:
     raise DiffexpError(f"{key}={v}: expected a checkpoint step, last or best (null: the run's model/)")
 
 
+def need_interval(cfg: DictConfig, key: str = "guidance_interval") -> None:
+    """``key`` is null (the whole trajectory) or ``[lo, hi]``, fractions of the trajectory with
+    0 <= lo <= hi <= 1 (``sampling.pipeline.in_interval``)."""
+    v = _value(cfg, key)
+    if v is None:
+        return
+    ok = (OmegaConf.is_list(v) or isinstance(v, (list, tuple))) and len(v) == 2
+    ok = ok and all(isinstance(x, Real) and not isinstance(x, bool) for x in v) and 0 <= v[0] <= v[1] <= 1
+    if not ok:
+        shown = list(v) if OmegaConf.is_list(v) else v
+        raise DiffexpError(f"{key}={shown}: expected [lo,hi], fractions of the sampling trajectory with "
+                           "0 <= lo <= hi <= 1 (e.g. [0.2,0.7]; null: all of it)")
+
+
+def need_guide(cfg: DictConfig) -> None:
+    """``guide`` is null or a run directory's path; ``guide_checkpoint`` null, a step, last or best."""
+    guide = _value(cfg, "guide")
+    if guide is not None and not isinstance(guide, str):
+        raise DiffexpError(f"guide={guide}: expected the path of a run directory")
+    need_int(cfg, "guide_checkpoint", 0, allow=(None, "last", "best"))
+
+
 def check_sample_config(cfg: DictConfig) -> None:
     """``python -m diffexp.sample``'s own settings (the run-dependent ones, a class for an unconditional
     run say, are checked against the run before any sampling)."""
@@ -400,6 +422,8 @@ def check_sample_config(cfg: DictConfig) -> None:
     need_guidance(cfg)
     need_number(cfg, "ema_std", low=0, low_open=True, allow_none=True)
     need_checkpoint(cfg)
+    need_interval(cfg)
+    need_guide(cfg)
     if cfg.out is not None and Path(str(cfg.out)).suffix != ".npz":
         raise DiffexpError(f"out={cfg.out}: expected a file name ending in .npz (the grid PNG is written beside it)")
 
@@ -411,6 +435,8 @@ def check_evaluate_config(cfg: DictConfig) -> None:
     need_number(cfg, "ema_std", low=0, low_open=True, allow_none=True)
     need_checkpoint(cfg)
     need_int(cfg, "seed", 0, allow=(None,))
+    need_interval(cfg)
+    need_guide(cfg)
     if not isinstance(cfg.wandb, bool):
         raise DiffexpError(f"wandb={cfg.wandb}: expected true or false")
 

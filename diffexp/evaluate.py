@@ -8,13 +8,14 @@ Examples::
     python -m diffexp.evaluate -m run=RUN_DIR checkpoint=500,1000,1500 guidance_scale=1,1.5 seed=0,1,2  # a sweep
     accelerate launch -m diffexp.evaluate run=RUN_DIR                                       # several GPUs
     python -m diffexp.evaluate run=RUN_DIR images=FILE.npz                 # images made elsewhere
+    python -m diffexp.evaluate -m run=RUN_DIR guide_checkpoint=500 guidance_scale=1,2,3   # autoguidance
 
 Every result is kept in ``RUN_DIR/eval.json``, keyed by its setting (``setting``: the weights'
-checkpoint, sampler, options, steps, guidance, sampling seed, metric and sample count; the same
-setting again replaces its own entry: it is the same measurement); the result is also printed as
-JSON on the last line. Images are scored as they are drawn and never written, so a sweep over
-settings (``-m``) costs no disk; every setting draws from the same sampling seed (``seed=``, default
-``metric.seed``), so settings differ only in what they set.
+checkpoint and post-hoc EMA width, sampler, options, steps, guidance, guide and guidance interval,
+sampling seed, metric and sample count; the same setting again replaces its own entry: it is the
+same measurement); the result is also printed as JSON on the last line. Images are scored as they
+are drawn and never written, so a sweep over settings (``-m``) costs no disk; every setting draws
+from the same sampling seed (``seed=``, default ``metric.seed``), so settings differ only in what they set.
 
 ``images=FILE.npz`` scores the images in that file instead of sampling the run (all of them; an
 ``.npz`` as ``sample`` writes it: ``images``, uint8 N x H x W x C, at the run's resolution and channels,
@@ -41,11 +42,14 @@ log = logging.getLogger("diffexp.evaluate")
 
 
 def setting(model, metric_cfg: DictConfig, sampler_cfg: DictConfig, steps: int, guidance: float | None,
-            ema_std: float | None, num_samples: int) -> dict:
+            ema_std: float | None, num_samples: int, guide: str | None = None, guide_checkpoint=None,
+            interval=None) -> dict:
     """What an evaluation result is keyed by (its ``key`` in eval.json): which weights (``checkpoint``: a
-    step, None for ``model/``; ``ema_std``, a post-hoc EMA width), the sampler, its options and steps, the guidance scale, the sampling seed,
-    and the metric with its sample count. One more axis of evaluation is one more line here; ``compare``
-    and the W&B table show any key field that varies."""
+    step, None for ``model/``; ``ema_std``, a post-hoc EMA width), the sampler, its options and steps,
+    the guidance scale, guide and interval, the sampling seed, and the metric with its sample count. An
+    unset field (None) is left out of the comparison, so results recorded before it existed keep their
+    setting. One more axis of evaluation is one more line here; ``compare`` and the W&B table show any
+    key field that varies."""
     from diffexp.sampling.generate import sampler_name
 
     return {
@@ -55,6 +59,9 @@ def setting(model, metric_cfg: DictConfig, sampler_cfg: DictConfig, steps: int, 
         "sampler_options": OmegaConf.to_container(sampler_cfg.scheduler, resolve=True),
         "sampler_steps": steps,
         "guidance_scale": guidance,
+        "guide": guide,
+        "guide_checkpoint": guide_checkpoint,
+        "guidance_interval": None if interval is None else list(interval),
         "seed": int(metric_cfg.seed),
         "metric": metric_id(metric_cfg),
         "num_samples": num_samples,
@@ -141,8 +148,11 @@ def evaluate(cfg: DictConfig) -> dict | None:
     from diffexp.sampling.generate import (
         check_steps,
         choose_guidance,
+        choose_interval,
         choose_sampler,
         class_names,
+        guide_name,
+        load_guide,
         load_run_model,
         network_evaluations,
     )
@@ -156,9 +166,13 @@ def evaluate(cfg: DictConfig) -> dict | None:
     if cfg.get("seed") is not None:  # the sampling seed: every setting of a sweep draws the same noise
         metric_cfg.seed = int(cfg.seed)
     sampler_cfg, steps = choose_sampler(cfg.sampler, run_cfg)
-    guidance = choose_guidance(cfg.guidance_scale, run_cfg, names)
+    guide, guide_checkpoint = cfg.get("guide"), cfg.get("guide_checkpoint")
+    guided_by = guide_name(guide, guide_checkpoint)
+    guidance = choose_guidance(cfg.guidance_scale, run_cfg, names, guided_by)
+    interval = choose_interval(cfg.get("guidance_interval"), names, guided_by)
     accelerator = Accelerator()
     ema_std = cfg.get("ema_std")
+    guide_model = load_guide(run, names, guide, guide_checkpoint, accelerator.device)
     model = load_run_model(run, accelerator.device, cfg.checkpoint, metric_key=cfg.metric_key, ema_std=ema_std)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
@@ -167,8 +181,10 @@ def evaluate(cfg: DictConfig) -> dict | None:
     evaluator = Evaluator(metric_cfg, accelerator, real, run_cfg.dataset, cfg.cache_dir)
     objective = build_objective(run_cfg.scheduler, run_cfg.trainer)
     scores = evaluator(model.denoiser, sampler, steps, vae=model.vae, num_classes=len(names) if names else None,
-                       guidance_scale=guidance, objective=objective)
-    key = setting(model, metric_cfg, sampler_cfg, steps, guidance if names else None, ema_std, evaluator.num_samples)
+                       guidance_scale=guidance, objective=objective, guide=guide_model, guidance_interval=interval)
+    key = setting(model, metric_cfg, sampler_cfg, steps, guidance if names or guided_by else None, ema_std,
+                  evaluator.num_samples, str(RunDir(guide).path) if guide is not None else None,
+                  guide_checkpoint if guided_by else None, interval)
     result = {**scores, **key, "key": list(key), "step": model.step, "network": metric_cfg.network,
               "num_real": evaluator.num_real, "nfe": network_evaluations(sampler, steps),
               "num_processes": accelerator.num_processes, "at": now()}

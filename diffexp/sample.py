@@ -1,9 +1,11 @@
 """``python -m diffexp.sample run=RUN_DIR n=64 [sampler=ddim] [sampler.steps=50] seed=0 [checkpoint=STEP|last|best] out=FILE.npz``.
 
 Images from a run's EMA weights (its exported ``model/``, or with ``checkpoint=`` any complete
-checkpoint's): ``FILE.npz`` holds ``images`` (uint8, N x H x W x C) and a grid PNG is written beside
-it. Without ``sampler=...`` the run's own sampler is used (``sampler.steps=N`` alone changes only its
-step count).
+checkpoint's, or with ``ema_std=`` a post-hoc EMA): ``FILE.npz`` holds ``images`` (uint8,
+N x H x W x C) and a grid PNG is written beside it. Without ``sampler=...`` the run's own sampler is
+used (``sampler.steps=N`` alone changes only its step count). ``guide=RUN``/``guide_checkpoint=STEP``
+autoguide with weight ``guidance_scale``; ``guidance_interval=[lo,hi]`` limits guidance to part of the
+trajectory (docs/guidance.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def main(cfg: DictConfig) -> None:
         run = RunDir(cfg.run).require()
         samples = sample_run(run, n=int(cfg.n), seed=int(cfg.seed), sampler_cfg=cfg.sampler,
                              batch_size=int(cfg.batch_size), class_label=cfg.class_label,
-                             guidance_scale=cfg.guidance_scale, progress=True, checkpoint=cfg.checkpoint,
+                             guidance_scale=cfg.guidance_scale, guide=cfg.guide, guide_checkpoint=cfg.guide_checkpoint,
+                             guidance_interval=cfg.guidance_interval, progress=True, checkpoint=cfg.checkpoint,
                              metric_key=cfg.metric_key, ema_std=cfg.get("ema_std"))
         out = out_path(cfg, run, samples.sampler, samples.steps, samples.checkpoint)
         grid_file = save_samples(samples, out)

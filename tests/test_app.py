@@ -4,7 +4,7 @@ through Playwright's Python package), where the browser test takes a screenshot 
 from a real default run: scripts/app_screenshot.py).
 
 One server for the module: ``digits16`` (a 16 px run of 30 steps), ``tiny``
-(the module's tiny run), ``broken`` (config.yaml is not
+(the module's tiny run), ``cond`` (a class-conditional tiny run of 2 steps), ``broken`` (config.yaml is not
 YAML) and ``unfinished`` (still running, no ``model/`` yet: its checkpoint of step 2 is its model).
 """
 
@@ -48,6 +48,8 @@ def runs(tmp_path_factory, tiny_run, dataset_cache) -> Path:
               "sampler.steps=20", f"trainer.eval_every={DIGITS16_STEPS // 3}",
               "metric.num_samples=60", run_dir=root / "digits16")  # > the tiny runs' 50: it leads the table
     shutil.copytree(tiny_run, root / "tiny", symlinks=True)
+    run_train(*TINY, f"cache_dir={cache}", "logger=none", "conditioning=class", "trainer.max_steps=2", "metric=none",
+              "trainer.sample_every=0", "trainer.checkpoint_every=0", run_dir=root / "cond")
     broken = shutil.copytree(tiny_run, root / "broken", symlinks=True)
     (broken / "config.yaml").write_text("model: [unclosed\n")
     RunDir(crashed_copy(tiny_run, root / "unfinished", checkpoint=2, logged=2)).update_info(status="running", end=None)
@@ -151,6 +153,26 @@ def test_compares_runs_side_by_side_with_the_same_settings(client):
     assert "- `digits16`: 4 images of 16×16 px, dpmpp in 3 steps, seed 1: " in lines
     assert "- `tiny`: 4 images of 8×8 px, dpmpp in 3 steps, seed 1: " in lines
     assert "- `unfinished`: 4 images of 8×8 px, dpmpp in 3 steps, seed 1: " in lines
+
+
+def test_the_api_asks_a_class_with_the_run_s_own_steps_and_guidance_and_guides_by_a_run(client, runs):
+    from gradio_client.exceptions import AppError
+
+    from diffexp.sampling.generate import sample_run
+
+    # empty steps and guidance scale: the run's own (2 steps, classifier-free 2.0), as the command line
+    _, line, (npz, _) = client.predict("cond", "own", None, 0, 3, 7, None, api_name="/sample")
+    assert " in 2 steps, seed 0" in line
+    drawn = np.load(npz)
+    assert drawn["labels"].tolist() == [7, 7, 7]
+    assert np.array_equal(drawn["images"], sample_run(runs / "cond", n=3, seed=0, class_label=7).images)
+    unguided = sample_run(runs / "cond", n=3, seed=0, class_label=7, guidance_scale=1.0).images
+    assert not np.array_equal(drawn["images"], unguided)
+    # a guide, a guidance interval and a checkpoint pass through to sampling (a guide of other data is refused)
+    with pytest.raises(AppError, match="guide=digits16: its resolution is 16, the run's 8"):
+        client.predict("tiny", "own", None, 0, 2, None, 2.0, None, "digits16", None, "0.2, 0.8", api_name="/sample")
+    with pytest.raises(AppError, match="guidance interval=0.2: give two fractions"):
+        client.predict("tiny", "own", None, 0, 2, None, 2.0, None, "cond", None, "0.2", api_name="/sample")
 
 
 def test_a_bad_run_is_a_clear_message_never_a_traceback(client):

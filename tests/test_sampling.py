@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,51 @@ def test_an_evaluation_sweep_keeps_every_setting_and_compare_names_the_best(fini
     [row] = [h for h in added.history if "evaluations/results" in h]
     assert row["evaluations/results"]["nrows"] == 4 and "evaluations/fd_digits_4_vs_checkpoint_table" in row
     assert added.exit_code == EXIT_CODES["finished"]
+
+
+def weakened_copy(run: Path, dest: Path) -> Path:
+    """A copy of run ``run`` whose exported denoiser has its output layer halved: a compatible,
+    weaker guide without training one."""
+    from diffusers import UNet2DModel
+
+    shutil.copytree(run, dest, symlinks=True)
+    unet = UNet2DModel.from_pretrained(dest / "model" / "unet")
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.5)
+    unet.save_pretrained(dest / "model" / "unet")
+    return dest
+
+
+def test_a_run_is_autoguided_by_another_run(finished_run, tmp_path):
+
+    weak = weakened_copy(finished_run, tmp_path / "weak")
+    plain = sample_run(finished_run, n=4, seed=0).images
+    assert np.array_equal(sample_run(finished_run, n=4, seed=0, guide=str(weak), guidance_scale=1.0).images, plain)
+    guided = sample_run(finished_run, n=4, seed=0, guide=str(weak), guidance_scale=2.0, guidance_interval=[0.0, 1.0])
+    assert not np.array_equal(guided.images, plain)
+    early = sample_run(finished_run, n=4, seed=0, guide_checkpoint=2, guidance_scale=1.0)
+    assert np.array_equal(early.images, plain)
+
+
+def test_a_guide_that_models_other_data_is_refused_in_one_line(finished_run, tmp_path, cache_dir):
+    from conftest import run_main
+
+    other = shutil.copytree(finished_run, tmp_path / "other", symlinks=True)
+    config = other / "config.yaml"
+    config.write_text(config.read_text().replace("resolution: 8", "resolution: 16"))
+    result = run_main("evaluate", f"run={finished_run}", f"guide={other}", "guidance_scale=2")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f"error: guide={other}: its resolution is 16, the run's 8 (a guide must model the same data the same way)")
+    for args, says in ((["guide=" + str(finished_run), "guidance_scale=2"], "cannot guide itself"),
+                       (["guide=" + str(other)], "give the autoguidance weight too, guidance_scale=w"),
+                       (["guidance_interval=[0.2,0.7]"], "nothing is guided on an unconditional run"),
+                       (["guidance_interval=[0.7,0.2]"], "guidance_interval=[0.7, 0.2]: expected [lo,hi]")):
+        result = run_main("sample", f"run={finished_run}", *args)
+        assert result.returncode == 2 and says in result.stderr.strip().splitlines()[-1], result.stderr
+    # evaluate keeps a guided result apart from the unguided one, keyed by its guide and interval
+    weak = weakened_copy(finished_run, tmp_path / "weak")
+    run_main("evaluate", f"run={finished_run}", f"guide={weak}", "guidance_scale=2", "guidance_interval=[0.5,1]",
+             "metric.num_samples=4", "metric.num_real=8", "metric.batch_size=4", f"cache_dir={cache_dir}", check=True)
+    (result,) = RunDir(finished_run).eval_results()
+    assert (result["guide"], result["guide_checkpoint"], result["guidance_scale"], result["guidance_interval"]) == (
+        str(weak), None, 2.0, [0.5, 1.0])

@@ -330,18 +330,21 @@ class Evaluator:
         return results
 
     def __call__(self, denoiser, sampler, steps: int, *, vae=None, num_classes: int | None = None,
-                 guidance_scale: float = 1.0, objective=None) -> dict[str, float]:
-        """Scores of ``denoiser`` sampled with ``sampler`` in ``steps`` steps, with ``eval/seconds``;
-        with ``metric.nll``, also its likelihood of training images under ``objective`` (what it was trained with).
+                 guidance_scale: float = 1.0, objective=None, guide=None, guidance_interval=None) -> dict[str, float]:
+        """Scores of ``denoiser`` sampled with ``sampler`` in ``steps`` steps (autoguided by ``guide``,
+        guided only within ``guidance_interval``), with ``eval/seconds``; with ``metric.nll``, also its
+        likelihood of training images under ``objective`` (what it was trained with).
 
         A class-conditional denoiser (``num_classes``) is asked for every class in turn (sample i
-        is of class i mod num_classes), with ``guidance_scale``.
+        is of class i mod num_classes), with ``guidance_scale``: classifier-free, or autoguidance by
+        the ``guide`` denoiser when one is given, within ``guidance_interval`` (``generate.generate``).
         """
         results = {}
         t0 = time.perf_counter()
         if self.cfg.metrics:
             results.update(self.sample_scores(denoiser, sampler, steps, vae=vae, num_classes=num_classes,
-                                              guidance_scale=guidance_scale))
+                                              guidance_scale=guidance_scale, guide=guide,
+                                              guidance_interval=guidance_interval))
         if self.nll:
             if vae is not None:
                 raise DiffexpError("metric.nll=true: bits/dim are of pixels; this run diffuses latents (autoencoder)")
@@ -356,11 +359,11 @@ class Evaluator:
         return results
 
     def sample_scores(self, denoiser, sampler, steps: int, *, vae=None, num_classes: int | None = None,
-                      guidance_scale: float = 1.0) -> dict[str, float]:
+                      guidance_scale: float = 1.0, guide=None, guidance_interval=None) -> dict[str, float]:
         """The sample metrics of ``__call__``."""
         acc = self.accelerator
         t0 = time.perf_counter()
-        pipe = make_pipeline(denoiser, sampler, vae, num_classes)
+        pipe = make_pipeline(denoiser, sampler, vae, num_classes, guide)
         sizes = chunk_sizes(self.num_samples, int(self.cfg.batch_size))
         starts = [sum(sizes[:c]) for c in range(len(sizes))]
         mine = []
@@ -372,7 +375,8 @@ class Evaluator:
                 labels = None if not num_classes else torch.arange(starts[c], starts[c] + sizes[c]) % num_classes
                 with sampling_precision(acc.device):
                     images = generate_chunk(pipe, count=sizes[c], steps=steps, seed=chunk_seed(self.cfg.seed, c),
-                                            labels=labels, guidance_scale=guidance_scale)
+                                            labels=labels, guidance_scale=guidance_scale,
+                                            guidance_interval=guidance_interval)
                 feats, logits = features_of(self.net, torch.from_numpy(images).permute(0, 3, 1, 2),
                                             int(self.cfg.batch_size))
                 mine.append((c, feats, logits, labels))

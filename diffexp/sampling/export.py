@@ -33,9 +33,11 @@ DDPM_PIPELINE_SAMPLERS = ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepS
 
 
 def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
-                    class_names: list[str] | None = None, out: Path | None = None) -> None:
-    """``model/`` (or ``out``): a diffusers pipeline of the EMA weights, the run's sampler and, for latent
-    diffusion, the autoencoder (written atomically).
+                    class_names: list[str] | None = None, guide: torch.nn.Module | None = None,
+                    out: Path | None = None) -> None:
+    """``model/`` (or ``out``): a diffusers pipeline of the EMA weights, the run's sampler, for latent
+    diffusion the autoencoder and, when given, a ``guide`` denoiser for autoguidance (written
+    atomically; the pipeline sampled with ``guidance_scale=w`` then guides with it).
 
     An unconditional pixel-space model with a sampler that diffusers' ``DDPMPipeline`` runs as it
     is, is a plain ``DDPMPipeline`` folder. Any other is a ``DiffexpPipeline`` (class names in its
@@ -45,14 +47,15 @@ def export_pipeline(denoiser: torch.nn.Module, sampler, run: RunDir, vae=None,
     label 1000.) Either gives the images of ``diffexp.sample`` for the same seed.
     """
     num_classes = len(class_names) if class_names else None
-    pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler, vae=vae, num_classes=num_classes, class_names=class_names)
+    pipe = DiffexpPipeline(unet=denoiser, scheduler=sampler, vae=vae, guide=guide, num_classes=num_classes,
+                           class_names=class_names)
     plain_loop = type(sampler).__name__ in DDPM_PIPELINE_SAMPLERS
     with atomic_path(out or run.model_dir) as tmp:
         pipe.save_pretrained(tmp)
         index_file = tmp / "model_index.json"
         index = json.loads(index_file.read_text())
-        if plain_loop and vae is None and num_classes is None and not is_transformer(denoiser):
-            index = {k: v for k, v in index.items() if k not in ("vae", "num_classes", "class_names")}
+        if plain_loop and vae is None and guide is None and num_classes is None and not is_transformer(denoiser):
+            index = {k: v for k, v in index.items() if k not in ("vae", "guide", "num_classes", "class_names")}
             index["_class_name"] = "DDPMPipeline"
         else:
             shutil.copyfile(Path(pipeline_module.__file__), tmp / "pipeline.py")
@@ -90,7 +93,7 @@ def load_pipeline(model_dir: str | Path) -> DiffexpPipeline:
         raise DiffexpError(f"{model_dir}: not an exported diffexp model ({type(e).__name__} reading "
                            "model_index.json)") from None
     parts = {}
-    for name in ("unet", "transformer", "scheduler", "vae"):  # DiT exports of diffexp 0.1 named it transformer
+    for name in ("unet", "transformer", "scheduler", "vae", "guide"):  # DiT exports of diffexp 0.1 named it transformer
         entry = index.get(name)
         if not entry or entry[0] is None:
             continue
@@ -105,7 +108,8 @@ def load_pipeline(model_dir: str | Path) -> DiffexpPipeline:
     denoiser = parts.get("unet", parts.get("transformer"))
     if denoiser is None or "scheduler" not in parts:
         raise DiffexpError(f"{model_dir}/model_index.json: no denoiser (unet) or no scheduler")
-    pipe = DiffexpPipeline(unet=denoiser.eval(), scheduler=parts["scheduler"], vae=parts.get("vae"),
+    guide = parts["guide"].eval() if "guide" in parts else None
+    pipe = DiffexpPipeline(unet=denoiser.eval(), scheduler=parts["scheduler"], vae=parts.get("vae"), guide=guide,
                            num_classes=index.get("num_classes"), class_names=index.get("class_names"))
     return pipe
 

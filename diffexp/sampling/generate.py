@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError, first_line
-from diffexp.config import need_guidance
+from diffexp.config import need_guidance, need_interval
 from diffexp.sampling.pipeline import DiffexpPipeline
 
 CHUNK_SEED_STRIDE = 1_000_003  # chunk c of seed s uses s + c * stride: chunk 0 is plain `seed`
@@ -39,9 +39,11 @@ def chunk_sizes(n: int, batch_size: int) -> list[int]:
     return [min(batch_size, n - start) for start in range(0, n, batch_size)]
 
 
-def make_pipeline(denoiser, scheduler: SchedulerMixin, vae=None, num_classes: int | None = None) -> DiffexpPipeline:
-    """A pipeline over the given parts (nothing is copied), progress bar off."""
-    pipe = DiffexpPipeline(unet=denoiser, scheduler=scheduler, vae=vae, num_classes=num_classes)
+def make_pipeline(denoiser, scheduler: SchedulerMixin, vae=None, num_classes: int | None = None,
+                  guide=None) -> DiffexpPipeline:
+    """A pipeline over the given parts (nothing is copied), progress bar off; with a ``guide``
+    denoiser it autoguides (``DiffexpPipeline``)."""
+    pipe = DiffexpPipeline(unet=denoiser, scheduler=scheduler, vae=vae, guide=guide, num_classes=num_classes)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -53,22 +55,24 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def generate_chunk(pipe: DiffexpPipeline, *, count: int, steps: int, seed: int, labels=None,
-                   guidance_scale: float = 1.0) -> np.ndarray:
+                   guidance_scale: float = 1.0, guidance_interval=None) -> np.ndarray:
     """``count`` uint8 images (N x H x W x C) from one CPU generator seeded with ``seed``."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
     out = pipe(batch_size=count, num_inference_steps=steps, generator=generator, class_labels=labels,
-               guidance_scale=guidance_scale, output_type="np").images
+               guidance_scale=guidance_scale, guidance_interval=guidance_interval, output_type="np").images
     return to_uint8(out)
 
 
 def generate(denoiser, scheduler: SchedulerMixin, *, n: int, steps: int, seed: int, batch_size: int = 250,
              vae=None, num_classes: int | None = None, labels=None, guidance_scale: float = 1.0,
-             progress: bool = False) -> np.ndarray:
+             guide=None, guidance_interval=None, progress: bool = False) -> np.ndarray:
     """``n`` images as uint8 N x H x W x C; the same arguments give the same images.
 
-    ``labels`` (n class ids) for class-conditional denoisers, guided with ``guidance_scale``.
+    ``labels`` (n class ids) for class-conditional denoisers, guided with ``guidance_scale``:
+    classifier-free, or by the ``guide`` denoiser (autoguidance) when one is given, within
+    ``guidance_interval`` (``pipeline.in_interval``; None: the whole trajectory).
     """
-    pipe = make_pipeline(denoiser, scheduler, vae, num_classes)
+    pipe = make_pipeline(denoiser, scheduler, vae, num_classes, guide)
     was_training = denoiser.training
     denoiser.eval()
     chunks, start = [], 0
@@ -77,7 +81,8 @@ def generate(denoiser, scheduler: SchedulerMixin, *, n: int, steps: int, seed: i
             for c, count in enumerate(chunk_sizes(n, batch_size)):
                 chunk_labels = None if labels is None else labels[start:start + count]
                 chunks.append(generate_chunk(pipe, count=count, steps=steps, seed=chunk_seed(seed, c),
-                                             labels=chunk_labels, guidance_scale=guidance_scale))
+                                             labels=chunk_labels, guidance_scale=guidance_scale,
+                                             guidance_interval=guidance_interval))
                 start += count
                 bar.update(count)
     finally:
@@ -135,17 +140,39 @@ def choose_sampler(requested, run_cfg) -> tuple[DictConfig, int]:
     return sampler_cfg, int(steps if steps is not None else sampler_cfg.steps)
 
 
-def choose_guidance(requested: float | None, run_cfg, names: list[str] | None) -> float:
-    """The classifier-free guidance scale to sample with: ``requested``, else the run's own
+def choose_guidance(requested: float | None, run_cfg, names: list[str] | None, guide: str | None = None) -> float:
+    """The guidance scale to sample with: ``requested``, else the run's own classifier-free one
     (``conditioning.guidance_scale``); 1 (none) for an unconditional run, which refuses a requested
-    scale in one line, as it does a scale that is not a finite number >= 0."""
+    scale in one line, as it does a scale that is not a finite number >= 0.
+
+    With a guide model (``guide``: how the command names it, ``guide=RUN``) the scale is the
+    autoguidance weight w, for unconditional runs too, and must be given: the run's own scale is a
+    classifier-free one."""
+    if requested is None and guide is not None:
+        raise DiffexpError(f"{guide}: give the autoguidance weight too, guidance_scale=w (1: the unguided model; "
+                           "Karras et al. 2024 use about 1.5 to 3)")
     if requested is None:
         return float(run_cfg.conditioning.get("guidance_scale", 1.0)) if names else 1.0
-    if names is None:
+    if names is None and guide is None:
         raise DiffexpError(f"guidance_scale={requested}: {run_cfg.get('name') or 'the run'} is an unconditional run "
-                           "(no classes to guide towards)")
+                           "(no classes to guide towards; guide=RUN or guide_checkpoint=STEP guide it by a weaker "
+                           "model)")
     need_guidance(OmegaConf.create({"guidance_scale": requested}))  # the rule the commands' config checks apply
     return float(requested)
+
+
+def choose_interval(requested, names: list[str] | None, guide: str | None = None) -> tuple[float, float] | None:
+    """The ``guidance_interval`` to sample with (``pipeline.in_interval``; None: the whole trajectory):
+    ``[lo, hi]`` with 0 <= lo <= hi <= 1, refused in one line otherwise or where nothing is guided
+    (an unconditional run without a guide)."""
+    if requested is None:
+        return None
+    need_interval(OmegaConf.create({"guidance_interval": requested}))
+    if names is None and guide is None:
+        raise DiffexpError(f"guidance_interval={list(requested)}: nothing is guided on an unconditional run "
+                           "without a guide (guide=RUN or guide_checkpoint=STEP)")
+    lo, hi = requested
+    return float(lo), float(hi)
 
 
 @dataclass
@@ -187,8 +214,77 @@ def load_run_model(run, device: str | torch.device, checkpoint: int | str | None
                     source.checkpoint, source.step)
 
 
+# What a guide shares with the run it guides: it is evaluated on the run's inputs (shape, noise
+# levels as the run's sampler gives them, classes) and its output is combined with the run's, so both
+# must mean the same by them.
+GUIDE_MUST_MATCH = (("dataset", "dataset.name"), ("resolution", "dataset.resolution"), ("channels", "dataset.channels"),
+                    ("conditioning", "conditioning.kind"), ("objective", "scheduler._target_"),
+                    ("prediction type", "scheduler.prediction_type"),
+                    ("noise schedule", "scheduler.beta_schedule"), ("beta_start", "scheduler.beta_start"),
+                    ("beta_end", "scheduler.beta_end"), ("num_train_timesteps", "scheduler.num_train_timesteps"),
+                    ("zero-SNR rescaling", "scheduler.rescale_betas_zero_snr"), ("sigma_data", "scheduler.sigma_data"),
+                    ("autoencoder", "autoencoder.kind"), ("autoencoder path", "autoencoder.path"),
+                    ("autoencoder subfolder", "autoencoder.subfolder"))
+
+
+def guide_name(guide: str | None, guide_checkpoint) -> str | None:
+    """How messages name the requested guide (``guide=RUN``, ``guide_checkpoint=STEP`` or both); None
+    without one."""
+    parts = [f"guide={guide}"] if guide is not None else []
+    parts += [f"guide_checkpoint={guide_checkpoint}"] if guide_checkpoint is not None else []
+    return " ".join(parts) or None
+
+
+def guide_mismatch(run_cfg, names: list[str] | None, guide_cfg, guide_names: list[str] | None) -> str | None:
+    """What in a guide run's config (``guide_cfg``, classes ``guide_names``) differs from the guided
+    run's in a way autoguidance cannot combine (``GUIDE_MUST_MATCH``, the classes), as one phrase;
+    None when the guide is compatible."""
+    for what, key in GUIDE_MUST_MATCH:
+        mine, its = OmegaConf.select(run_cfg, key, default=None), OmegaConf.select(guide_cfg, key, default=None)
+        if mine != its:
+            return f"its {what} is {its}, the run's {mine}"
+    if names != guide_names:
+        return f"its classes are {classes_text(guide_names)}, the run's {classes_text(names)}"
+    return None
+
+
+def classes_text(names: list[str] | None) -> str:
+    """A run's classes in short: ``10 classes (0, 1, 2, ...)``, or ``none``."""
+    return f"{len(names)} classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "none"
+
+
+def load_guide(run, names: list[str] | None, guide: str | None, guide_checkpoint,
+               device: str | torch.device) -> torch.nn.Module | None:
+    """The guide denoiser of autoguidance (Karras et al. 2024) for run ``run``: run ``guide`` (default:
+    ``run`` itself) at checkpoint ``guide_checkpoint`` (default: its final model), through
+    ``load_run_model``, on ``device``; None when neither is given. A guide that is not a run, or
+    samples other data or another way (``guide_mismatch``), is refused in one line."""
+    from diffexp.records.rundir import RunDir
+
+    key = guide_name(guide, guide_checkpoint)
+    if key is None:
+        return None
+    run = RunDir(run) if not isinstance(run, RunDir) else run
+    guide_run = RunDir(guide) if guide is not None else run
+    if not guide_run.exists():
+        raise DiffexpError(f"{key}: not a diffexp run directory (no config.yaml)")
+    if guide_checkpoint is None and guide_run.path == run.path:
+        raise DiffexpError(f"{key}: the run's own final model cannot guide itself (D_guide = D_main); give an "
+                           "earlier checkpoint (guide_checkpoint=STEP) or a weaker run")
+    try:
+        differs = guide_mismatch(run.config(), names, guide_run.config(), class_names(guide_run))
+        if differs:
+            raise DiffexpError(f"{differs} (a guide must model the same data the same way)")
+        model = (load_run_model(guide_run, device) if guide_checkpoint is None
+                 else load_run_model(guide_run, device, checkpoint=guide_checkpoint))
+    except DiffexpError as e:
+        raise DiffexpError(f"{key}: {e}") from None
+    return model.denoiser
+
+
 def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | None = None, batch_size: int = 250,
-               class_label: int | None = None, guidance_scale: float | None = None, device: str | None = None,
+               class_label: int | None = None, guidance_scale: float | None = None, guide: str | None = None,
+               guide_checkpoint=None, guidance_interval=None, device: str | None = None,
                progress: bool = False, checkpoint: int | str | None = None, metric_key: str | None = None,
                ema_std: float | None = None) -> Samples:
     """``n`` images from run directory ``run``'s EMA weights (its exported ``model/``, or the checkpoint
@@ -201,6 +297,9 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     Class-conditional runs (``class_names``) sample ``class_label`` (default: every class in turn)
     with classifier-free guidance ``guidance_scale`` (``choose_guidance``); both are refused for
     unconditional runs. ``ema_std``: the post-hoc EMA of that width instead (``load_run_model``).
+    unconditional runs. With ``guide``/``guide_checkpoint`` (``load_guide``) the scale is an
+    autoguidance weight instead, for any run; ``guidance_interval`` limits guidance to a fraction of
+    the trajectory (``choose_interval``).
     """
     from diffexp.models.build import build_sampler
     from diffexp.records.rundir import RunDir
@@ -213,17 +312,20 @@ def sample_run(run, *, n: int, seed: int = 0, sampler_cfg=None, steps: int | Non
     if names is None and class_label is not None:
         raise DiffexpError(f"class_label={class_label}: {run.path} is an unconditional run (no classes to ask for)")
     labels = requested_labels(names, n, class_label)
-    guidance_scale = choose_guidance(guidance_scale, run_cfg, names)
+    guided_by = guide_name(guide, guide_checkpoint)
+    guidance_scale = choose_guidance(guidance_scale, run_cfg, names, guided_by)
+    interval = choose_interval(guidance_interval, names, guided_by)
     request = OmegaConf.merge(sampler_cfg or {}, {} if steps is None else {"steps": steps})
     sampler_cfg, steps = choose_sampler(request, run_cfg)
-    model = load_run_model(run, device or ("cuda" if torch.cuda.is_available() else "cpu"), checkpoint,
-                           metric_key=metric_key, ema_std=ema_std)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    guide_model = load_guide(run, names, guide, guide_checkpoint, device)
+    model = load_run_model(run, device, checkpoint, metric_key=metric_key, ema_std=ema_std)
     sampler = build_sampler(sampler_cfg, run_cfg.scheduler, latent=model.vae is not None)
     check_steps(sampler, steps)
     images = generate(model.denoiser, sampler, n=n, steps=steps, seed=seed, batch_size=batch_size, vae=model.vae,
                       num_classes=len(names) if names else None,
                       labels=torch.from_numpy(labels) if labels is not None else None,
-                      guidance_scale=guidance_scale, progress=progress)
+                      guidance_scale=guidance_scale, guide=guide_model, guidance_interval=interval, progress=progress)
     return Samples(images=images, labels=labels, sampler=sampler_name(sampler_cfg), steps=steps, seed=seed,
                    checkpoint=model.checkpoint)
 
