@@ -178,7 +178,7 @@ def checkpoint_value(what: str, value) -> str | int | None:
         return int(value)
     if text in ("last", "best"):
         return text
-    raise DiffexpError(f"{what}={value}: give a step, last or best (empty: the final model)")
+    raise DiffexpError(f"{what}={value}: expected a checkpoint step, last or best (empty: the final model)")
 
 
 def interval_value(value) -> tuple[float, float] | None:
@@ -201,6 +201,8 @@ def settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint=No
             raise DiffexpError(f"{what}: give a whole number")
     if not 1 <= int(n) <= max_images:
         raise DiffexpError(f"number of images={n}: from 1 to {max_images}")
+    if not blank(steps) and int(steps) < 1:  # (checked here, not by the field: gradio's own check is a traceback)
+        raise DiffexpError(f"steps={steps}: at least 1 (empty: the run's own)")
     return Settings(sampler or OWN, None if blank(steps) else int(steps), int(seed), int(n),
                     None if blank(class_label) else int(class_label),
                     None if blank(guidance_scale) else float(guidance_scale),
@@ -470,7 +472,7 @@ def build(page: Page) -> gr.Blocks:
                     with gr.Column(scale=1):
                         sampler = gr.Dropdown([("the run's own", OWN), *[(n, n) for n in page.samplers]], value=OWN,
                                               label="sampler", elem_id="sampler")
-                        steps = gr.Number(label="steps", precision=0, minimum=1, elem_id="steps")
+                        steps = gr.Number(label="steps", precision=0, elem_id="steps")
                         seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
                         n = gr.Slider(1, page.max_images, value=min(16, page.max_images), step=1,
                                       label="number of images", elem_id="n")

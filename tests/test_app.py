@@ -223,6 +223,8 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     assert "digits16" in page.locator("#run-status").inner_text()
     assert "config.yaml: cannot be read as a saved config" in page.locator("#runs-note").inner_text()
     page.get_by_role("tab", name="Sample").click()
+    # the run's own sampling settings fill in after its view (a slow machine may take seconds)
+    page.wait_for_function("() => ['', '0'].indexOf(document.querySelector('#steps input').value) < 0")
     page.locator("#sample-button").click()
     page.locator("#sampled img").wait_for()
     page.locator("#sampled-info").get_by_text("16 images of 16×16 px").wait_for()
