@@ -107,12 +107,19 @@ def plot_curves(runs, keys, axes, metric: str, path: Path, weight: float = 0.0) 
                   + (f", smoothed {weight:g}" if weight > 0 else ""))
     if metric == "train/loss":
         ax.set_yscale("log")
+    save_plot(fig, ax, path)
+    return True
+
+
+def save_plot(fig, ax, path: Path) -> None:
+    """A line plot finished as every plot of the report is (legend, grid) and written as a PNG."""
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def plot_grids(runs, titles: list[str], path: Path) -> list[str]:
@@ -160,11 +167,7 @@ def plot_setting_curves(curves: dict[str, list[dict]], metric: str, field: str, 
     goal = metric_goal(metric)
     ax.set_xlabel("training step (checkpoint)" if field == "checkpoint" else field)
     ax.set_ylabel(metric + (f" ({'lower' if goal == 'min' else 'higher'} is better)" if goal else ""))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, path)
     return True
 
 
