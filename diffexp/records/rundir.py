@@ -254,13 +254,6 @@ class RunDir:
         except Exception as e:  # noqa: BLE001 - a corrupt YAML file raises the parser's own errors
             raise DiffexpError(f"{self.config_file}: cannot be read as a saved config ({type(e).__name__})") from None
 
-    def require_model(self) -> Path:
-        """The run's exported ``model/`` folder, or a DiffexpError while there is none."""
-        if not self.require().model_dir.is_dir():
-            raise DiffexpError(f"run={self.path}: no model/ yet (the run has not finished); "
-                               f"finish it with python -m diffexp.train resume={self.path}")
-        return self.model_dir
-
     def info(self) -> dict[str, Any]:
         if not self.info_file.exists():
             return {}
