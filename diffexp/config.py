@@ -408,7 +408,7 @@ def need_guide(cfg: DictConfig) -> None:
     guide = _value(cfg, "guide")
     if guide is not None and not isinstance(guide, str):
         raise DiffexpError(f"guide={guide}: expected the path of a run directory")
-    need_int(cfg, "guide_checkpoint", 0, allow=(None, "last", "best"))
+    need_checkpoint(cfg, "guide_checkpoint")
 
 
 def check_sample_config(cfg: DictConfig) -> None:
