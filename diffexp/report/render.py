@@ -174,6 +174,10 @@ def plot_setting_curves(curves: dict[str, list[dict]], metric: str, field: str, 
         n = max(p["n"] for p in points)
         ax.errorbar([p["x"] for p in points], [p["mean"] for p in points], color=f"C{i % 10}", marker="o", markersize=4,
                     yerr=[p["ci95"] or 0.0 for p in points], capsize=3, label=f"{name} (seeds: {n})")
+    if all(isinstance(p["x"], int) for points in curves.values() for p in points):  # steps: no 2.25 ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     goal = metric_goal(metric)
     ax.set_xlabel(setting_name(field))
     ax.set_ylabel(metric + (f" ({'lower' if goal == 'min' else 'higher'} is better)" if goal else ""))
