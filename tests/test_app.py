@@ -298,6 +298,7 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     page.locator("#run-menu input").press("Enter")
     page.get_by_role("tab", name="Evaluations").click()
     page.locator("#evaluations-status").get_by_text("best evaluation setting: checkpoint=").wait_for()
+    page.locator("#evaluation-plots img").nth(1).wait_for()  # shown after the line, once its files are in
     assert page.locator("#evaluation-plots img").count() == 2
     page.screenshot(path=tmp_path / "evaluations.png", full_page=True)
     assert "Traceback" not in page.content()
