@@ -236,24 +236,27 @@ class Page:
         keys = list(table["run"]) if not table.empty else []
         menus = [gr.skip()] * 3 if keys == known else [gr.update(choices=keys)] * 2 + [
             gr.update(choices=[("none", ""), *[(k, k) for k in keys]])]  # the guide menu
-        now = self.view_signature(selected, table)
-        if now == seen:
-            return table, note, *menus, keys, *[gr.skip()] * (len(VIEW) + len(EVALUATIONS) + 1), now
-        evaluations = self.evaluations(selected)
-        return table, note, *menus, keys, *self.show_run(selected), *evaluations, evaluated(evaluations[-1]), now
+        was, now = seen or (None, None), self.view_signature(selected, table)
+        view = [gr.skip()] * len(VIEW) if now[0] == was[0] else self.show_run(selected)
+        evaluations = [gr.skip()] * (len(EVALUATIONS) + 1)  # (+ the tab's details, shown with results)
+        if now[1] != was[1]:  # plots drawn again only when eval.json changed
+            evaluations = self.evaluations(selected)
+            evaluations.append(evaluated(evaluations[-1]))
+        return table, note, *menus, keys, *view, *evaluations, now
 
-    def view_signature(self, selected: str | None, table: pd.DataFrame) -> tuple | None:
-        """What decides whether the selected run's views are out of date: its table row, grid count and eval.json."""
+    def view_signature(self, selected: str | None, table: pd.DataFrame) -> tuple:
+        """What decides whether the selected run's views are out of date: for the run view its table row
+        and grid count, for the evaluations its eval.json (run, modification time); (None, None) for none."""
         if not selected or table.empty or selected not in set(table["run"]):
-            return None
+            return None, None
         row = table[table["run"] == selected].iloc[0]
         try:
             found = find_run(self.root, selected)
             grids = len(found.sample_grids())
-            evaluated = found.eval_file.stat().st_mtime_ns if found.eval_file.is_file() else None
+            changed = found.eval_file.stat().st_mtime_ns if found.eval_file.is_file() else None
         except Exception:  # noqa: BLE001 - shown by show_run
-            grids, evaluated = -1, None
-        return (*row.tolist(), grids, evaluated)
+            grids, changed = -1, None
+        return (*row.tolist(), grids), (selected, changed)
 
     def show_run(self, run: str | None) -> list:
         """The view of run ``run`` (VIEW's order): a status line, curves, grids, config and run.json;

@@ -64,9 +64,14 @@ def swept(runs) -> Path:
     """``swept``: a copy of the tiny run evaluated over its checkpoints (2, 4) and sampler steps (2, 3), with
     two sampling seeds each (``python -m diffexp.evaluate -m``), moved into the runs folder when done."""
     run = Path(shutil.copytree(runs / "tiny", runs.parent / "swept", symlinks=True))
-    run_main("evaluate", "-m", f"run={run}", "checkpoint=2,4", "sampler.steps=2,3", "seed=0,1", "metric.num_samples=4",
-             "metric.num_real=8", "metric.batch_size=4", f"cache_dir={runs.parent / 'cache'}", check=True)
+    run_main("evaluate", "-m", f"run={run}", "checkpoint=2,4", "sampler.steps=2,3", "seed=0,1", *evaluate_tiny(runs),
+             check=True)
     return run.rename(runs / "swept")
+
+
+def evaluate_tiny(runs: Path) -> list[str]:
+    """evaluate's overrides for a quick score of 4 samples against 8 real images (the runs' cache)."""
+    return ["metric.num_samples=4", "metric.num_real=8", "metric.batch_size=4", f"cache_dir={runs.parent / 'cache'}"]
 
 
 def free_port() -> int:
@@ -301,4 +306,8 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     page.locator("#evaluation-plots img").nth(1).wait_for()  # shown after the line, once its files are in
     assert page.locator("#evaluation-plots img").count() == 2
     page.screenshot(path=tmp_path / "evaluations.png", full_page=True)
+    # a result added while the page is open shows at the next refresh
+    run_main("evaluate", f"run={runs / 'swept'}", "checkpoint=4", "sampler.steps=2", "seed=2", *evaluate_tiny(runs),
+             check=True)
+    page.locator("#evaluations-status").get_by_text("9 results").wait_for(timeout=15_000)
     assert "Traceback" not in page.content()
