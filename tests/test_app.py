@@ -267,7 +267,7 @@ def browser_page(request):
         context.close()
 
 
-def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tiny_run, tmp_path, request):
+def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tiny_run, swept, tmp_path):
     page = browser_page
     table = page.locator("#runs-table")
     table.get_by_text("digits16", exact=True).filter(visible=True).first.click()
@@ -298,7 +298,6 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     page.locator("#sampled-info").get_by_text("16 images of 8×8 px").wait_for()
 
     # The Evaluations tab of a run with an evaluation sweep: the best setting and a plot per setting.
-    request.getfixturevalue("swept")
     page.locator("#run-menu input").fill("swept")
     page.locator("#run-menu input").press("Enter")
     page.get_by_role("tab", name="Evaluations").click()
@@ -307,7 +306,7 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     assert page.locator("#evaluation-plots img").count() == 2
     page.screenshot(path=tmp_path / "evaluations.png", full_page=True)
     # a result added while the page is open shows at the next refresh
-    run_main("evaluate", f"run={runs / 'swept'}", "checkpoint=4", "sampler.steps=2", "seed=2", *evaluate_tiny(runs),
+    run_main("evaluate", f"run={swept}", "checkpoint=4", "sampler.steps=2", "seed=2", *evaluate_tiny(runs),
              check=True)
     page.locator("#evaluations-status").get_by_text("9 results").wait_for(timeout=15_000)
     assert "Traceback" not in page.content()
