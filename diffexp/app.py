@@ -6,6 +6,9 @@ A Gradio page over the run directories below ``app.runs``, all read through ``di
   objective), read again every ``app.refresh_s`` seconds while runs train;
 - the selected run's loss and quality curves, its sample grids through training (a slider), its
   config and ``run.json``;
+- its evaluation sweep (``eval.json``) as ``python -m diffexp.compare`` reports it, through
+  ``diffexp.report.evaluations``: quality against each setting that varies, every setting's numbers
+  and the best setting with its interval over sampling seeds;
 - sampling through ``diffexp.sampling.generate.sample_run``, what ``python -m diffexp.sample`` uses (the same
   seed gives the same images), from the run's ``model/`` or any complete checkpoint (``last``, ``best``,
   a step; an interrupted run: its newest) or a post-hoc EMA width, downloadable as the sample command
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +43,12 @@ from diffexp.config import CONFIG_PATH, check_app_config, report_errors
 from diffexp.models.build import sampler_config, sampler_names
 from diffexp.records.catalog import primary_quality, quality_goal, run_dirs, summarize
 from diffexp.records.rundir import RunDir, step_of
+from diffexp.report.evaluations import SweepView, sweep_view
 from diffexp.report.render import ARROW, fmt, shown_path, wall_time
 from diffexp.sampling.generate import choose_guidance, class_names, sample_run, sampler_name, save_samples
+from diffexp.sampling.request import MODEL, OWN, Settings, settings
 
 log = logging.getLogger("diffexp.app")
-OWN = "own"  # the sampler menu's value for "the run's own sampler"
-MODEL = "model"  # the weights menu's value for "the run's model/" (an interrupted run: its newest checkpoint)
 
 
 # --- what the page shows, as plain data
@@ -146,72 +150,6 @@ def sampler_configs() -> dict[str, DictConfig]:
 
 
 @dataclass
-class Settings:
-    """One sampling request as the page's controls give it."""
-
-    sampler: str  # OWN or a conf/sampler name
-    steps: int | None  # None: the sampler's own
-    seed: int
-    n: int
-    class_label: int | None = None
-    guidance_scale: float | None = None  # None: the run's own
-    checkpoint: str | int | None = None  # None: the final model
-    guide: str | None = None  # a run of the runs folder (its key), for autoguidance
-    guide_checkpoint: str | int | None = None
-    guidance_interval: tuple[float, float] | None = None
-    ema_std: float | None = None  # a post-hoc EMA width (runs with phema snapshots); None: the EMA weights
-
-
-def blank(value) -> bool:
-    """An input left empty (the API's None, a cleared text field)."""
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
-def checkpoint_value(what: str, value) -> str | int | None:
-    """A checkpoint input: empty (None), a step (an int) or a word (``last``, ``best``)."""
-    if blank(value) or value == MODEL:
-        return None
-    text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if text in ("last", "best"):
-        return text
-    raise DiffexpError(f"{what}={value}: expected a checkpoint step, last or best (empty: the final model)")
-
-
-def interval_value(value) -> tuple[float, float] | None:
-    """The guidance interval input ``lo, hi`` (empty: the whole trajectory)."""
-    if blank(value):
-        return None
-    try:
-        lo, hi = (float(x) for x in str(value).strip("[]() ").split(","))
-    except ValueError:
-        raise DiffexpError(f"guidance interval={value}: give two fractions 'lo, hi' (e.g. 0.2, 0.7)") from None
-    return lo, hi
-
-
-def settings(sampler, steps, seed, n, class_label, guidance_scale, checkpoint=None, guide=None,
-             guide_checkpoint=None, guidance_interval=None, ema_std=None, *, max_images: int) -> Settings:
-    """The controls' values checked and typed (a DiffexpError names the one that is off); empty
-    steps, guidance and checkpoint mean the run's own."""
-    for what, value in (("steps", 1 if blank(steps) else steps), ("seed", seed), ("number of images", n)):
-        if value is None or value != int(value):
-            raise DiffexpError(f"{what}: give a whole number")
-    if not 1 <= int(n) <= max_images:
-        raise DiffexpError(f"number of images={n}: from 1 to {max_images}")
-    if not blank(steps) and int(steps) < 1:  # (checked here, not by the field: gradio's own check is a traceback)
-        raise DiffexpError(f"steps={steps}: at least 1 (empty: the run's own)")
-    return Settings(sampler or OWN, None if blank(steps) else int(steps), int(seed), int(n),
-                    None if blank(class_label) else int(class_label),
-                    None if blank(guidance_scale) else float(guidance_scale),
-                    checkpoint_value("checkpoint", checkpoint), None if blank(guide) else str(guide).strip(),
-                    checkpoint_value("guide checkpoint", guide_checkpoint), interval_value(guidance_interval),
-                    None if blank(ema_std) or ema_std == 0 else float(ema_std))
-
-
-@dataclass
 class Drawn:
     """What one sampling gave: the files the sample command would write, and what it took."""
 
@@ -273,6 +211,7 @@ class Page:
         self.device = cfg.app.device or None
         self.samplers = samplers
         self.scratch = scratch
+        self.plotting = threading.Lock()  # matplotlib's pyplot is not thread-safe, gradio's handlers run in threads
 
     @property
     def device_name(self) -> str:
@@ -297,20 +236,27 @@ class Page:
         keys = list(table["run"]) if not table.empty else []
         menus = [gr.skip()] * 3 if keys == known else [gr.update(choices=keys)] * 2 + [
             gr.update(choices=[("none", ""), *[(k, k) for k in keys]])]  # the guide menu
-        now = self.view_signature(selected, table)
-        view = [gr.skip()] * len(VIEW) if now == seen else self.show_run(selected)
-        return table, note, *menus, keys, *view, now
+        was, now = seen or (None, None), self.view_signature(selected, table)
+        view = [gr.skip()] * len(VIEW) if now[0] == was[0] else self.show_run(selected)
+        evaluations = [gr.skip()] * (len(EVALUATIONS) + 1)  # (+ the tab's details, shown with results)
+        if now[1] != was[1]:  # plots drawn again only when eval.json changed
+            evaluations = self.evaluations(selected)
+            evaluations.append(evaluated(evaluations[-1]))
+        return table, note, *menus, keys, *view, *evaluations, now
 
-    def view_signature(self, selected: str | None, table: pd.DataFrame) -> tuple | None:
-        """What decides whether the selected run's view is out of date: its table row and grid count."""
+    def view_signature(self, selected: str | None, table: pd.DataFrame) -> tuple:
+        """What decides whether the selected run's views are out of date: for the run view its table row
+        and grid count, for the evaluations its eval.json (run, modification time); (None, None) for none."""
         if not selected or table.empty or selected not in set(table["run"]):
-            return None
+            return None, None
         row = table[table["run"] == selected].iloc[0]
         try:
-            grids = len(find_run(self.root, selected).sample_grids())
+            found = find_run(self.root, selected)
+            grids = len(found.sample_grids())
+            changed = found.eval_file.stat().st_mtime_ns if found.eval_file.is_file() else None
         except Exception:  # noqa: BLE001 - shown by show_run
-            grids = -1
-        return (*row.tolist(), grids)
+            grids, changed = -1, None
+        return (*row.tolist(), grids), (selected, changed)
 
     def show_run(self, run: str | None) -> list:
         """The view of run ``run`` (VIEW's order): a status line, curves, grids, config and run.json;
@@ -331,6 +277,19 @@ class Page:
         return [status, loss, gr.update(value=quality, visible=not quality.empty),
                 gr.update(maximum=max(last, 1), value=max(last, 0), visible=last > 0),
                 self.grid_at(run, last), OmegaConf.to_yaml(cfg), info]
+
+    def evaluations(self, run: str | None) -> list:
+        """The run's evaluation sweep (EVALUATIONS' order; ``report.evaluations.sweep_view``): a line with the
+        best setting and its interval over sampling seeds as compare names it, compare's plots of quality
+        against each setting that varies (file, title), every setting's numbers and the best one's (None
+        without results); one line when the run has none or cannot be read. Nothing is written into the run."""
+        try:
+            found = find_run(self.root, run)
+            with self.plotting:
+                view = sweep_view(found, run, self.out_dir())
+        except Exception as e:  # noqa: BLE001 - shown on the page instead
+            view = SweepView(f"⚠ **{run}**: {shown(e)}" if run else "Pick a run in the table or the menu.")
+        return [view.line, view.plots, pd.DataFrame(view.rows, columns=view.header), view.best]
 
     def grid_at(self, run: str | None, index: float | None):
         """Run ``run``'s sample grid number ``index`` (oldest first), labelled with its training step."""
@@ -436,12 +395,18 @@ def weights_menu(has_model: bool, steps: list[int]) -> list[tuple[str, str]]:
             *[(f"checkpoint {s}", str(s)) for s in reversed(steps)]]
 
 
-# The selected run's view, as Page.show_run returns it.
+# The selected run's views, as Page.show_run and Page.evaluations return them.
 VIEW = ("status", "loss", "quality", "grid_slider", "grid", "config", "info")
+EVALUATIONS = ("evaluations_status", "evaluation_plots", "evaluation_table", "best_setting")
+
+
+def evaluated(best: dict | None):
+    """The Evaluations tab's plots and tables shown only for a run with evaluate results (``best``)."""
+    return gr.update(visible=best is not None)
 
 
 def build(page: Page) -> gr.Blocks:
-    """The page: runs table and run menu on top; tabs for the run, sampling and side by side."""
+    """The page: runs table and run menu on top; tabs for the run, its evaluations, sampling and side by side."""
     with gr.Blocks(title="diffexp runs", analytics_enabled=False, fill_width=True, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"## diffexp runs\nRun directories below `{shown_path(str(page.root))}`, "
                     f"read again every {page.refresh_s:g} s.")
@@ -467,6 +432,16 @@ def build(page: Page) -> gr.Blocks:
                     with gr.Column():
                         info = gr.JSON(label="run.json")
                 config = gr.Code(label="config.yaml", language="yaml", interactive=False, max_lines=30)
+            with gr.Tab("Evaluations"):
+                evaluations_status = gr.Markdown("Pick a run in the table or the menu.", elem_id="evaluations-status")
+                with gr.Column(visible=False) as evaluation_details:
+                    evaluation_plots = gr.Gallery(label="quality against each setting that varies (as compare draws "
+                                                  "it)", columns=2, format="png", object_fit="contain", height="max-content",
+                                                  elem_id="evaluation-plots")
+                    evaluation_table = gr.Dataframe(label="every evaluation setting (mean ± 95% CI over sampling "
+                                                    "seeds)", interactive=False, elem_id="evaluation-table")
+                    with gr.Accordion("the best setting, as compare's summary.json holds it", open=False):
+                        best_setting = gr.JSON(elem_id="best-setting")
             with gr.Tab("Sample"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -509,19 +484,23 @@ def build(page: Page) -> gr.Blocks:
                 compared_info = gr.Markdown(elem_id="compared-info")
 
         view = [status, loss, quality, grid_slider, grid, config, info]  # VIEW's order
+        evaluations = [evaluations_status, evaluation_plots, evaluation_table, best_setting]  # EVALUATIONS' order
         controls = [sampler, steps, class_label, guidance_scale, checkpoint]
         settings_in = [sampler, steps, seed, n, class_label, guidance_scale, checkpoint, guide, guide_checkpoint,
                        guidance_interval, ema_std]
 
         tick = dict(fn=page.refresh, inputs=[run_menu, known, seen],
-                    outputs=[table, note, run_menu, compare_menu, guide, known, *view, seen], show_progress="hidden",
-                    api_visibility="private")
+                    outputs=[table, note, run_menu, compare_menu, guide, known, *view, *evaluations, evaluation_details,
+                             seen],
+                    show_progress="hidden", api_visibility="private")
         demo.load(**tick)
         gr.Timer(max(page.refresh_s, 0.1), active=page.refresh_s > 0).tick(**tick)
         gr.api(page.runs, api_name="list_runs")
         table.select(select_row, outputs=run_menu, api_visibility="private")
         run_menu.change(page.show_run, inputs=run_menu, outputs=view, api_name="show_run").then(
             page.controls, inputs=run_menu, outputs=controls, api_visibility="private")
+        run_menu.change(page.evaluations, inputs=run_menu, outputs=evaluations, api_name="evaluations").then(
+            evaluated, inputs=best_setting, outputs=evaluation_details, api_visibility="private")
         grid_slider.release(page.grid_at, inputs=[run_menu, grid_slider], outputs=grid, api_visibility="private")
         sampler.input(page.sampler_steps, inputs=[run_menu, sampler], outputs=steps, api_visibility="private")
         sample_button.click(page.sample, inputs=[run_menu, *settings_in], outputs=[sampled, sampled_info, downloads],

@@ -5,11 +5,14 @@ from a real default run: scripts/app_screenshot.py).
 
 One server for the module: ``digits16`` (a 16 px run of 30 steps), ``tiny``
 (the module's tiny run), ``cond`` (a class-conditional tiny run of 2 steps), ``broken`` (config.yaml is not
-YAML) and ``unfinished`` (still running, no ``model/`` yet: its checkpoint of step 2 is its model).
+YAML) and ``unfinished`` (still running, no ``model/`` yet: its checkpoint of step 2 is its model); and,
+once a test asks for it, ``swept`` (the tiny run with an evaluation sweep in its eval.json).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +57,21 @@ def runs(tmp_path_factory, tiny_run, dataset_cache) -> Path:
     (broken / "config.yaml").write_text("model: [unclosed\n")
     RunDir(crashed_copy(tiny_run, root / "unfinished", checkpoint=2, logged=2)).update_info(status="running", end=None)
     return root
+
+
+@pytest.fixture(scope="module")
+def swept(runs) -> Path:
+    """``swept``: a copy of the tiny run evaluated over its checkpoints (2, 4) and sampler steps (2, 3), with
+    two sampling seeds each (``python -m diffexp.evaluate -m``), moved into the runs folder when done."""
+    run = Path(shutil.copytree(runs / "tiny", runs.parent / "swept", symlinks=True))
+    run_main("evaluate", "-m", f"run={run}", "checkpoint=2,4", "sampler.steps=2,3", "seed=0,1", *evaluate_tiny(runs),
+             check=True)
+    return run.rename(runs / "swept")
+
+
+def evaluate_tiny(runs: Path) -> list[str]:
+    """evaluate's overrides for a quick score of 4 samples against 8 real images (the runs' cache)."""
+    return ["metric.num_samples=4", "metric.num_real=8", "metric.batch_size=4", f"cache_dir={runs.parent / 'cache'}"]
 
 
 def free_port() -> int:
@@ -196,6 +214,40 @@ def test_a_bad_run_is_a_clear_message_never_a_traceback(client):
     assert missing.stderr.strip().splitlines()[-1] == "error: app.runs=no/such/folder: no such folder"
 
 
+def test_shows_an_evaluation_sweep_as_compare_reports_it_and_writes_nothing_into_the_run(client, swept, tmp_path):
+    files = {p: p.stat().st_mtime_ns for p in swept.rglob("*")}
+    line, plots, table, best = client.predict("swept", api_name="/evaluations")
+    run_main("compare", str(swept), f"out={tmp_path / 'cmp'}", check=True)
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    report = (tmp_path / "cmp" / "report.md").read_text()
+
+    # the best setting: compare's line and numbers, and the best mean over the two sampling seeds of eval.json
+    [note] = [n for n in summary["notes"] if n.startswith("best evaluation setting")]
+    assert line.startswith(f"**{note}**") and "8 results" in line
+    assert best == {k: v for k, v in summary["samplers"]["best_setting"][0].items() if k != "axes"}
+    fd: dict[tuple, list[float]] = {}
+    for r in json.loads((swept / "eval.json").read_text())["results"]:
+        fd.setdefault((r["checkpoint"], r["sampler_steps"]), []).append(r["eval/fd_digits_4"])
+    (checkpoint, steps), values = min(fd.items(), key=lambda kv: np.mean(kv[1]))
+    assert (best["setting"], best["steps"], best["n"]) == ({"checkpoint": checkpoint}, steps, 2)
+    assert best["eval/fd_digits_4"]["mean"] == pytest.approx(np.mean(values)) and best["eval/fd_digits_4"]["ci95"] > 0
+    assert f"best evaluation setting: checkpoint={checkpoint}, dpmpp_sde {steps} steps" in note
+
+    # a plot per setting that varies, the very one compare draws, under compare's title
+    drawn = dict(re.findall(r"!\[([^]]+)\]\((eval_vs_\w+\.png)\)", report))
+    assert sorted(drawn.values()) == ["eval_vs_checkpoint.png", "eval_vs_sampler_steps.png"]
+    assert [p["caption"] for p in plots] == list(drawn)
+    for plot, file in zip(plots, drawn.values()):
+        assert np.array_equal(np.asarray(Image.open(plot["image"])), np.asarray(Image.open(tmp_path / "cmp" / file)))
+    assert len(table["data"]) == 4 and table["headers"][:3] == ["checkpoint", "sampler", "steps"]
+    assert {p: p.stat().st_mtime_ns for p in swept.rglob("*")} == files  # the app wrote nothing into the run
+
+    # a run without a sweep says so in one line
+    line, plots, table, best = client.predict("tiny", api_name="/evaluations")
+    assert line.startswith("No evaluation sweep: no `python -m diffexp.evaluate` results in eval.json") \
+        and "\n" not in line and not plots and best is None
+
+
 @pytest.fixture(scope="module")
 def browser_page(request):
     """One headless Chromium page for the module, on the app's URL (skipped, before any server
@@ -215,7 +267,7 @@ def browser_page(request):
         context.close()
 
 
-def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tiny_run, tmp_path):
+def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tiny_run, swept, tmp_path):
     page = browser_page
     table = page.locator("#runs-table")
     table.get_by_text("digits16", exact=True).filter(visible=True).first.click()
@@ -244,4 +296,17 @@ def test_in_a_browser_select_a_run_sample_and_screenshot(browser_page, runs, tin
     page.locator("#run-status").get_by_text("running").wait_for()
     page.locator("#sample-button").click()
     page.locator("#sampled-info").get_by_text("16 images of 8×8 px").wait_for()
+
+    # The Evaluations tab of a run with an evaluation sweep: the best setting and a plot per setting.
+    page.locator("#run-menu input").fill("swept")
+    page.locator("#run-menu input").press("Enter")
+    page.get_by_role("tab", name="Evaluations").click()
+    page.locator("#evaluations-status").get_by_text("best evaluation setting: checkpoint=").wait_for()
+    page.locator("#evaluation-plots img").nth(1).wait_for()  # shown after the line, once its files are in
+    assert page.locator("#evaluation-plots img").count() == 2
+    page.screenshot(path=tmp_path / "evaluations.png", full_page=True)
+    # a result added while the page is open shows at the next refresh
+    run_main("evaluate", f"run={swept}", "checkpoint=4", "sampler.steps=2", "seed=2", *evaluate_tiny(runs),
+             check=True)
+    page.locator("#evaluations-status").get_by_text("9 results").wait_for(timeout=15_000)
     assert "Traceback" not in page.content()

@@ -149,6 +149,16 @@ def plot_grids(runs, titles: list[str], path: Path) -> list[str]:
     return [t for t, _ in grids]
 
 
+# How the plots name an evaluation setting (a key field of evaluate's results) other than by its field.
+SETTING_NAMES = {"checkpoint": "training step (checkpoint)", "ema_std": "post-hoc EMA σ_rel (ema_std)",
+                 "sampler_steps": "sampler steps", "guidance_scale": "guidance scale"}
+
+
+def setting_name(field: str) -> str:
+    """What an evaluation setting is, for a plot's axis and title: ``training step (checkpoint)``."""
+    return SETTING_NAMES.get(field, field)
+
+
 def plot_setting_curves(curves: dict[str, list[dict]], metric: str, field: str, path: Path) -> bool:
     """Quality ``metric`` against evaluation setting ``field`` (``stats.evaluation_curves``): one line per
     curve, the mean over sampling seeds with its 95% interval as error bars."""
@@ -164,8 +174,12 @@ def plot_setting_curves(curves: dict[str, list[dict]], metric: str, field: str, 
         n = max(p["n"] for p in points)
         ax.errorbar([p["x"] for p in points], [p["mean"] for p in points], color=f"C{i % 10}", marker="o", markersize=4,
                     yerr=[p["ci95"] or 0.0 for p in points], capsize=3, label=f"{name} (seeds: {n})")
+    if all(isinstance(p["x"], int) for points in curves.values() for p in points):  # steps: no 2.25 ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     goal = metric_goal(metric)
-    ax.set_xlabel("training step (checkpoint)" if field == "checkpoint" else field)
+    ax.set_xlabel(setting_name(field))
     ax.set_ylabel(metric + (f" ({'lower' if goal == 'min' else 'higher'} is better)" if goal else ""))
     save_plot(fig, ax, path)
     return True
@@ -284,6 +298,19 @@ def is_report_file(name: str) -> bool:
     return name in REPORT_FILES or (name.startswith(prefix) and name.endswith(suffix))
 
 
+def plot_evaluation_curves(curves: dict | None, out: Path) -> dict[str, str]:
+    """Quality against each evaluation setting that varies (``curves``: ``stats.evaluation_summary``'s
+    ``evaluation_curves``, or None), one PNG per setting in ``out`` (``eval_vs_checkpoint.png``, ...);
+    returns {plot name (the file without .png): title}, in the order of the settings."""
+    titles = {}
+    for field, lines in (curves or {"fields": {}})["fields"].items():
+        name = SETTING_PLOTS.format(field).removesuffix(".png")
+        if plot_setting_curves(lines, curves["metric"], field, out / f"{name}.png"):
+            titles[name] = (f"{curves['metric']} against {setting_name(field)} (evaluate results; mean ± 95% CI "
+                            "over sampling seeds)")
+    return titles
+
+
 def write_report(summary: dict[str, Any], runs: list, out: Path) -> dict[str, Any]:
     """Write ``summary`` (``stats.compare_runs``; ``runs`` in its order) into ``out``: the plots,
     ``summary.json`` (with the plots' names added), ``report.md`` and ``report.html``; returns the summary."""
@@ -297,18 +324,13 @@ def write_report(summary: dict[str, Any], runs: list, out: Path) -> dict[str, An
     titles = plot_grids(runs, [f"{label(axes, k)}, seed {s['seed']}" for k, s in zip(keys, summary["runs"])],
                         out / "grids.png")
     plots["grids"] = bool(titles)
-    by_setting = summary.get("evaluation_curves") or {"fields": {}}
-    for field, lines in by_setting["fields"].items():
-        name = SETTING_PLOTS.format(field).removesuffix(".png")
-        plots[name] = plot_setting_curves(lines, by_setting["metric"], field, out / f"{name}.png")
+    by_setting = plot_evaluation_curves(summary.get("evaluation_curves"), out)
+    plots.update(dict.fromkeys(by_setting, True))
     summary = {**summary, "grid_titles": titles, "plots": [f"{k}.png" for k, ok in plots.items() if ok]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
     titles_of = {"loss": "Training loss" + (f" (smoothed {weight:g}; faint: raw)" if weight > 0 else ""),
-                 "quality": f"Sample quality: {lead}", "grids": "Last sample grids",
-                 **{SETTING_PLOTS.format(f).removesuffix(".png"): f"{by_setting['metric']} against "
-                    f"{'the training step (checkpoints)' if f == 'checkpoint' else f} (evaluate results; mean ± 95% "
-                    "CI over sampling seeds)" for f in by_setting["fields"]}}
+                 "quality": f"Sample quality: {lead}", "grids": "Last sample grids", **by_setting}
     shown = [(titles_of[k], f"{k}.png") for k, ok in plots.items() if ok]
     tables = comparison_tables(summary, lead)
     title = f"Comparison of {len(runs)} runs by {', '.join(axes)}"

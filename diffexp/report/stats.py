@@ -434,16 +434,28 @@ def compare_runs(runs: list, axes: list[str] | None, *, rank: str | None = None,
     by_rank = sorted(range(len(runs)), key=lambda i: (order[keys[i]], summaries[i]["run"]))
     summary = {"axes": axes, "runs": [summaries[i] for i in by_rank], "groups": groups, "warnings": warnings,
                "notes": [*(notes or []), rank_line], "rank": rank, "primary_quality": primary, "smooth": weight}
-    rows, eval_lead = sampler_rows(runs, keys)  # the runs' evaluate results, if any
-    if rows:
-        best = best_setting(rows, eval_lead, axes)
-        summary["samplers"] = {"metric": eval_lead, "rows": rows, "best": best_samplers(rows, eval_lead),
-                               "best_setting": [{"axes": b["axes"], **b["row"]} for b in best]}
-        summary["notes"] += [b["note"] for b in best]
-        ordered = [runs[i] for i in by_rank]
-        summary["evaluation_curves"] = {"metric": eval_lead, "fields": evaluation_curves(
-            ordered, [s["name"] or Path(s["run"]).name for s in summary["runs"]], eval_lead)}
-    return summary, [runs[i] for i in by_rank]
+    ordered = [runs[i] for i in by_rank]
+    evaluations = evaluation_summary(ordered, [keys[i] for i in by_rank], axes,
+                                     [s["name"] or Path(s["run"]).name for s in summary["runs"]])
+    summary["notes"] += evaluations.pop("notes", [])
+    return {**summary, **evaluations}, ordered
+
+
+def evaluation_summary(runs: list, keys: list[tuple], axes: list[str], names: list[str]) -> dict[str, Any]:
+    """The runs' ``python -m diffexp.evaluate`` results (eval.json; ``keys``: each run's group, ``names``:
+    how curves name it) as a comparison reports them: ``samplers`` (the lead metric, every evaluation
+    setting pooled over sampling seeds, the best sampler per NFE budget, the best setting per group),
+    ``evaluation_curves`` (the lead metric against each numeric setting that varies) and ``notes``
+    (a line per group naming its best setting with its interval over sampling seeds); ``{}`` when no
+    run has a result. What compare writes and the app shows of an evaluation sweep."""
+    rows, lead = sampler_rows(runs, keys)
+    if not rows:
+        return {}
+    best = best_setting(rows, lead, axes)
+    return {"samplers": {"metric": lead, "rows": rows, "best": best_samplers(rows, lead),
+                         "best_setting": [{"axes": b["axes"], **b["row"]} for b in best]},
+            "evaluation_curves": {"metric": lead, "fields": evaluation_curves(runs, names, lead)},
+            "notes": [b["note"] for b in best]}
 
 
 def run_key(summary: dict, run_summary: dict) -> tuple:
