@@ -165,7 +165,6 @@ def test_training_logs_the_nll_and_evaluate_keeps_both_estimators(train, cache_d
     assert kept[-1]["eval/nll_bpd_6"] == result["eval/nll_bpd_6"]
 
 
-
 def ode_blur_bits(sigma: float) -> float:
     """The most bits/dim the ODE of an exact network reads above the data's NLL: its density is of x at the
     schedule's first sigma, the data's points (pixel x at 2x/255 - 1) blurred by N(0, sigma^2), read at
@@ -189,10 +188,10 @@ def test_the_ode_and_the_bound_agree_on_a_tiny_trained_run(train, cache_dir):
     upper bound on the NLL of the discrete DDPM chain, whose mean over images drawn from the data is at
     least the data's entropy. The ODE reads the density of x at the schedule's first sigma (0.0064, 0.8 of
     a dequantization bin), not at 0: for an exact network that is the data blurred by that noise, at most
-    ``blur`` bits/dim above the data's NLL. So for an exact network E[ode - vlb] <= blur: the theory's one-
-    sided fact, the upper side of the check. The bound's gap and the errors of a network that is not exact
+    ``blur`` bits/dim above the data's NLL. So for an exact network E[ode - vlb] <= blur (RK4's error aside): the
+    theory's one-sided fact, the upper side of the check. The bound's gap and the errors of a network that is not exact
     have no such limit; the lower side takes the same width by choice. Seen (seeds 0 to 4): ode - vlb = 0.50
-    to 0.63 (3 se = 0.49 to 0.53), the ODE above the bound each time; the untrained 4-step network: 4.06,
+    to 0.63 (3 se = 0.47 to 0.53), the ODE above the bound each time; the untrained 4-step network: 4.06,
     which fails. The check alone is wide: 50 steps (8.5 and 7.8) pass it, and fail the first. The se
     are over the images; both estimators read the same images, so their sum of squares overstates the
     difference's noise (the check is conservative there)."""
