@@ -188,13 +188,14 @@ def test_the_ode_and_the_bound_agree_on_a_tiny_trained_run(train, cache_dir):
     upper bound on the NLL of the discrete DDPM chain, whose mean over images drawn from the data is at
     least the data's entropy. The ODE reads the density of x at the schedule's first sigma (0.0064, 0.8 of
     a dequantization bin), not at 0: for an exact network that is the data blurred by that noise, at most
-    ``blur`` bits/dim above the data's NLL. So for an exact network E[ode - vlb] <= blur (RK4's error aside): the
-    theory's one-sided fact, the upper side of the check. The bound's gap and the errors of a network that is not exact
-    have no such limit; the lower side takes the same width by choice. Seen (seeds 0 to 4): ode - vlb = 0.50
-    to 0.63 (3 se = 0.47 to 0.53), the ODE above the bound each time; the untrained 4-step network: 4.06,
-    which fails. The check alone is wide: 50 steps (8.5 and 7.8) pass it, and fail the first. The se
-    are over the images; both estimators read the same images, so their sum of squares overstates the
-    difference's noise (the check is conservative there)."""
+    ``blur`` bits/dim above the data's NLL. So for an exact network E[ode - vlb] <= blur (RK4's error
+    aside): the theory's one-sided fact, the upper side of the check. The bound's gap and the errors of a
+    network that is not exact have no such limit; the lower side takes the same width by choice.
+
+    Seen (seeds 0 to 4): ode - vlb = 0.50 to 0.63 (3 se = 0.47 to 0.53), the ODE above the bound each
+    time; the untrained 4-step network: 4.06, which fails. The check alone is wide: 50 steps (8.5 and 7.8)
+    pass it, and fail the first. The se are over the images; both estimators read the same images, so
+    their sum of squares overstates the difference's noise (seed 0: 0.175, paired 0.134; conservative)."""
     run, _ = train("trainer.max_steps=300", "trainer.batch_size=16", "trainer.lr=3e-3", "trainer.log_every=100",
                    "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.eval_every=0", "metric=none")
     nll = ["metric=nll", "metric.nll_images=12", "metric.nll_batch_size=12", "metric.nll_vlb_terms=null"]
