@@ -190,13 +190,18 @@ def cache_dir(tmp_path, dataset_cache) -> Path:
 @pytest.fixture
 def train(tmp_path, cache_dir):
     """Train a tiny run in-process into tmp_path/NAME (``logger=none`` unless overridden); returns
-    (run directory, Result). With ``cli=True`` it runs the real command line in a subprocess."""
+    (run directory, Result). With ``main=True`` it goes through the command's Hydra ``main`` in this
+    process (Hydra makes the run folder, as the command line does, before any check can refuse the
+    run); with ``cli=True`` it runs the real command line in a subprocess."""
 
-    def _train(*overrides: str, name: str = "run", check: bool = True, env: dict | None = None, cli: bool = False):
+    def _train(*overrides: str, name: str = "run", check: bool = True, env: dict | None = None, cli: bool = False,
+               main: bool = False):
         run_dir = tmp_path / name
         args = [*TINY, f"cache_dir={cache_dir}", "logger=none", *overrides]
         if cli or env is not None:
             return run_dir, run_cli("train", *args, f"hydra.run.dir={run_dir}", check=check, env=env)
+        if main:
+            return run_dir, run_main("train", *args, f"hydra.run.dir={run_dir}", check=check)
         return run_dir, run_train(*args, run_dir=run_dir, check=check)
 
     return _train
@@ -246,10 +251,14 @@ def inception_file(tmp_path_factory) -> Path:
     return path
 
 
-# The longest test files first (CPU seconds on a 2-core VM, 2026-12-04): the two workers each take a
-# whole file as they free up (--dist loadfile), so long files started last would leave one worker idle.
-LONGEST_FIRST = ("test_metrics", "test_workflow", "test_train", "test_app", "test_paired", "test_inputs",
-                 "test_tracking", "test_bench", "test_conditional")
+# The longest test files first (the sums of their test times on a 2-core VM, 2026-12-07): the two
+# workers each take a whole file as they free up (--dist loadfile), so long files started last would
+# leave one worker idle. pytest-xdist would reorder the files by their number of tests (which put the
+# 6 long tests of test_preemption last); --no-loadscope-reorder in pyproject.toml keeps this order.
+LONGEST_FIRST = ("test_preemption", "test_workflow", "test_train", "test_metrics", "test_inputs", "test_bench",
+                 "test_app", "test_data", "test_tracking", "test_sampling", "test_conditional", "test_features",
+                 "test_paired", "test_config", "test_safety", "test_multiprocess", "test_objectives",
+                 "test_likelihood", "test_gpu", "test_phema", "test_docs", "test_guidance")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,6 +1,7 @@
 """Sample quality: the metrics against independent formulas, evaluation during training and from the
 command line, several processes, the results store, and the Inception path with a random-weights
-file (the real torch-fidelity code; the numbers are meaningless, the plumbing is not)."""
+file (the real torch-fidelity code; the numbers are meaningless, the plumbing is not). Evaluation during
+two-process training is tested in test_multiprocess.py, on that module's one launch."""
 
 from __future__ import annotations
 
@@ -266,18 +267,3 @@ def test_missing_inception_weights_say_once_what_is_needed(train, tmp_path, monk
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: metric.weights=/nonexistent/inception.pth: no such file")
 
-
-def test_two_processes_evaluate_during_training(tmp_path, cache_dir):
-    run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffexp.train", "debug=tiny",
-           f"hydra.run.dir={run_dir}", f"cache_dir={cache_dir}", "logger=none", "metric.num_samples=9",
-           "metric.batch_size=4", "trainer.eval_every=4"]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(ACCELERATE_USE_CPU="true"), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    evals = [r for r in rows(run_dir) if "eval/fd_digits_9" in r]
-    assert [r["step"] for r in evals] == [4]  # one row, written once, from both processes' samples
-    # the same numbers as one process evaluating the same weights (evaluate CLI, one process)
-    again = json.loads(run_main("evaluate", f"run={run_dir}", "metric.num_samples=9", "metric.batch_size=4",
-                               f"cache_dir={cache_dir}", check=True).stdout.strip().splitlines()[-1])
-    assert again["eval/fd_digits_9"] == pytest.approx(evals[0]["eval/fd_digits_9"], rel=1e-9)

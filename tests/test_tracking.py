@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
-from conftest import REPO, TINY, cli_env, run_cli, run_main
+from conftest import REPO, TINY, cli_env, run_main
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from wandb_files import find_runs, iter_records
@@ -99,8 +99,10 @@ def test_resumed_run_continues_the_same_wandb_run(train, cache_dir):
 
 def test_multirun_gives_one_finished_wandb_run_per_job(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    run_cli("train", "-m", *TINY, "logger=wandb", "seed=0,1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}",
-            f"cache_dir={cache_dir}")
+    # Hydra's multirun in this process, as the command line runs it (the basic launcher runs the jobs one
+    # after the other in the command's own process): W&B is started and finished once per job.
+    run_main("train", "-m", *TINY, "logger=wandb", "seed=0,1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}",
+             f"cache_dir={cache_dir}", check=True)
     jobs = sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
     assert [j.name for j in jobs] == ["0_unet_tiny-cosine-s0", "1_unet_tiny-cosine-s1"]
     runs = [only_run(j) for j in jobs]

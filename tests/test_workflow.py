@@ -303,7 +303,7 @@ def test_runs_lists_statuses_and_compare_takes_finished_runs(grid_sweep, train, 
     outputs = tmp_path / "outputs"
     copy_runs(sorted(p.parent for p in sweep_dir.glob("*/run.json")), outputs / "sweep")
     failed, _ = train("trainer.lr=1e30", name="outputs/failed", check=False)  # the loss blows up
-    empty, _ = train("trainer.batch_size=6", "trainer.grad_accum=4", name="outputs/refused", check=False, cli=True)
+    empty, _ = train("trainer.batch_size=6", "trainer.grad_accum=4", name="outputs/refused", check=False, main=True)
     killed = outputs / "sweep" / "killed"  # as a run killed outright leaves it: still "running"
     shutil.copytree(sorted((outputs / "sweep").iterdir())[0], killed, symlinks=True)
     info = json.loads((killed / "run.json").read_text())

@@ -42,8 +42,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torchmetrics import Metric
-from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from diffexp import DiffexpError
@@ -207,6 +205,11 @@ def score(metric_cfg: DictConfig, real: torch.Tensor, fake: torch.Tensor, fake_l
     ``eval/<name>_<n>``. Random subsets (IS splits, KID subsets) are drawn from torch's global generator
     seeded with ``metric.seed`` inside ``training_rng_untouched``, which restores the training's state
     afterwards."""
+    # Imported here, not at the top: torchmetrics brings scipy.signal (seconds of start-up) into
+    # every command that imports the evaluator, most of which never score.
+    from torchmetrics import Metric
+    from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
+
     n, net = len(fake), metric_cfg.network
     out: dict[str, float] = {}
     torchmetric: dict[str, Metric] = {}
