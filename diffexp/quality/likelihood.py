@@ -131,43 +131,52 @@ def reverse_variances(scheduler) -> torch.Tensor:
 
 
 def bound_terms(objective, net, x0: torch.Tensor, steps: torch.Tensor, generator: torch.Generator,
-                discrete: bool = True) -> torch.Tensor:
+                discrete: bool = True, batch: int = 256) -> torch.Tensor:
     """Per image, the bound's term at each timestep index of ``steps`` (B x k, nats, float64): the KL
     term for index i >= 1, the decoder -log p(x_0 | x_1) for i = 0 (discretized on the 8-bit bins, or
-    the continuous Gaussian density when not ``discrete``). One noise draw per image and term."""
+    the continuous Gaussian density when not ``discrete``). One noise draw per image and term; the
+    terms go through the network several at a time, up to ``batch`` images a forward pass."""
     sch = objective.scheduler
     betas, abar, abar_prev = schedule(sch)
     variance, clip = reverse_variances(sch), bool(sch.config.get("clip_sample", False))
     out = torch.zeros(x0.shape[0], steps.shape[1], dtype=torch.float64)
     x0_64 = x0.double().cpu()
-    for j in range(steps.shape[1]):
-        i = steps[:, j]
-        view = (-1,) + (1,) * (x0.dim() - 1)
-        a, s = abar[i].sqrt().view(view), (1 - abar[i]).sqrt().view(view)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        xt = (a * x0_64 + s * noise).float().double()  # the maths below uses the x_t the network sees
-        pred = net(xt.float().to(x0.device), i.to(x0.device)).double().cpu()
-        x0_hat = (xt - s * objective.predicted_noise(pred, xt, a, s)) / a
-        if clip:
-            x0_hat = x0_hat.clamp(-1, 1)
-        c0 = (abar_prev[i].sqrt() * betas[i] / (1 - abar[i])).view(view)  # the posterior mean's coefficients
-        ct = ((1 - betas[i]).sqrt() * (1 - abar_prev[i]) / (1 - abar[i])).view(view)
-        mean = c0 * x0_hat + ct * xt
-        var = variance[i].view(view)
-        kl = normal_kl(c0 * x0_64 + ct * xt, (betas[i] * (1 - abar_prev[i]) / (1 - abar[i])).view(view), mean, var)
-        if discrete:
-            decoder = discretized_gaussian_nll(x0_64, mean, var.sqrt())
-        else:
-            decoder = 0.5 * ((x0_64 - mean).square() / var + var.log() + math.log(2 * math.pi))
-        out[:, j] = torch.where(i > 0, kl.flatten(1).sum(1), decoder.flatten(1).sum(1))
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    per_pass = max(1, batch // x0.shape[0])
+    for first in range(0, steps.shape[1], per_pass):
+        columns = range(first, min(first + per_pass, steps.shape[1]))
+        xts = []
+        for j in columns:
+            i = steps[:, j]
+            a, s = abar[i].sqrt().view(view), (1 - abar[i]).sqrt().view(view)
+            noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+            xts.append((a * x0_64 + s * noise).float().double())  # the maths below uses the x_t the network sees
+        xt_all = torch.cat(xts).float().to(x0.device)
+        preds = net(xt_all, steps[:, columns.start:columns.stop].T.reshape(-1).to(x0.device)).double().cpu()
+        for j, xt, pred in zip(columns, xts, preds.split(x0.shape[0])):
+            i = steps[:, j]
+            a, s = abar[i].sqrt().view(view), (1 - abar[i]).sqrt().view(view)
+            x0_hat = (xt - s * objective.predicted_noise(pred, xt, a, s)) / a
+            if clip:
+                x0_hat = x0_hat.clamp(-1, 1)
+            c0 = (abar_prev[i].sqrt() * betas[i] / (1 - abar[i])).view(view)  # the posterior mean's coefficients
+            ct = ((1 - betas[i]).sqrt() * (1 - abar_prev[i]) / (1 - abar[i])).view(view)
+            mean = c0 * x0_hat + ct * xt
+            var = variance[i].view(view)
+            kl = normal_kl(c0 * x0_64 + ct * xt, (betas[i] * (1 - abar_prev[i]) / (1 - abar[i])).view(view), mean, var)
+            if discrete:
+                decoder = discretized_gaussian_nll(x0_64, mean, var.sqrt())
+            else:
+                decoder = 0.5 * ((x0_64 - mean).square() / var + var.log() + math.log(2 * math.pi))
+            out[:, j] = torch.where(i > 0, kl.flatten(1).sum(1), decoder.flatten(1).sum(1))
     return out
 
 
 def variational_bound(objective, net, x0: torch.Tensor, generator: torch.Generator, terms: int | None = None,
-                      discrete: bool = True) -> torch.Tensor:
+                      discrete: bool = True, batch: int = 256) -> torch.Tensor:
     """Per-image variational bound (nats, float64) of ``x0`` (on the [-1, 1] scale): prior term + KL
     terms + decoder. ``terms``: estimate the T - 1 KL terms from that many, one per stratum, each
-    weighted (T - 1) / terms (unbiased); None: all of them."""
+    weighted (T - 1) / terms (unbiased); None: all of them. ``batch``: images per forward pass."""
     sch = objective.scheduler
     T = len(sch.alphas_cumprod)
     n = x0.shape[0]
@@ -178,8 +187,8 @@ def variational_bound(objective, net, x0: torch.Tensor, generator: torch.Generat
         u = torch.rand(n, terms, generator=generator, dtype=torch.float64)
         kl_steps = (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(1, T - 1)
         weight = (T - 1) / terms
-    decoder = bound_terms(objective, net, x0, torch.zeros(n, 1, dtype=torch.long), generator, discrete)[:, 0]
-    kls = bound_terms(objective, net, x0, kl_steps, generator, discrete).sum(1) * weight
+    decoder = bound_terms(objective, net, x0, torch.zeros(n, 1, dtype=torch.long), generator, discrete, batch)[:, 0]
+    kls = bound_terms(objective, net, x0, kl_steps, generator, discrete, batch).sum(1) * weight
     abar_T = schedule(sch)[1][-1]
     x = x0.double().cpu()
     prior = normal_kl(abar_T.sqrt() * x, 1 - abar_T, torch.zeros_like(x), torch.ones_like(x)).flatten(1).sum(1)
@@ -252,7 +261,8 @@ def chunk_nll(metric_cfg: DictConfig, objective, net, images_u8: torch.Tensor, c
     if "vlb" in chosen:
         with torch.no_grad():
             x0 = (images_u8.float() / 127.5 - 1).to(device)
-            nats = variational_bound(objective, net, x0, generator, metric_cfg.get("nll_vlb_terms"))
+            nats = variational_bound(objective, net, x0, generator, metric_cfg.get("nll_vlb_terms"),
+                                     batch=int(metric_cfg.batch_size))
         out["vlb"] = nats / (dims * LN2)
     return out
 
