@@ -86,13 +86,17 @@ def test_bench_refuses_a_bad_setting(tmp_path, cache_dir):
 
 @pytest.mark.gpu
 def test_speed_options_train(train):
-    """bf16 autocast, fused AdamW, channels-last and TF32 (a no-op off CUDA) train, on a CPU as on a GPU."""
+    """bf16 autocast, fused AdamW, channels-last and TF32 (a no-op off CUDA) train, sample and evaluate,
+    on a CPU as on a GPU."""
     run_dir, _ = train("trainer.mixed_precision=bf16", "trainer.fused_adamw=true", "trainer.channels_last=true",
-                       "trainer.tf32=true")
+                       "trainer.tf32=true", "trainer.eval_every=4")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses)
     assert (run_dir / "model" / "unet" / "config.json").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))  # the fixed-noise grids
+    [evaluation] = [r for r in rows if "eval/fd_digits_50" in r]
+    assert evaluation["step"] == 4 and math.isfinite(evaluation["eval/fd_digits_50"])
 
 
 def test_attention_is_pytorch_sdpa():
