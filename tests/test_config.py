@@ -95,15 +95,20 @@ def test_ddpm_schedules_and_their_samplers_instantiate(scheduler, prediction_typ
         torch.testing.assert_close(inference.alphas_cumprod, noise_scheduler.alphas_cumprod)
 
 
-@pytest.mark.parametrize("scheduler,prefix", [("flow_matching", "fm_"), ("edm", "edm_")])
-def test_flow_matching_and_edm_take_their_own_samplers_only(scheduler, prefix):
-    cfg = composed(f"scheduler={scheduler}")
+@pytest.mark.parametrize("scheduler,prefixes", [("flow_matching", ("fm_", "dpmpp")), ("edm", ("edm_",))])
+def test_flow_matching_and_edm_take_their_own_samplers_only(scheduler, prefixes):
+    cfg = composed(f"scheduler={scheduler}", "scheduler.shift=3.0" if scheduler == "flow_matching" else "seed=0")
     for sampler in options("sampler"):
         sampler_cfg = sampler_node(sampler)
-        if sampler.startswith(prefix) or sampler == "auto":
+        if sampler.startswith(prefixes) or sampler == "auto":
             inference = build_sampler(sampler_cfg, cfg.scheduler)
             inference.set_timesteps(sampler_cfg.steps or 10)
             assert len(inference.timesteps) >= (sampler_cfg.steps or 10)
+            if sampler.startswith("dpmpp") or (scheduler, sampler) == ("flow_matching", "auto"):
+                # DPM-Solver++ on the flow path: flow sigmas, the velocity, the training's shift
+                assert (inference.config.use_flow_sigmas, inference.config.prediction_type,
+                        inference.config.flow_shift) == (True, "flow_prediction", 3.0)
+                assert inference.sigmas[0] == pytest.approx(3 * 0.999 / (1 + 2 * 0.999), abs=1e-4)
         else:
             with pytest.raises(DiffexpError, match="cannot sample a model trained with"):
                 build_sampler(sampler_cfg, cfg.scheduler)

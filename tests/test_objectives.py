@@ -40,6 +40,8 @@ def test_ddpm_targets_and_min_snr_weights_are_the_papers():
     (["scheduler=edm", "sampler=edm_heun"], 18, 35),  # EDM's Heun: 35 NFE for 18 steps on CIFAR-10 (Karras et al. 2022)
     (["scheduler=flow_matching", "sampler=fm_heun"], 10, 19),
     (["scheduler=flow_matching", "sampler=fm_euler"], 10, 10),
+    (["scheduler=flow_matching"], 20, 20),  # its default, dpmpp_sde on the flow path
+    (["scheduler=edm"], 20, 20),  # its default, edm_dpmpp_sde
     (["sampler=dpmpp_sde"], 20, 20),
     (["sampler=ddpm"], 1000, 1000),
 ])
@@ -135,7 +137,7 @@ def test_each_objective_trains_resumes_exactly_exports_and_samples(scheduler, tr
     assert images.shape == (4, 8, 8, 1)
     assert np.array_equal(images, sample_run(full, n=4, seed=0).images)  # the same images as `sample`
     assert np.array_equal(images, sample_run(crashed, n=4, seed=0).images)  # and the resumed run's weights are the same
-    assert cfg.sampler.name == {"linear": "dpmpp_sde", "flow_matching": "fm_euler", "edm": "edm_heun"}[scheduler]
+    assert cfg.sampler.name == {"linear": "dpmpp_sde", "flow_matching": "dpmpp_sde", "edm": "edm_dpmpp_sde"}[scheduler]
 
 
 def test_an_objective_is_a_peer_of_the_others_in_the_loop():

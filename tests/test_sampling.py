@@ -107,7 +107,8 @@ class GaussianEDM(ModelMixin, ConfigMixin):
 
 @pytest.mark.parametrize("scheduler,sampler,steps", [("flow_matching", "fm_euler", 200), ("flow_matching", "fm_heun", 50),
                                                      ("edm", "edm_euler", 200), ("edm", "edm_heun", 50),
-                                                     ("edm", "edm_dpmpp", 100)])
+                                                     ("edm", "edm_dpmpp", 100), ("flow_matching", "dpmpp_sde", 100), ("flow_matching", "dpmpp", 100),
+                                                     ("edm", "edm_dpmpp_sde", 100)])
 def test_flow_matching_and_edm_samplers_draw_from_the_trained_distribution(scheduler, sampler, steps):
     model = GaussianFlow() if scheduler == "flow_matching" else GaussianEDM()
     scheduler_cfg = compose_config([f"scheduler={scheduler}"]).scheduler

@@ -170,6 +170,8 @@ def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig, latent: bo
     kwargs = {k: v for k, v in schedule.items() if k in accepted}
     if schedule.get("beta_schedule") not in (None, *PORTABLE_BETA_SCHEDULES) and "trained_betas" in accepted:
         kwargs["trained_betas"] = build_noise_scheduler(scheduler_cfg).betas.tolist()
+    if hasattr(trained_with, "sampler_settings"):  # what this objective's path needs of a shared sampler class
+        kwargs.update(trained_with.sampler_settings(scheduler_cfg, accepted))
     unknown = sorted(set(own) - set(accepted))
     if unknown:
         raise DiffexpError(f"sampler.scheduler.{unknown[0]}: not an option of {cls.__name__}")

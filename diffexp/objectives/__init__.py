@@ -5,7 +5,9 @@ target it must output and a per-sample loss weight (``Noised``); the loop does t
 (``loss = weight * |net(input, timestep) - target|^2``). Sampling is a diffusers scheduler's job,
 built from the same config node by ``diffexp.models.build.build_sampler``; an objective names the
 sampler classes that can integrate what it trains (``compatible_samplers``) and its default
-(``default_sampler``, a ``conf/sampler`` option).
+(``default_sampler``, a ``conf/sampler`` option). A sampler class that serves several objectives
+(DPM-Solver++ samples the DDPM family and the flow-matching path) gets what this objective's path
+needs of it from ``sampler_settings(scheduler_cfg, accepted)``, where the objective defines one.
 
 The three peers: ``ddpm.DDPMObjective`` (the DDPM family on diffusers' ``DDPMScheduler``),
 ``flow_matching.FlowMatching`` and ``edm.EDM``. A new objective is one file here and one

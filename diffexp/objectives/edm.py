@@ -28,7 +28,7 @@ class EDM:
     """
 
     compatible_samplers = ("EDMEulerScheduler", "EDMHeunScheduler", "EDMDPMSolverMultistepScheduler")
-    default_sampler = "edm_heun"
+    default_sampler = "edm_dpmpp_sde"
 
     def __init__(self, sigma_data: float = 0.5, p_mean: float = -1.2, p_std: float = 1.2, sigma_min: float = 0.002,
                  sigma_max: float = 80.0, rho: float = 7.0, prediction_type: str | None = None):

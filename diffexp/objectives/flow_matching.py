@@ -24,8 +24,9 @@ class FlowMatching:
     ``t x num_train_timesteps``, the timesteps of those samplers.
     """
 
-    compatible_samplers = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
-    default_sampler = "fm_euler"
+    compatible_samplers = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+                           "DPMSolverMultistepScheduler")
+    default_sampler = "dpmpp_sde"  # the DDPM family's, on the flow path (sampler_settings)
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, time_distribution: str = "logit_normal",
                  logit_mean: float = 0.0, logit_std: float = 1.0, prediction_type: str | None = None):
@@ -39,6 +40,15 @@ class FlowMatching:
             raise DiffexpError(f"scheduler.shift={shift}, scheduler.logit_std={logit_std}: both must be positive")
         self.num_train_timesteps, self.shift = int(num_train_timesteps), float(shift)
         self.time_distribution, self.logit_mean, self.logit_std = time_distribution, float(logit_mean), float(logit_std)
+
+    @staticmethod
+    def sampler_settings(scheduler_cfg, accepted) -> dict:
+        """What a DPM-Solver++ sampler (``accepted``: its options) needs to sample this path: diffusers'
+        flow sigmas ``t``, the velocity as ``flow_prediction``, and the training's ``shift``."""
+        if "use_flow_sigmas" not in accepted:
+            return {}
+        return {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                "flow_shift": float(scheduler_cfg.get("shift", 1.0))}
 
     def times(self, n: int, device: torch.device) -> torch.Tensor:
         """``n`` training times in (0, 1), from the global RNG."""
