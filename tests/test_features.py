@@ -89,7 +89,7 @@ def test_rgb_and_numpy_samples_give_the_grayscale_answer(net, split):
 def test_retraining_reproduces_the_packaged_weights(tmp_path, split):
     out = tmp_path / "digits.safetensors"
     deterministic = torch.are_deterministic_algorithms_enabled()
-    try:  # the command's main in this process (the weights do not depend on it: a new process wrote them)
+    try:  # the command's main, in this process; the packaged weights were written by a process of their own
         proc = run_main("quality.features.train_digits", "--out", str(out), check=True)
     finally:
         torch.use_deterministic_algorithms(deterministic)
