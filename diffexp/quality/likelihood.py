@@ -145,17 +145,16 @@ def bound_terms(objective, net, x0: torch.Tensor, steps: torch.Tensor, generator
     per_pass = max(1, batch // x0.shape[0])
     for first in range(0, steps.shape[1], per_pass):
         columns = range(first, min(first + per_pass, steps.shape[1]))
-        xts = []
+        noised = []  # (a, s, x_t) of each term
         for j in columns:
             i = steps[:, j]
             a, s = abar[i].sqrt().view(view), (1 - abar[i]).sqrt().view(view)
             noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-            xts.append((a * x0_64 + s * noise).float().double())  # the maths below uses the x_t the network sees
-        xt_all = torch.cat(xts).float().to(x0.device)
+            noised.append((a, s, (a * x0_64 + s * noise).float().double()))  # the maths uses the x_t the network sees
+        xt_all = torch.cat([xt for _, _, xt in noised]).float().to(x0.device)
         preds = net(xt_all, steps[:, columns.start:columns.stop].T.reshape(-1).to(x0.device)).double().cpu()
-        for j, xt, pred in zip(columns, xts, preds.split(x0.shape[0])):
+        for j, (a, s, xt), pred in zip(columns, noised, preds.split(x0.shape[0])):
             i = steps[:, j]
-            a, s = abar[i].sqrt().view(view), (1 - abar[i]).sqrt().view(view)
             x0_hat = (xt - s * objective.predicted_noise(pred, xt, a, s)) / a
             if clip:
                 x0_hat = x0_hat.clamp(-1, 1)
