@@ -293,6 +293,8 @@ def check_train_config(cfg: DictConfig, *, cuda: bool | None = None) -> list[str
     if not (OmegaConf.is_list(betas) and len(betas) == 2 and all(isinstance(b, Real) and 0 <= b < 1 for b in betas)):
         raise DiffexpError(f"{t}.betas={betas}: expected two numbers in [0, 1), e.g. [0.9,0.999]")
     need_int(cfg, f"{t}.warmup_steps", 0)
+    if cfg.trainer.get("lr_schedule") == "wsd":
+        need_number(cfg, f"{t}.cooldown", low=0, high=1, low_open=True)
     need_number(cfg, f"{t}.max_grad_norm", low=0, allow_none=True)
     need_int(cfg, f"{t}.log_every", 1)
     need_int(cfg, f"{t}.sample_every", 0)

@@ -131,6 +131,21 @@ def test_optimizer_and_lr_schedule_follow_the_trainer_config():
     assert sched.get_last_lr()[0] == pytest.approx(3e-4)
 
 
+def test_wsd_warms_up_holds_and_cools_down_linearly_over_the_last_fraction():
+    cfg = composed("trainer.lr=1e-3", "trainer.warmup_steps=10", "trainer.max_steps=100", "trainer.lr_schedule=wsd",
+                   "trainer.cooldown=0.2")
+    opt = build_optimizer(cfg.trainer, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
+    sched = build_lr_scheduler(cfg.trainer, opt)
+    lr = []
+    for _ in range(100):
+        lr.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lr[0] == 0 and lr[5] == pytest.approx(5e-4) and lr[10] == lr[79] == pytest.approx(1e-3)  # diffusers' warm-up
+    assert lr[80] == pytest.approx(1e-3) and lr[90] == pytest.approx(5e-4) and lr[99] == pytest.approx(5e-5)
+    assert all(a > b for a, b in zip(lr[80:], lr[81:]))  # linear to 0 at step 100
+
+
 def test_contract_trainer_keys_exist():
     t = composed().trainer
     for key in ("max_steps", "batch_size", "lr", "mixed_precision", "log_every", "sample_every", "eval_every",

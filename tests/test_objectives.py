@@ -36,6 +36,22 @@ def test_ddpm_targets_and_min_snr_weights_are_the_papers():
     torch.testing.assert_close(batch.weight, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))  # Hang et al. 2023
 
 
+def test_ddpm_logit_normal_timesteps_follow_their_density():
+    """``trainer.time_distribution=logit_normal``: the integer part of T sigmoid(N(m, s^2)), checked against
+    its CDF; uniform stays uniform."""
+    from scipy.stats import norm
+
+    torch.manual_seed(0)
+    t = objective("trainer.time_distribution=logit_normal", "trainer.logit_mean=-0.5", "trainer.logit_std=1.2") \
+        .noise(torch.zeros(200_000, 1, 1, 1)).timestep
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
+    for k in (100, 300, 500, 700, 900):  # P(t < k) = P(logit(U) < logit(k / T))
+        expected = norm.cdf((np.log(k / (1000 - k)) + 0.5) / 1.2)
+        assert (t < k).double().mean().item() == pytest.approx(expected, abs=0.005)
+    u = objective().noise(torch.zeros(200_000, 1, 1, 1)).timestep
+    assert (u < 300).double().mean().item() == pytest.approx(0.3, abs=0.005)
+
+
 @pytest.mark.parametrize(("overrides", "steps", "nfe"), [
     (["scheduler=edm", "sampler=edm_heun"], 18, 35),  # EDM's Heun: 35 NFE for 18 steps on CIFAR-10 (Karras et al. 2022)
     (["scheduler=flow_matching", "sampler=fm_heun"], 10, 19),
@@ -103,6 +119,11 @@ def test_edm_preconditioning_and_loss_are_the_papers():
     (["scheduler=linear", "sampler=edm_heun"], "sampler=EDMHeunScheduler: cannot sample a model trained with DDPMScheduler"),
     (["scheduler=edm", "trainer.loss_weighting=min_snr"], "trainer.loss_weighting=min_snr: min-SNR weighting is for the DDPM family"),
     (["scheduler=flow_matching", "scheduler.time_distribution=beta"], "scheduler.time_distribution=beta: expected one of"),
+    (["trainer.time_distribution=beta"], "trainer.time_distribution=beta: expected one of uniform, logit_normal"),
+    (["trainer.time_distribution=logit_normal", "trainer.logit_std=0"], "trainer.logit_std=0: expected a positive number"),
+    (["scheduler=edm", "trainer.time_distribution=logit_normal"],
+     "trainer.time_distribution=logit_normal: the DDPM family's timestep density"),
+    (["trainer.lr_schedule=wsd", "trainer.cooldown=0"], "trainer.cooldown=0: expected"),
 ])
 def test_combinations_that_cannot_work_are_refused_in_one_line(train, overrides, expected):
     run, result = train(*overrides, check=False)

@@ -204,22 +204,36 @@ def build_optimizer(trainer_cfg: DictConfig, params, device: torch.device) -> to
 
 def build_objective(scheduler_cfg: DictConfig, trainer_cfg: DictConfig):
     """The training objective of a ``scheduler`` node (see ``diffexp.objectives``): the DDPM family
-    with the trainer's loss weighting (uniform or min-SNR), or the node's own objective class."""
+    with the trainer's loss weighting (uniform or min-SNR) and timestep density, or the node's own
+    objective class (which has its own)."""
     from diffexp.objectives.ddpm import DDPMObjective
 
     t = trainer_cfg
     cls = objective_class(scheduler_cfg)
     if cls is DDPMObjective:
         return DDPMObjective(build_noise_scheduler(scheduler_cfg), t.get("loss_weighting", "uniform"),
-                             t.get("snr_gamma", 5.0))
+                             t.get("snr_gamma", 5.0), t.get("time_distribution", "uniform"),
+                             t.get("logit_mean", 0.0), t.get("logit_std", 1.0))
     if t.get("loss_weighting", "uniform") != "uniform":
         raise DiffexpError(f"trainer.loss_weighting={t.loss_weighting}: min-SNR weighting is for the DDPM family; "
                            f"{cls.__name__} weights its loss as its paper does")
+    if t.get("time_distribution", "uniform") != "uniform":
+        raise DiffexpError(f"trainer.time_distribution={t.time_distribution}: the DDPM family's timestep density; "
+                           f"{cls.__name__} has its own (scheduler.time_distribution, scheduler.P_mean, ...)")
     return build(scheduler_cfg, "scheduler")
 
 
 def build_lr_scheduler(trainer_cfg: DictConfig, optimizer: torch.optim.Optimizer):
-    """diffusers' ``get_scheduler``: warm-up, then the named schedule over ``max_steps``."""
+    """diffusers' ``get_scheduler``: warm-up, then the named schedule over ``max_steps``; or ``wsd``
+    (warm-up, stable, decay: Hägele et al. 2024), the warm-up, the constant rate, and a linear cool-down
+    to 0 over the last ``trainer.cooldown`` fraction of the steps."""
+    if trainer_cfg.lr_schedule == "wsd":
+        warmup, steps = int(trainer_cfg.warmup_steps), int(trainer_cfg.max_steps)
+        cooldown = max(1, round(float(trainer_cfg.get("cooldown", 0.2)) * steps))
+
+        def wsd(step: int) -> float:
+            return min(step / max(1, warmup), 1.0, max(0.0, (steps - step) / cooldown))  # get_scheduler's warm-up
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, wsd)
     try:
         return get_scheduler(trainer_cfg.lr_schedule, optimizer, num_warmup_steps=trainer_cfg.warmup_steps,
                              num_training_steps=trainer_cfg.max_steps)

@@ -28,6 +28,7 @@ import math
 import torch
 
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")  # training-time densities (DDPM timesteps, flow-matching times)
 
 
 @dataclass

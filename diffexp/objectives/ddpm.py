@@ -10,16 +10,20 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from diffexp import DiffexpError
-from diffexp.objectives import LOSS_WEIGHTINGS, Noised, gaussian_logp
+from diffexp.objectives import LOSS_WEIGHTINGS, TIME_DISTRIBUTIONS, Noised, gaussian_logp
 
 ODE_SIGMA_MAX = 80.0  # the likelihood's ODE stops here (EDM's sampling range): x_0 is 1/80 of x there
 
 
 class DDPMObjective:
-    """The DDPM family (Ho et al. 2020) on a diffusers ``DDPMScheduler``: a uniform timestep,
+    """The DDPM family (Ho et al. 2020) on a diffusers ``DDPMScheduler``: a timestep ``t``,
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``, and the scheduler's ``prediction_type`` as
     target (epsilon, v = sqrt(abar) eps - sqrt(1 - abar) x_0, or x_0 itself), with uniform or
-    min-SNR-gamma weights (Hang et al. 2023)."""
+    min-SNR-gamma weights (Hang et al. 2023).
+
+    Timesteps are uniform (DDPM's), or with ``time_distribution="logit_normal"`` the integer part of
+    ``T sigmoid(N(logit_mean, logit_std^2))``: flow matching's density (SD3) on the DDPM grid, which
+    favours the middle timesteps (and, for a negative mean, the less noisy ones)."""
 
     # diffusers' compatibles of DDPMScheduler, but the EDM ones (which precondition the network's input
     # and output as EDM trains it) and the SDE one (which needs torchsde)
@@ -27,7 +31,13 @@ class DDPMObjective:
                                 if not n.startswith("EDM") and n != "DPMSolverSDEScheduler")
     default_sampler = "dpmpp_sde"
 
-    def __init__(self, scheduler: DDPMScheduler, loss_weighting: str = "uniform", snr_gamma: float = 5.0):
+    def __init__(self, scheduler: DDPMScheduler, loss_weighting: str = "uniform", snr_gamma: float = 5.0,
+                 time_distribution: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
+        if time_distribution not in TIME_DISTRIBUTIONS:
+            raise DiffexpError(f"trainer.time_distribution={time_distribution}: expected one of "
+                               f"{', '.join(TIME_DISTRIBUTIONS)}")
+        if not logit_std > 0:
+            raise DiffexpError(f"trainer.logit_std={logit_std}: expected a positive number")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise DiffexpError(f"trainer.loss_weighting={loss_weighting}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
         if loss_weighting == "min_snr" and not snr_gamma > 0:
@@ -35,6 +45,15 @@ class DDPMObjective:
         self.scheduler = scheduler
         self.loss_weighting = loss_weighting
         self.snr_gamma = float(snr_gamma)
+        self.time_distribution, self.logit_mean, self.logit_std = time_distribution, float(logit_mean), float(logit_std)
+
+    def timesteps(self, n: int, device: torch.device) -> torch.Tensor:
+        """``n`` training timesteps in [0, T), from the global RNG."""
+        steps = self.scheduler.config.num_train_timesteps
+        if self.time_distribution == "uniform":
+            return torch.randint(0, steps, (n,), device=device)
+        u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
+        return (u * steps).long().clamp(max=steps - 1)
 
     def noise(self, clean: torch.Tensor, noise: torch.Tensor | None = None,
               timesteps: torch.Tensor | None = None) -> Noised:
@@ -42,8 +61,7 @@ class DDPMObjective:
         checkpoints save."""
         noise = torch.randn_like(clean) if noise is None else noise
         if timesteps is None:
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],),
-                                      device=clean.device)
+            timesteps = self.timesteps(clean.shape[0], clean.device)
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":

@@ -8,9 +8,8 @@ import math
 import torch
 
 from diffexp import DiffexpError
-from diffexp.objectives import Noised, gaussian_logp
+from diffexp.objectives import TIME_DISTRIBUTIONS, Noised, gaussian_logp
 
-TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 ODE_SIGMAS = (0.002, 80.0)  # the likelihood's range of sigma = t / (1 - t): EDM's sampling range
 
 
