@@ -208,6 +208,9 @@ def run(cfg: DictConfig, run_dir: str | None, session_dir: str | None = None) ->
     """What ``python -m diffexp.train`` does with its composed config: ``plan``, then train; returns the
     run's final status. ``session_dir`` (Hydra's scratch record of this command) is adopted by the
     run when it starts."""
+    from diffexp.training.launch import check_launch
+
+    check_launch()
     planned = plan(cfg, run_dir, session_dir)
     if planned is None:
         return "finished"

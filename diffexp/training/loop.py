@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, fields
@@ -47,6 +46,7 @@ from diffexp.sampling.export import export_pipeline
 from diffexp.sampling.generate import check_steps, generate, save_grid
 from diffexp.sampling.pipeline import call_denoiser
 from diffexp.training.checkpoints import all_finite, continue_schedule, load_parent, save_checkpoint
+from diffexp.training.launch import check_launch
 from diffexp.training.perf import configure_backends, dynamo_plugin, optimize_model
 from diffexp.training.phema import PowerEMA, drop_snapshots_after, make_averages, snapshot_dtype
 from diffexp.training.state import EMA, TrainState
@@ -189,20 +189,6 @@ def due_now(p: Parts, step: int, stop_signal: int) -> set[str]:
     return due
 
 
-def check_launch(accelerator: Accelerator) -> None:
-    """The launcher's processes are accelerate's: a launcher (accelerate launch, torchrun: WORLD_SIZE;
-    srun: its task count) that started several processes which accelerate sees as one each would
-    make independent runs writing one folder, and is refused in one line."""
-    launched = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or "1"
-    key = "WORLD_SIZE" if os.environ.get("WORLD_SIZE") else "SLURM_STEP_NUM_TASKS"
-    if int(launched) != accelerator.num_processes:
-        hint = (" (no GPU here: ACCELERATE_USE_CPU=true runs the processes on CPUs)" if int(launched) > 1
-                and accelerator.device.type == "cpu" else "")
-        raise DiffexpError(f"{key}={launched}: the launcher started {launched} processes but accelerate runs "
-                           f"{accelerator.num_processes}{hint}; each would train a separate run into one folder",
-                           everywhere=True)
-
-
 def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
     """Build the accelerator, data, model, optimizer, schedule, EMA, sampler and evaluator, and load
     the newest checkpoint when resuming (or the parent's for ``init_from``). Bad input raises here,
@@ -213,7 +199,7 @@ def setup(cfg: DictConfig, run_dir: str | None, resume: bool) -> Parts:
                                   dynamo_plugin=dynamo_plugin(t))
     except ValueError as e:
         raise DiffexpError(f"trainer.mixed_precision={t.mixed_precision}: {e}") from e
-    check_launch(accelerator)
+    check_launch()  # (python -m diffexp.train checked before its heavy imports; bench and reproduce come here)
     run = RunDir(broadcast_object_list([run_dir])[0])
     configure_backends(t, accelerator.device)
     set_seed(cfg.seed, device_specific=True)
