@@ -41,6 +41,12 @@ class Noised:
     weight: torch.Tensor | None  # None: uniform
 
 
+def logit_normal(n: int, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """``n`` draws of ``sigmoid(N(mean, std^2))`` in (0, 1) from the global RNG: SD3's training-time
+    density, which flow matching's times and the DDPM family's timesteps share."""
+    return torch.sigmoid(mean + std * torch.randn(n, device=device))
+
+
 def gaussian_logp(x: torch.Tensor, std: float = 1.0) -> torch.Tensor:
     """Per-image log density (nats, float64) of ``x`` under N(0, std^2 I)."""
     x = x.double().flatten(1)

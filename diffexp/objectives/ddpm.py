@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from diffexp import DiffexpError
-from diffexp.objectives import LOSS_WEIGHTINGS, TIME_DISTRIBUTIONS, Noised, gaussian_logp
+from diffexp.objectives import LOSS_WEIGHTINGS, TIME_DISTRIBUTIONS, Noised, gaussian_logp, logit_normal
 
 ODE_SIGMA_MAX = 80.0  # the likelihood's ODE stops here (EDM's sampling range): x_0 is 1/80 of x there
 
@@ -52,8 +52,7 @@ class DDPMObjective:
         steps = self.scheduler.config.num_train_timesteps
         if self.time_distribution == "uniform":
             return torch.randint(0, steps, (n,), device=device)
-        u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
-        return (u * steps).long().clamp(max=steps - 1)
+        return (logit_normal(n, self.logit_mean, self.logit_std, device) * steps).long().clamp(max=steps - 1)
 
     def noise(self, clean: torch.Tensor, noise: torch.Tensor | None = None,
               timesteps: torch.Tensor | None = None) -> Noised:

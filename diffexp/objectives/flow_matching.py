@@ -8,7 +8,7 @@ import math
 import torch
 
 from diffexp import DiffexpError
-from diffexp.objectives import TIME_DISTRIBUTIONS, Noised, gaussian_logp
+from diffexp.objectives import TIME_DISTRIBUTIONS, Noised, gaussian_logp, logit_normal
 
 ODE_SIGMAS = (0.002, 80.0)  # the likelihood's range of sigma = t / (1 - t): EDM's sampling range
 
@@ -54,7 +54,7 @@ class FlowMatching:
         if self.time_distribution == "uniform":
             t = torch.rand(n, device=device)
         else:
-            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device))
+            t = logit_normal(n, self.logit_mean, self.logit_std, device)
         return self.shift * t / (1 + (self.shift - 1) * t)
 
     def noise(self, clean: torch.Tensor, noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> Noised:
