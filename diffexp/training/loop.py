@@ -53,6 +53,8 @@ from diffexp.training.state import EMA, TrainState
 from diffexp.training.stop import StopRequest
 
 log = logging.getLogger(__name__)
+
+
 class Speed:
     """Training images per second between two log steps; the time spent sampling, evaluating and
     checkpointing (``paused``) is left out."""
