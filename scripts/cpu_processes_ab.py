@@ -45,8 +45,10 @@ def train(arm: str, run_dir: Path, steps: int, cores: int) -> tuple[float, float
                "--num_cpu_threads_per_process", "1", "-m", "diffexp.train", *args]
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{arm}: {' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     rates = [row["train/img_per_s"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if "train/img_per_s" in row]
     return statistics.median(rates[1:]), wall
