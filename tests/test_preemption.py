@@ -111,6 +111,35 @@ def test_a_signal_to_one_process_stops_every_process_at_the_next_step_with_the_r
     assert seconds < 60, seconds
 
 
+def test_a_signal_that_lands_while_the_processes_agree_stops_the_run_at_the_next_step(monkeypatch, tmp_path):
+    """A process of a loaded machine spends much of a step waiting in the stop flags' all-reduce; a
+    signal handled there must not be overwritten by the reduction's older answer (a CI run of the
+    test above logged "SIGUSR1 received" and trained on to the end). A real gloo group of one process,
+    the signal sent while its all-reduce is under way."""
+    import torch.distributed as dist
+
+    from diffexp.training.stop import StopRequest
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    request = None
+    try:
+        request = StopRequest(num_processes=2)  # agrees over the group, as each of several processes does
+        all_reduce = dist.all_reduce
+
+        def signalled_meanwhile(*args, **kwargs):
+            monkeypatch.setattr(dist, "all_reduce", all_reduce)  # once
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled now: the flag being reduced was read before it
+            return all_reduce(*args, **kwargs)
+
+        monkeypatch.setattr(dist, "all_reduce", signalled_meanwhile)
+        assert request.agreed() == 0  # this step's answer, agreed before the signal
+        assert request.agreed() == signal.SIGUSR1 and request.requeue  # the next step stops
+    finally:
+        if request is not None:
+            request.restore()
+        dist.destroy_process_group()
+
+
 def elsewhere(args: tuple[str, ...], run: Path) -> tuple[str, ...]:
     """The same command with its run directory moved to ``run``."""
     return tuple(a for a in args if not a.startswith("hydra.run.dir=")) + (f"hydra.run.dir={run}",)

@@ -30,7 +30,10 @@ class StopRequest:
     aborts. ``agreed`` shares the flags of all processes (one all-reduce of one number on the CPU)."""
 
     def __init__(self, num_processes: int) -> None:
-        self.signum = 0
+        # ``received`` is written only by the handler, ``signum`` (what the processes agreed on) only by
+        # ``agreed``: a signal that lands while ``agreed`` waits in its all-reduce is sent at the next step
+        # instead of being overwritten by the reduction's older answer.
+        self.received = self.signum = 0
         self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, *REQUEUE_SIGNALS)}
         self._group = None
         if num_processes > 1 and dist.is_initialized() and dist.get_backend() != "gloo":
@@ -39,18 +42,19 @@ class StopRequest:
         self._several = num_processes > 1 and dist.is_initialized()
 
     def _handle(self, signum, frame) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if not self.signum:
+        if not self.received:
             log.warning("%s received: stopping after this step, with a checkpoint", signal.Signals(signum).name)
-        self.signum = self.signum or signum
+        self.received = self.received or signum
 
     def agreed(self) -> int:
         """The signal any process was asked to stop by (the highest number when several were), or 0;
         every process gets the same answer."""
         if not self._several:
+            self.signum = self.received
             return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int32)
+        flag = torch.tensor([self.received], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         self.signum = int(flag.item())
         return self.signum
