@@ -6,7 +6,8 @@ with ``ACCELERATE_USE_CPU=true``; the global batch is split over the processes, 
 same, docs/scaling-out.md), no evaluation, sampling, checkpoints or tracking. Reads each run's
 ``train/img_per_s`` (global images per second) from its ``metrics.jsonl``, leaving out the first
 log interval (start-up), and measures the machine's fp32 matrix-product rate before each repeat
-(``diffexp.bench.matmul_rate``), since a VM's speed drifts.
+(``diffexp.bench.matmul_rate``), since a VM's speed drifts; the share of it is the model's training
+FLOPs per image (``diffexp.bench.model_flops``, of the model the run's ``config.yaml`` names) times img/s.
 
     python scripts/cpu_processes_ab.py [repeats] [steps] [out_dir]
 
@@ -25,10 +26,18 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from diffexp.bench import matmul_rate
+from diffexp.bench import matmul_rate, model_flops
+from diffexp.models.build import build_model
 
-PER_IMAGE_FLOP = 0.565e9  # unet_small, forward + backward per training image (BENCHMARKS.md)
+
+def flops_per_image(run_dir: Path) -> float:
+    """Training FLOPs (forward + backward) per image of the model ``run_dir`` trained."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    n, c, r = 8, cfg.dataset.channels, cfg.dataset.resolution
+    return model_flops(build_model(cfg.model).train(), torch.randn(n, c, r, r),
+                       torch.randint(0, 1000, (n,)))["train_per_image"]
 
 
 def train(arm: str, run_dir: Path, steps: int, cores: int) -> tuple[float, float]:
@@ -60,13 +69,15 @@ def main() -> None:
     out = Path(sys.argv[3] if len(sys.argv) > 3 else "outputs/cpu_processes_ab")
     cores = os.cpu_count() or 1
     rates: dict[str, list[float]] = {"one": [], "per_core": []}
+    per_image = None
     for r in range(repeats):
         mm = matmul_rate(torch.device("cpu"), torch.float32, 2048)
         print(f"repeat {r}: fp32 matmul 2048^2 {mm / 1e9:.1f} GFLOP/s", flush=True)
         for arm in (("one", "per_core") if r % 2 == 0 else ("per_core", "one")):
             rate, wall = train(arm, out / f"{arm}-{r}", steps, cores)
             rates[arm].append(rate)
-            print(f"  {arm:8s} {rate:6.1f} img/s ({100 * rate * PER_IMAGE_FLOP / mm:.0f}% of the matmul rate), "
+            per_image = per_image or flops_per_image(out / f"{arm}-{r}")
+            print(f"  {arm:8s} {rate:6.1f} img/s ({100 * rate * per_image / mm:.0f}% of the matmul rate), "
                   f"process {wall:.0f} s", flush=True)
     ratios = [b / a for a, b in zip(rates["one"], rates["per_core"])]
     print(f"one process of {cores} threads: median {statistics.median(rates['one']):.1f} img/s; {cores} processes "
