@@ -225,6 +225,23 @@ def finished_run(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp_path / "finished", symlinks=True))
 
 
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A randomly initialised AutoencoderKL for 1-channel images (2x downsampling, 2 latent channels),
+    saved as a user's local autoencoder folder."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                            latent_channels=2, norm_num_groups=4, sample_size=8)
+    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def inception_file(tmp_path_factory) -> Path:
     """An InceptionV3 weights file in torch-fidelity's format, with random (He-initialized) weights:
