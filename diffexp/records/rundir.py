@@ -9,6 +9,7 @@ Layout (see README): ``config.yaml`` (resolved config), ``run.json`` (provenance
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ import urllib.parse
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
@@ -187,6 +189,16 @@ def retarget_file_logs(old: Path, new: Path) -> None:
                 handler.release()
 
 
+@lru_cache(maxsize=64)
+def _parsed_config(text: str) -> DictConfig:
+    """A saved config's text parsed (moved targets renamed), once per distinct text: the commands and the
+    app read the same run's config many times, and parsing it costs a copy's four times. Keyed by the
+    text, so a changed file is parsed again; callers get a copy."""
+    for old, new in MOVED_TARGETS.items():
+        text = re.sub(rf"(_target_: ){re.escape(old)}(?=\w+\s*$)", rf"\g<1>{new}", text, flags=re.M)
+    return OmegaConf.create(text)
+
+
 class RunDir:
     """A run directory: paths, writers used by training, readers used by every other CLI."""
 
@@ -245,10 +257,7 @@ class RunDir:
         """The run's saved config (``_target_``s of moved classes renamed, see MOVED_TARGETS); a one-line
         DiffexpError when it cannot be read."""
         try:
-            text = self.require().config_file.read_text()
-            for old, new in MOVED_TARGETS.items():
-                text = re.sub(rf"(_target_: ){re.escape(old)}(?=\w+\s*$)", rf"\g<1>{new}", text, flags=re.M)
-            return OmegaConf.create(text)
+            return copy.deepcopy(_parsed_config(self.require().config_file.read_text()))
         except DiffexpError:
             raise
         except Exception as e:  # noqa: BLE001 - a corrupt YAML file raises the parser's own errors
