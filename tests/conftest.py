@@ -39,7 +39,7 @@ os.environ.setdefault("HF_MODULES_CACHE", os.path.join(
 def _parse_each_yaml_text_once() -> None:
     """Hydra reads and parses every YAML file of the config tree again at each composition (a new
     config repository per call: about a third of a composition's 0.16 s here), and the in-process tests
-    compose some 800 times. ``OmegaConf.load``, which Hydra's config sources call, keeps what each
+    compose hundreds of times. ``OmegaConf.load``, which Hydra's config sources call, keeps what each
     distinct text parsed to and hands out copies: keyed by the text, so a changed file is parsed anew,
     and a text that fails to parse fails as before (nothing is kept)."""
     import copy
