@@ -129,13 +129,17 @@ def requested_labels(names: list[str] | None, n: int, class_label: int | None) -
 
 def choose_sampler(requested, run_cfg) -> tuple[DictConfig, int]:
     """The sampler config and step count a command samples run config ``run_cfg``'s model with: the
-    ``sampler=`` group it was given (a node with ``scheduler``), else the run's own sampler; the steps
-    from ``requested.steps`` when set, else the chosen sampler's. The one place every command
-    (``sample``, ``evaluate``, the app, research) decides this."""
+    ``sampler=`` group it was given (a node whose ``scheduler`` names its class), else the run's own
+    sampler, with the options of ``+sampler.scheduler.KEY=V`` applied to it; the steps from
+    ``requested.steps`` when set, else the chosen sampler's. The one place every command (``sample``,
+    ``evaluate``, the app, research) decides this."""
     from diffexp.models.build import resolve_sampler
 
-    own = requested is None or not requested.get("scheduler")
+    options = (requested.get("scheduler") if requested is not None else None) or {}
+    own = "_target_" not in options
     sampler_cfg = resolve_sampler(run_cfg.sampler if own else requested, run_cfg.scheduler)
+    if own and options:  # the run's own sampler with some options changed
+        sampler_cfg = OmegaConf.merge(OmegaConf.to_container(sampler_cfg), {"scheduler": options})
     steps = requested.get("steps") if requested is not None else None
     return sampler_cfg, int(steps if steps is not None else sampler_cfg.steps)
 
