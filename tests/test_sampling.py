@@ -255,14 +255,17 @@ EVAL_TINY = ["metric.num_samples=4", "metric.num_real=8", "metric.batch_size=4"]
 
 def test_an_option_of_the_runs_own_sampler_changes_only_that_option(finished_run, cache_dir, tmp_path):
     """``+sampler.scheduler.KEY=V`` without ``sampler=``: the run's own sampler (here the objective's
-    ``dpmpp_sde``) with that option changed, for evaluate as for sample; an option the class does not
-    have is one line."""
+    ``dpmpp_sde``) with that option changed, for evaluate as for sample, and compare names it; an option
+    the class does not have is one line."""
     from conftest import run_main
 
     result = json.loads(run_main("evaluate", f"run={finished_run}", "+sampler.scheduler.thresholding=false",
                                  *EVAL_TINY, f"cache_dir={cache_dir}", check=True).stdout.strip().splitlines()[-1])
     assert result["sampler"] == "dpmpp_sde" and result["sampler_options"]["thresholding"] is False
     assert result["sampler_options"]["algorithm_type"] == "sde-dpmsolver++"  # the rest as the run's own
+    run_main("compare", str(finished_run), f"out={tmp_path / 'cmp'}", check=True)  # named, though the only setting
+    rows = json.loads((tmp_path / "cmp" / "summary.json").read_text())["samplers"]["rows"]
+    assert [row["sampler"] for row in rows] == ["dpmpp_sde thresholding=False"]
     out = tmp_path / "s.npz"
     run_main("sample", f"run={finished_run}", "n=2", "+sampler.scheduler.thresholding=false", f"out={out}", check=True)
     assert np.array_equal(np.load(out)["images"], sample_run(finished_run, n=2, sampler_cfg=OmegaConf.create(

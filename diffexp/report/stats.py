@@ -285,18 +285,26 @@ def result_nfe(result: dict, scheduler_cfg) -> int | None:
 
 
 def usual_options(results: list[dict]) -> dict[str, dict[str, str]]:
-    """Per sampler name: each option's most common value (as JSON) among the results of that sampler."""
+    """Per sampler name: each option's usual value (as JSON): the one of its config
+    (``conf/sampler/<name>.yaml``; absent options are null), else, for a sampler without one, the most
+    common among the results of that sampler."""
+    from diffexp.models.build import sampler_config
+
     usual = {}
     for name in {r["sampler"] for r in results}:
         settings = [r.get("sampler_options") or {} for r in results if r["sampler"] == name]
-        usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
-                       for k in set().union(*settings)}
+        try:
+            own = OmegaConf.to_container(sampler_config(name).scheduler)
+            usual[name] = {k: json.dumps(own.get(k), default=str) for k in set(own).union(*settings) if k != "_target_"}
+        except DiffexpError:
+            usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
+                           for k in set().union(*settings)}
     return usual
 
 
 def sampler_label(result: dict, usual: dict[str, dict[str, str]]) -> str:
     """``dpmpp_sde``, or ``dpmpp_sde use_karras_sigmas=True`` for a result whose options differ from the
-    usual ones (the most common value of each option among the results of that sampler)."""
+    usual ones (``usual_options``: the sampler config's own), so one setting alone is named too."""
     options = result.get("sampler_options") or {}
     shown = [f"{k}={options.get(k, '–')}" for k, v in sorted(usual.get(result["sampler"], {}).items())
              if json.dumps(options.get(k), default=str) != v]
