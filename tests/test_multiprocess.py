@@ -34,7 +34,8 @@ def launched(tmp_path_factory, dataset_cache, tiny_vae):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "diffexp.train", *TINY, f"output_root={out}", f"cache_dir={cache}", "logger=none",
-           "model=dit_xs2", "conditioning=class", "autoencoder=kl", f"autoencoder.path={tiny_vae}", "trainer.max_steps=3", "trainer.checkpoint_every=2", "metric.num_samples=9", "metric.batch_size=4",
+           "model=dit_xs2", "conditioning=class", "autoencoder=kl", f"autoencoder.path={tiny_vae}",
+           "trainer.max_steps=3", "trainer.checkpoint_every=2", "metric.num_samples=9", "metric.batch_size=4",
            "trainer.eval_every=3"]
     scratch = base / "tmp"  # the processes' temporary folder
     scratch.mkdir()
@@ -69,7 +70,8 @@ def test_two_processes_evaluate_during_training(launched, tmp_path):
     [run_dir] = [p.parent for p in out.rglob("run.json")]
     run_dir = Path(shutil.copytree(run_dir, tmp_path / "ddp", symlinks=True))  # evaluate writes eval.json into it
     evals = [r for r in rows(run_dir) if "eval/fd_digits_9" in r]
-    assert [r["step"] for r in evals] == [3] and "eval/class_acc_digits_9" in evals[0]  # one row, written once, from both processes' samples
+    # one row, written once, from both processes' samples
+    assert [r["step"] for r in evals] == [3] and "eval/class_acc_digits_9" in evals[0]
     # the same numbers as one process evaluating the same weights (evaluate CLI, one process)
     again = json.loads(run_main("evaluate", f"run={run_dir}", "metric.num_samples=9", "metric.batch_size=4",
                                 f"cache_dir={cache}", check=True).stdout.strip().splitlines()[-1])

@@ -23,9 +23,9 @@ import subprocess
 import sys
 import urllib.parse
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from functools import lru_cache
 from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf

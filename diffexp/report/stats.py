@@ -294,9 +294,13 @@ def usual_options(results: list[dict]) -> dict[str, dict[str, str]]:
     for name in {r["sampler"] for r in results}:
         settings = [r.get("sampler_options") or {} for r in results if r["sampler"] == name]
         try:
-            own = OmegaConf.to_container(sampler_config(name).scheduler)
+            own = sampler_config(name).get("scheduler")
+        except DiffexpError:  # a sampler config of an older diffexp, gone since
+            own = None
+        if own is not None:
+            own = OmegaConf.to_container(own)
             usual[name] = {k: json.dumps(own.get(k), default=str) for k in set(own).union(*settings) if k != "_target_"}
-        except DiffexpError:
+        else:
             usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
                            for k in set().union(*settings)}
     return usual
