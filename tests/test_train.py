@@ -136,11 +136,15 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(train, tmp_path):
 
 
 def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(train, tmp_path, cache_dir):
+    """Ctrl-C on the command line (W&B offline, the default logger): a checkpoint, the run and its W&B run
+    marked interrupted, and the resume finishes as the uninterrupted run did."""
+    from test_tracking import leet_summary, only_run
+
     common = ["trainer.max_steps=120", "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.log_every=7"]
     full, _ = train(*common, name="full")
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "diffexp.train", *TINY, f"hydra.run.dir={run}", f"cache_dir={cache_dir}",
-                             "logger=none", *common], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                             "logger=wandb", *common], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 3):
@@ -156,6 +160,9 @@ def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(tr
     (checkpoint,) = (run / "checkpoints").iterdir()
     stopped_at = step_of(checkpoint)
     assert 21 <= stopped_at < 120 and not (run / "model").exists()
+    wb = only_run(run)  # W&B's record says so too: preempted (to be resumed), not finished
+    assert wb.preempting and wb.exit_code != 0 and wb.summary["status"] == "interrupted"
+    assert leet_summary(wb)["state"] != "finished"
     run_train(f"resume={run}")
     assert losses(run) == losses(full)  # stopped inside a log interval (most likely), resumed exactly
     assert same_weights(run, full)
