@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, cli_env, crashed_copy, run_cli, run_main, run_train
+from conftest import REPO, TINY, cli_env, crashed_copy, run_main, run_train
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
@@ -59,16 +59,6 @@ def test_tiny_run_writes_the_whole_run_directory(train):
                                                                             "step_0000005.png"]
     # checkpoints at 2, 4 and the last step, newest 2 kept, no partial folders left behind
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000005"]
-
-
-def test_the_command_line_writes_hydras_record_and_the_run(tmp_path, cache_dir):
-    """The one end-to-end run of the real command line (the rest run in-process)."""
-    run = tmp_path / "cli"
-    run_cli("train", *TINY, "trainer.max_steps=2", f"cache_dir={cache_dir}", "logger=none", f"hydra.run.dir={run}")
-    for f in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "config.yaml"):
-        assert (run / f).is_file(), f
-    assert json.loads((run / "run.json").read_text())["status"] == "finished"
-    assert "diffexp.train" in " ".join(json.loads((run / "run.json").read_text())["command"])
 
 
 @pytest.mark.gpu
@@ -135,9 +125,10 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(train, tmp_path):
     assert info["status"] == "finished" and len(info["resumes"]) == 1
 
 
-def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(train, tmp_path, cache_dir):
-    """Ctrl-C on the command line (W&B offline, the default logger): a checkpoint, the run and its W&B run
-    marked interrupted, and the resume finishes as the uninterrupted run did."""
+def test_the_command_line_records_its_run_and_ctrl_c_checkpoints_and_resumes_identically(train, tmp_path, cache_dir):
+    """The end-to-end run of the real command line (the rest run in-process; W&B offline, the default
+    logger): Hydra's record and the run's, then Ctrl-C: a checkpoint, the run and its W&B run marked
+    interrupted, and the resume finishes as the uninterrupted run did."""
     from test_tracking import leet_summary, only_run
 
     common = ["trainer.max_steps=120", "trainer.checkpoint_every=0", "trainer.sample_every=0", "trainer.log_every=7"]
@@ -155,8 +146,10 @@ def test_sigint_checkpoints_marks_interrupted_and_resume_finishes_identically(tr
     assert proc.returncode == 128 + signal.SIGINT, stderr
     assert "Traceback" not in stderr
     assert f"Continue with: python -m diffexp.train resume={run}" in stdout + stderr
+    for f in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "config.yaml"):
+        assert (run / f).is_file(), f
     info = json.loads((run / "run.json").read_text())
-    assert info["status"] == "interrupted"
+    assert info["status"] == "interrupted" and "diffexp.train" in " ".join(info["command"])
     (checkpoint,) = (run / "checkpoints").iterdir()
     stopped_at = step_of(checkpoint)
     assert 21 <= stopped_at < 120 and not (run / "model").exists()
