@@ -67,13 +67,13 @@ def test_bench_times_an_evaluation_when_the_inception_weights_are_there(tmp_path
     out = tmp_path / "bench.json"
     # its own cache: reference statistics cached here would be cache hits in the metric tests
     run_main("bench", *TINY, *QUICK, "bench.repeats=1", "bench.samplers=[]", "metric=fid_is_kid",
-            f"metric.weights={inception_file}", "metric.num_real=16", "metric.batch_size=8", "bench.eval_samples=8",
+            f"metric.weights={inception_file}", "metric.num_real=8", "metric.batch_size=4", "bench.eval_samples=4",
             f"bench.out={out}", f"hydra.run.dir={tmp_path / 'hydra'}", f"cache_dir={tmp_path / 'cache'}", check=True)
     evaluation = json.loads(out.read_text())["evaluation"]
-    assert evaluation["measured"] is True and evaluation["metric"] == "fid_is_kid" and evaluation["num_samples"] == 8
+    assert evaluation["measured"] is True and evaluation["metric"] == "fid_is_kid" and evaluation["num_samples"] == 4
     assert positive(evaluation["seconds"])
-    assert math.isclose(evaluation["seconds_per_1k_samples"], 1000 * evaluation["seconds"] / 8)
-    assert {"eval/fid_8", "eval/is_8", "eval/kid_8"} <= set(evaluation["results"])
+    assert math.isclose(evaluation["seconds_per_1k_samples"], 1000 * evaluation["seconds"] / 4)
+    assert {"eval/fid_4", "eval/is_4", "eval/kid_4"} <= set(evaluation["results"])
 
 
 def test_bench_refuses_a_bad_setting(tmp_path, cache_dir):
