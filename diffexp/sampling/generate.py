@@ -137,9 +137,10 @@ def choose_sampler(requested, run_cfg) -> tuple[DictConfig, int]:
 
     options = (requested.get("scheduler") if requested is not None else None) or {}
     own = "_target_" not in options
-    sampler_cfg = resolve_sampler(run_cfg.sampler if own else requested, run_cfg.scheduler)
-    if own and options:  # the run's own sampler with some options changed
-        sampler_cfg = OmegaConf.merge(OmegaConf.to_container(sampler_cfg), {"scheduler": options})
+    chosen = run_cfg.sampler if own else requested
+    if own and options:  # the run's own sampler with some options changed (resolve_sampler applies them to auto)
+        chosen = OmegaConf.merge(OmegaConf.to_container(chosen), {"scheduler": options})
+    sampler_cfg = resolve_sampler(chosen, run_cfg.scheduler)
     steps = requested.get("steps") if requested is not None else None
     return sampler_cfg, int(steps if steps is not None else sampler_cfg.steps)
 
