@@ -298,8 +298,9 @@ def usual_options(results: list[dict]) -> dict[str, dict[str, str]]:
         except DiffexpError:  # a sampler config of an older diffexp, gone since
             own = None
         if own is not None:
-            own = OmegaConf.to_container(own)
-            usual[name] = {k: json.dumps(own.get(k), default=str) for k in set(own).union(*settings) if k != "_target_"}
+            defaults = OmegaConf.to_container(own)
+            usual[name] = {k: json.dumps(defaults.get(k), default=str)
+                           for k in set(defaults).union(*settings) - {"_target_"}}
         else:
             usual[name] = {k: Counter(json.dumps(o.get(k), default=str) for o in settings).most_common(1)[0][0]
                            for k in set().union(*settings)}
